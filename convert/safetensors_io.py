@@ -1,0 +1,92 @@
+"""A safetensors reader that validates the header before any tensor byte is used.
+
+MLX's own loader once read out of bounds on malformed headers (ml-explore/mlx#3363, #3409); this one checks the
+header length, every offset, dtype and shape first and returns numpy arrays (bfloat16 widened to float32).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from mlx_vit.errors import CheckpointError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+    "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_,
+}  # fmt: skip
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """Return (tensor entries, data start) after checking that every entry lies inside the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if header_len > min(MAX_HEADER_BYTES, size - 8):
+            raise CheckpointError(f"{path}: not a safetensors file (header length {header_len} is past the end)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+    spans = []
+    for name, entry in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+            raise CheckpointError(f"{where} has a malformed header entry")
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in DTYPES:
+            raise CheckpointError(f"{where} has unknown dtype {dtype!r}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
+            raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= data_len:
+            raise CheckpointError(f"{where} lies outside the file (offsets {begin}..{end}, data is {data_len} bytes)")
+        if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize:
+            raise CheckpointError(f"{where}: shape {shape} of {dtype} does not match its {end - begin} bytes")
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            problem = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name!r} {problem}")
+        position = end
+    if position != data_len:
+        raise CheckpointError(f"{path}: {data_len - position} bytes after the last tensor belong to none")
+    return header, data_start
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) -> float32: exact, bfloat16 is float32's top half."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    path = Path(path)
+    header, data_start = read_header(path)
+    tensors = {}
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+        for name, entry in header.items():
+            begin, end = entry["data_offsets"]
+            dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")
+            array = np.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize,
+                                  offset=data_start + begin).reshape(entry["shape"])  # fmt: skip
+            array = array.astype(dtype.newbyteorder("="))  # copies out of the map
+            tensors[name] = bf16_to_f32(array) if entry["dtype"] == "BF16" else array
+    return tensors

@@ -1,0 +1,142 @@
+"""Read a PyTorch `pytorch_model.bin` without torch and without running pickle's code.
+
+A torch checkpoint is a zip of `data.pkl` plus one raw file per storage. Unpickling is what runs code, so we
+unpickle with an allowlist: the only globals that resolve are stand-ins of our own for torch's tensor-rebuild
+functions and storage types (plus `collections.OrderedDict`); anything else is refused, naming the file and the
+global, before it is imported. Tensors come back as numpy arrays (bfloat16 widened to float32).
+"""
+
+from __future__ import annotations
+
+import collections
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from mlx_vit.errors import CheckpointError
+
+from .safetensors_io import bf16_to_f32
+
+STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "BFloat16Storage": np.uint16, "LongStorage": np.int64, "IntStorage": np.int32,
+    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
+}  # fmt: skip
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        self.name = name
+        self.dtype = np.dtype(STORAGE_DTYPES[name])
+
+
+class _Storage:
+    def __init__(self, type_name: str, array: np.ndarray):
+        self.type_name = type_name
+        self.array = array
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> np.ndarray:
+    """torch._utils._rebuild_tensor_v2's job on our storages, with every index checked."""
+    if not isinstance(storage, _Storage):
+        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
+    ints = (offset, *size, *stride)
+    if not all(type(v) is int for v in ints) or offset < 0 or len(size) != len(stride):
+        raise pickle.UnpicklingError("tensor with an invalid offset, size or stride")
+    if any(s < 0 for s in size) or any(st < 0 for st in stride):
+        raise pickle.UnpicklingError("tensor with a negative size or stride")
+    data = storage.array
+    if 0 in size:
+        array = np.zeros(size, dtype=data.dtype)
+    else:
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if last >= data.size:
+            raise pickle.UnpicklingError(f"tensor reaches element {last} of a storage of {data.size}")
+        view = np.lib.stride_tricks.as_strided(
+            data[offset:], shape=size, strides=[st * data.itemsize for st in stride], writeable=False
+        )
+        array = np.array(view)
+    return bf16_to_f32(array) if storage.type_name == "BFloat16Storage" else array
+
+
+def _rebuild_parameter(data, *_ignored):
+    return data
+
+
+_ALLOWED = {
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
+        super().__init__(file)
+        self.archive, self.prefix, self.byteorder = archive, prefix, byteorder
+        self.storages: dict[str, _Storage] = {}
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _ALLOWED[(module, name)]
+        except (KeyError, TypeError):
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}") from None
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r:.80}")
+        _, storage_type, key, _location, numel = pid
+        if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int:
+            raise pickle.UnpicklingError("malformed storage reference")
+        if key not in self.storages:
+            member = f"{self.prefix}data/{key}"
+            try:
+                raw = self.archive.read(member)
+            except KeyError:
+                raise pickle.UnpicklingError(f"storage {key!r} is missing from the archive") from None
+            dtype = storage_type.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
+            if numel < 0 or len(raw) < numel * dtype.itemsize:
+                raise pickle.UnpicklingError(f"storage {key!r} has {len(raw)} bytes, {numel} elements declared")
+            array = np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
+            self.storages[key] = _Storage(storage_type.name, array)
+        return self.storages[key]
+
+
+def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
+    """Tensors of a torch.save()d state dict (zip format), as numpy arrays. Never imports torch."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"{path}: not a zip-format PyTorch checkpoint (the legacy format is refused: it cannot be read "
+            "without running its pickle); re-save it with torch>=1.6 or convert it to safetensors"
+        )
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+            if len(pickles) != 1:
+                raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
+            prefix = pickles[0][: -len("data.pkl")]
+            names = set(archive.namelist())
+            byteorder = "little"
+            if f"{prefix}byteorder" in names:
+                byteorder = archive.read(f"{prefix}byteorder").decode().strip()
+            if byteorder not in ("little", "big"):
+                raise CheckpointError(f"{path}: unknown byte order {byteorder!r}")
+            with archive.open(pickles[0]) as f:
+                state = _RestrictedUnpickler(f, archive, prefix, byteorder).load()
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: unsafe or malformed pickle: {error}") from None
+    except (zipfile.BadZipFile, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+            RecursionError, MemoryError, OverflowError) as error:  # fmt: skip
+        raise CheckpointError(f"{path}: malformed PyTorch checkpoint ({type(error).__name__}: {error})") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path}: does not hold a state dict of named tensors")
+    return dict(state)
