@@ -1,0 +1,88 @@
+"""Test data builders: small transformers checkpoints with seeded random weights, real photos, an HF cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+IMAGES = Path(__file__).parent / "data" / "images"
+PHOTOS = sorted(p for p in IMAGES.iterdir() if p.suffix in (".png", ".jpg", ".tif", ".gif"))
+
+VIT_PREPROCESSOR = {  # google/vit-base-patch16-224's legacy file, verbatim
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "ViTFeatureExtractor",
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+    "resample": 2,
+    "size": 224,
+}
+DEIT_PREPROCESSOR = {  # facebook/deit-*-distilled-patch16-224's legacy file, at a small size
+    "crop_size": 32,
+    "do_center_crop": True,
+    "do_normalize": True,
+    "do_resize": True,
+    "feature_extractor_type": "DeiTFeatureExtractor",
+    "image_mean": [0.485, 0.456, 0.406],
+    "image_std": [0.229, 0.224, 0.225],
+    "resample": 3,
+    "size": 36,
+}
+SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+             patch_size=8, num_labels=10)  # fmt: skip
+
+
+def make_checkpoint(folder: Path, kind: str = "vit", seed: int = 0, preprocessor: dict | None = None,
+                    safe_serialization: bool = True, max_shard_size: str | None = None, **config) -> Path:  # fmt: skip
+    """Save a transformers model with seeded random weights (made input-sensitive) into `folder`."""
+    import json
+
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    values = {**SMALL, **config}
+    num_labels = values.pop("num_labels")
+    id2label = {i: f"class {i} ({'abcdefghij'[i % 10]})" for i in range(num_labels)}
+    if kind.startswith("deit"):
+        hf_config = transformers.DeiTConfig(**values, id2label=id2label)
+        cls = {
+            "deit": transformers.DeiTForImageClassification,
+            "deit-teacher": transformers.DeiTForImageClassificationWithTeacher,
+            "deit-model": transformers.DeiTModel,
+        }[kind]
+    else:
+        hf_config = transformers.ViTConfig(**values, id2label=id2label)
+        cls = {"vit": transformers.ViTForImageClassification, "vit-model": transformers.ViTModel}[kind]
+    model = cls(hf_config).eval()
+    # Random init gives nearly uniform class scores; spread the logits to a std of ~5, as trained models have,
+    # so that rankings are stable and top-5 comparisons mean something.
+    spread = 5 / (hf_config.initializer_range * hf_config.hidden_size**0.5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "classifier" in name and name.endswith("weight"):
+                p.mul_(spread)
+            elif name.endswith("cls_token") or name.endswith("position_embeddings"):
+                p.normal_(0, 1)
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    if not safe_serialization:  # transformers 5 writes only safetensors; a Hub pytorch_model.bin looks like this
+        from safetensors.torch import load_file
+
+        torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+        (folder / "model.safetensors").unlink()
+    if preprocessor is None:
+        preprocessor = {**VIT_PREPROCESSOR, "size": values["image_size"]}
+        if kind.startswith("deit"):
+            preprocessor = {**DEIT_PREPROCESSOR, "crop_size": values["image_size"], "size": values["image_size"] + 4}
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessor))
+    return folder
+
+
+def lay_into_hf_cache(folder: Path, hf_home: Path, repo_id: str, commit: str = "a" * 40) -> Path:
+    """Place an HF-layout folder into a Hugging Face cache exactly where the Hub client looks for it."""
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    shutil.copytree(folder, snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return snapshot

@@ -1,0 +1,22 @@
+"""Shared fixtures. No test touches the network: the Hub client is forced offline for the whole session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+from checkpoints import make_checkpoint  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def vit_folder(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("vit"))
+
+
+@pytest.fixture(scope="session")
+def deit_folder(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("deit"), kind="deit-teacher", seed=1)
