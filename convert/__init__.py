@@ -48,9 +48,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_mlx_folder(
-    target: Path, weights: dict[str, np.ndarray], config: dict[str, Any], force: bool
-) -> Path:
+def write_mlx_folder(target: Path, weights: dict[str, np.ndarray], config: dict[str, Any], force: bool) -> Path:
     """Write weights and config into a temporary sibling of `target`, then rename it into place.
 
     An existing target is refused unless `force`; with `force` the old folder is kept until the new one is

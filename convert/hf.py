@@ -153,9 +153,7 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
     if "patch_embed.proj.weight" in mapped:
         w = mapped["patch_embed.proj.weight"]  # (D, C, p, p) conv kernel -> (D, p*p*C) over NHWC patches
         if w.ndim != 4:
-            raise CheckpointError(
-                f"{source}: patch projection has shape {w.shape}, expected a 4-d conv kernel"
-            )
+            raise CheckpointError(f"{source}: patch projection has shape {w.shape}, expected a 4-d conv kernel")
         mapped["patch_embed.proj.weight"] = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
     return mapped
 

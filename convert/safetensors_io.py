@@ -7,6 +7,7 @@ header length, every offset, dtype and shape first and returns numpy arrays (bfl
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 from mlx_vit.errors import CheckpointError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
+MAX_DIMS = 32  # numpy 1.x's limit (2.x allows 64)
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -37,7 +39,7 @@ def read_header(path: Path) -> tuple[dict, int]:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, over-long ints, deep nesting
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
@@ -49,16 +51,22 @@ def read_header(path: Path) -> tuple[dict, int]:
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{where} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{where} has unknown dtype {dtype!r}")
-        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
-            raise CheckpointError(f"{where} has an invalid shape {shape!r}")
+        itemsize = np.dtype(DTYPES[dtype]).itemsize
+        if not (
+            isinstance(shape, list)
+            and len(shape) <= MAX_DIMS
+            and all(type(d) is int and d >= 0 for d in shape)
+            and math.prod(d for d in shape if d) * itemsize < 2**63  # what numpy can shape, even when empty
+        ):
+            raise CheckpointError(f"{where} has an invalid shape {shape!r:.200}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
             raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
             raise CheckpointError(f"{where} lies outside the file (offsets {begin}..{end}, data is {data_len} bytes)")
-        if end - begin != int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype]).itemsize:
+        if end - begin != math.prod(shape) * itemsize:
             raise CheckpointError(f"{where}: shape {shape} of {dtype} does not match its {end - begin} bytes")
         spans.append((begin, end, name))
     position = 0

@@ -9,8 +9,11 @@ global, before it is imported. Tensors come back as numpy arrays (bfloat16 widen
 from __future__ import annotations
 
 import collections
+import lzma
+import math
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,9 @@ class _StorageType:
     def __init__(self, name: str):
         self.name = name
         self.dtype = np.dtype(STORAGE_DTYPES[name])
+
+    def __setstate__(self, state):  # BUILD on this shared object would change how every later file is read
+        raise pickle.UnpicklingError(f"refusing to modify torch.{self.name}")
 
 
 class _Storage:
@@ -51,7 +57,9 @@ def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> np.ndarray:
     if 0 in size:
         array = np.zeros(size, dtype=data.dtype)
     else:
-        last = offset + sum((n - 1) * st for n, st in zip(size, stride))
+        if math.prod(size) > data.size:  # stride-0 tricks: a tiny file must not ask for gigabytes
+            raise pickle.UnpicklingError(f"tensor of {math.prod(size)} elements from a storage of {data.size}")
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
         if last >= data.size:
             raise pickle.UnpicklingError(f"tensor reaches element {last} of a storage of {data.size}")
         view = np.lib.stride_tricks.as_strided(
@@ -131,7 +139,8 @@ def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
     except pickle.UnpicklingError as error:
         raise CheckpointError(f"{path}: unsafe or malformed pickle: {error}") from None
     except (zipfile.BadZipFile, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            RecursionError, MemoryError, OverflowError) as error:  # fmt: skip
+            RecursionError, MemoryError, OverflowError,  # then: encrypted, unsupported or corrupt compression
+            RuntimeError, OSError, zlib.error, lzma.LZMAError) as error:  # fmt: skip
         raise CheckpointError(f"{path}: malformed PyTorch checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]

@@ -74,8 +74,7 @@ def load_blas() -> BlasInfo:
         _info = BlasInfo(_describe(lib, path), path, note)
         return _info
     hint = (
-        "slow: install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread) "
-        "or `pip install mkl`, then run again"
+        "slow: install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread) or `pip install mkl`, then run again"
     )
     if choice:
         hint = f"could not load MLX_VIT_BLAS={choice}"

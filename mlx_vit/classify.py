@@ -49,9 +49,7 @@ class Classifier:
         self.preprocessing = PreprocessConfig.from_dict(loaded.config["preprocessing"])
         self.labels = {int(k): v for k, v in loaded.config["id2label"].items()}
         # Same rule as transformers' image-classification pipeline.
-        self.multi_label = (
-            loaded.config.get("problem_type") == "multi_label_classification" or len(self.labels) == 1
-        )
+        self.multi_label = loaded.config.get("problem_type") == "multi_label_classification" or len(self.labels) == 1
 
     def pixels(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Files or PIL images -> (B, H, W, 3) float32; raises ImageError on the first bad file."""

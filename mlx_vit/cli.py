@@ -73,9 +73,7 @@ def main_options(
         bool,
         typer.Option("--version", callback=_version, is_eager=True, help="Show versions, device and BLAS."),
     ] = False,
-    debug: Annotated[
-        bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")
-    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
 ) -> None:
     _state["debug"] = debug
     handler = logging.StreamHandler(sys.stderr)
@@ -92,13 +90,11 @@ def classify(
         str, typer.Option("-m", "--model", help="MLX folder, Hugging Face folder, or Hub repo id.")
     ] = DEFAULT_MODEL,
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Predictions per image.")] = 5,
-    format: Annotated[
-        Format, typer.Option("--format", help="table, json (one array), jsonl (a line each).")
-    ] = (Format.table),
+    format: Annotated[Format, typer.Option("--format", help="table, json (one array), jsonl (a line each).")] = (
+        Format.table
+    ),
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 8,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
-    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
 ) -> None:
     """Classify images. Exit code 0 when all were classified, 1 when any failed (the rest still are)."""
     from mlx_vit.classify import load
@@ -147,16 +143,12 @@ def _print_table(results, model_name: str) -> None:
 
 @app.command()
 def convert(
-    src: Annotated[
-        str, typer.Argument(help="Hub repo id (e.g. google/vit-base-patch16-224) or an HF folder.")
-    ],
+    src: Annotated[str, typer.Argument(help="Hub repo id (e.g. google/vit-base-patch16-224) or an HF folder.")],
     mlx_path: Annotated[
         Path | None, typer.Option("-o", "--mlx-path", help="Output folder [default: ./NAME-mlx].")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
-    revision: Annotated[
-        str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")
-    ] = None,
+    revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
 ) -> None:
     """Convert a ViT/DeiT checkpoint (safetensors or pytorch_model.bin, read without running code) to MLX."""
     from mlx_vit.convert import convert as convert_checkpoint

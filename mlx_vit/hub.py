@@ -30,9 +30,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     HF_HUB_OFFLINE=1 (or no network) a snapshot already in the cache is used.
     """
     if not is_repo_id(repo_id):
-        raise ModelNotFoundError(
-            f"{repo_id}: not a folder and not a valid Hugging Face repo id (like org/name)"
-        )
+        raise ModelNotFoundError(f"{repo_id}: not a folder and not a valid Hugging Face repo id (like org/name)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -47,13 +45,9 @@ def download(repo_id: str, revision: str | None = None) -> Path:
         if not any(folder.glob("*.safetensors")):
             folder = Path(snapshot_download(repo_id, revision=revision, allow_patterns=TORCH_FILES))
     except GatedRepoError:
-        raise ModelNotFoundError(
-            f"{repo_id}: gated repository; accept its terms and run `hf auth login`"
-        ) from None
+        raise ModelNotFoundError(f"{repo_id}: gated repository; accept its terms and run `hf auth login`") from None
     except RepositoryNotFoundError:
-        raise ModelNotFoundError(
-            f"{repo_id}: no such repository on the Hugging Face Hub (or it is private)"
-        ) from None
+        raise ModelNotFoundError(f"{repo_id}: no such repository on the Hugging Face Hub (or it is private)") from None
     except RevisionNotFoundError:
         raise ModelNotFoundError(f"{repo_id}: revision {revision!r} not found") from None
     except LocalEntryNotFoundError:

@@ -60,9 +60,7 @@ def load_mlx_folder(folder: Path) -> LoadedModel:
         raise ConfigError(f"{folder}/config.json: not an mlx-vit model folder")
     weights_file = folder / "model.safetensors"
     if not weights_file.is_file():
-        raise CheckpointError(
-            f"{weights_file}: missing (an incomplete conversion? convert again with --force)"
-        )
+        raise CheckpointError(f"{weights_file}: missing (an incomplete conversion? convert again with --force)")
     read_header(weights_file)  # validates offsets before MLX's loader touches the bytes
     weights = mx.load(str(weights_file))
     return LoadedModel(build_model(config, weights, str(folder)), config, str(folder))

@@ -86,9 +86,7 @@ class ViTConfig:
         if self.image_size % self.patch_size:
             fail(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_attention_heads:
-            fail(
-                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
-            )
+            fail(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.hidden_act not in ACTIVATIONS:
             fail(f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
         if self.pooler and self.pooler_act not in ACTIVATIONS:
@@ -98,9 +96,7 @@ class ViTConfig:
         if self.distilled_head and not self.distillation_token:
             fail("a distilled head needs a distillation token")
         if self.num_parameters() > MAX_PARAMETERS:
-            fail(
-                f"describes a model of ~{self.num_parameters() / 1e9:.0f}B parameters; refusing to allocate it"
-            )
+            fail(f"describes a model of ~{self.num_parameters() / 1e9:.0f}B parameters; refusing to allocate it")
 
 
 def _gelu_tanh(x: mx.array) -> mx.array:

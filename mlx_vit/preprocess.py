@@ -24,7 +24,7 @@ IMAGENET_STANDARD = [0.5, 0.5, 0.5]
 DEFAULT_MAX_PIXELS = 178_956_970
 
 # Class defaults of transformers' processors, used where a (legacy) preprocessor_config.json leaves keys out.
-# Both classes default image_mean/image_std to IMAGENET_STANDARD (0.5) -- DeiT too, not the ImageNet statistics.
+# Both default image_mean/image_std to IMAGENET_STANDARD (0.5), DeiT too (not the ImageNet statistics).
 _DEFAULTS = {
     "vit": {"size": {"height": 224, "width": 224}, "resample": Image.BILINEAR, "do_center_crop": False},
     "deit": {

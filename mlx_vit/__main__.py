@@ -1,0 +1,3 @@
+from mlx_vit.cli import main
+
+main()
