@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 load_blas()
 
-__all__ = ["load", "Classifier", "Prediction", "convert", "__version__"]
+__all__ = ["load", "Classifier", "Prediction", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,8 +22,4 @@ def __getattr__(name: str):
         from mlx_vit import classify
 
         return getattr(classify, name)
-    if name == "convert":
-        from mlx_vit.convert import convert
-
-        return convert
     raise AttributeError(f"module 'mlx_vit' has no attribute {name!r}")

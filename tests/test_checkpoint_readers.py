@@ -25,9 +25,9 @@ import safetensors.torch
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from mlx_vit.convert.safetensors_io import read_header, read_safetensors
 from mlx_vit.convert.torch_pickle import read_torch_bin
-
 from mlx_vit.errors import CheckpointError
 
 FUZZ = settings(
