@@ -33,7 +33,8 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interme
 
 
 def make_checkpoint(folder: Path, kind: str = "vit", seed: int = 0, preprocessor: dict | None = None,
-                    safe_serialization: bool = True, max_shard_size: str | None = None, **config) -> Path:  # fmt: skip
+                    safe_serialization: bool = True, max_shard_size: str | None = None, logit_std: float = 5,
+                    **config) -> Path:  # fmt: skip
     """Save a transformers model with seeded random weights (made input-sensitive) into `folder`."""
     import json
 
@@ -55,15 +56,22 @@ def make_checkpoint(folder: Path, kind: str = "vit", seed: int = 0, preprocessor
         hf_config = transformers.ViTConfig(**values, id2label=id2label)
         cls = {"vit": transformers.ViTForImageClassification, "vit-model": transformers.ViTModel}[kind]
     model = cls(hf_config).eval()
-    # Random init gives nearly uniform class scores; spread the logits to a std of ~5, as trained models have,
-    # so that rankings are stable and top-5 comparisons mean something.
-    spread = 5 / (hf_config.initializer_range * hf_config.hidden_size**0.5)
+    # transformers' init (std 0.02) gives a model whose output hardly depends on the image, and nearly uniform
+    # class scores. Re-draw the weights at unit gain (std 1/sqrt(fan_in)) so every photo gets its own
+    # prediction, with the residual branches' output layers scaled by 1/sqrt(2 * layers) (as GPT-2 does) so
+    # depth stays stable rather than chaotic, as in trained models; spread the logits to a std of ~logit_std
+    # (trained classifiers' are ~5), so rankings are stable and top-5 comparisons mean something.
+    generator = torch.Generator().manual_seed(seed)
+    branch_gain = (2 * hf_config.num_hidden_layers) ** -0.5
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "classifier" in name and name.endswith("weight"):
-                p.mul_(spread)
+            if p.ndim >= 2:
+                fan_in = p[0].numel()
+                gain = logit_std if "classifier" in name else 1.0
+                gain = branch_gain if name.endswith(("o_proj.weight", "fc2.weight")) else gain
+                p.copy_(torch.randn(p.shape, generator=generator) * gain / fan_in**0.5)
             elif name.endswith("cls_token") or name.endswith("position_embeddings"):
-                p.normal_(0, 1)
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
     model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if not safe_serialization:  # transformers 5 writes only safetensors; a Hub pytorch_model.bin looks like this
         from safetensors.torch import load_file
