@@ -58,13 +58,24 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")  # fmt: skip
 
 
+# Real config files are kilobytes (ImageNet-21k's id2label is ~1 MB); this only stops a file that fills memory.
+MAX_JSON_BYTES = 64 * 1024 * 1024
+
+
 def read_json(path: Path) -> dict[str, Any]:
     try:
-        value = json.loads(path.read_text())
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(f"{path}: missing") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(f"{path}: not valid JSON ({error})") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise ConfigError(f"{path}: over {MAX_JSON_BYTES // 2**20} MiB, too large for a config file")
+    try:
+        value = json.loads(raw)
+    except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, over-long ints, deep nesting
+        raise ConfigError(f"{path}: not valid JSON ({str(error)[:200]})") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return value
@@ -80,9 +91,10 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
             weight_map = read_json(path).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{path}: has no weight_map")
-            shards = sorted(set(weight_map.values()))
-            if any(not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") for s in shards):
+            values = list(weight_map.values())
+            if any(not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") or not s for s in values):
                 raise CheckpointError(f"{path}: shard names must be plain file names in the same folder")
+            shards = sorted(set(values))
             files = [folder / s for s in shards]
         else:
             files = [path]
@@ -96,25 +108,56 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def model_config(hf: dict[str, Any], tensors: dict[str, np.ndarray], source: str) -> tuple[ViTConfig, str]:
-    """ViTConfig from transformers' config.json, checked against what the weights actually hold."""
+def _architecture(hf: dict[str, Any], source: str) -> str:
     model_type = hf.get("model_type")
     if model_type not in ("vit", "deit"):
-        raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: vit, deit)")
+        shown = repr(model_type) if len(repr(model_type)) <= 40 else repr(model_type)[:37] + "..."
+        raise ConfigError(f"{source}: model_type {shown} is not supported (supported: vit, deit)")
     architectures = hf.get("architectures") or []
+    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise ConfigError(f"{source}: architectures must be a list of class names")
     default = "DeiTForImageClassificationWithTeacher" if model_type == "deit" else "ViTForImageClassification"
     architecture = architectures[0] if architectures else default
     if architecture not in ARCHITECTURES:
-        raise ConfigError(f"{source}: architecture {architecture!r} is not supported "
+        raise ConfigError(f"{source}: architecture {architecture[:60]!r} is not supported "
                           f"(supported: {', '.join(ARCHITECTURES)})")  # fmt: skip
+    return architecture
+
+
+def _config_values(hf: dict[str, Any]) -> dict[str, Any]:
+    values = dict(hf)
+    for key in ("image_size", "patch_size"):  # transformers accepts [n, n]
+        value = values.get(key)
+        if isinstance(value, list) and len(value) == 2 and value[0] == value[1] and type(value[0]) is int:
+            values[key] = value[0]
+    return values
+
+
+def check_config(hf: dict[str, Any], source: str) -> ViTConfig:
+    """config.json alone, before any weight is read: the architecture, and every size's type and magnitude.
+
+    Keys it leaves out take transformers' ViTConfig defaults, as transformers does; sizes the weights decide
+    (the number of labels, the pooler) are checked against them later by `model_config`.
+    """
+    architecture = _architecture(hf, source)
+    values = _config_values(hf)
+    id2label = hf.get("id2label")
+    values["num_labels"] = len(id2label) if isinstance(id2label, dict) else 0
+    values["distillation_token"], values["distilled_head"] = ARCHITECTURES[architecture]
+    values["pooler"] = False
+    return ViTConfig.from_dict(values, source)
+
+
+def model_config(hf: dict[str, Any], tensors: dict[str, np.ndarray], source: str) -> tuple[ViTConfig, str]:
+    """ViTConfig from transformers' config.json, checked against what the weights actually hold."""
+    architecture = _architecture(hf, source)
     distillation_token, distilled_head = ARCHITECTURES[architecture]
     names = {_strip_prefix(k): k for k in tensors}
     head_key = names.get("classifier.weight") or names.get("cls_classifier.weight")
     head = tensors[head_key] if head_key else None
-    values = dict(hf)
-    for key in ("image_size", "patch_size"):
-        if isinstance(values.get(key), (list, tuple)) and len(set(values[key])) == 1:
-            values[key] = values[key][0]
+    if head is not None and head.ndim != 2:
+        raise CheckpointError(f"{source}: classifier weight has shape {head.shape}, expected 2 dimensions")
+    values = _config_values(hf)
     values.update(
         num_labels=0 if head is None else int(head.shape[0]),
         distillation_token=distillation_token,
@@ -147,6 +190,8 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
         for kind in ("weight", "bias"):
             parts = [mapped.pop(f"{prefix}{q}.{kind}", None) for q in "qkv"]
             if all(p is not None for p in parts):
+                if len({p.shape[1:] for p in parts}) != 1 or parts[0].ndim == 0:
+                    raise CheckpointError(f"{source}: layer {i} query/key/value {kind} shapes differ")
                 mapped[f"{prefix}qkv.{kind}"] = np.concatenate(parts, axis=0)
             elif any(p is not None for p in parts):
                 raise CheckpointError(f"{source}: layer {i} has only some of query/key/value {kind}")
@@ -158,12 +203,12 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
     return mapped
 
 
-def labels(hf: dict[str, Any], num_labels: int) -> dict[int, str]:
+def labels(hf: dict[str, Any], num_labels: int, source: str = "config.json") -> dict[int, str]:
     id2label = hf.get("id2label") or {}
     try:
         table = {int(k): str(v) for k, v in id2label.items()}
-    except (AttributeError, ValueError):
-        raise ConfigError("config.json: id2label must map class ids to names") from None
+    except (AttributeError, ValueError, TypeError):
+        raise ConfigError(f"{source}: id2label must map class ids to names") from None
     return {i: table.get(i, f"LABEL_{i}") for i in range(num_labels)}
 
 
@@ -171,6 +216,7 @@ def read_hf_checkpoint(folder: str | Path) -> tuple[ViTConfig, dict[str, np.ndar
     """Read an HF-layout folder: (model config, MLX-named float weights, metadata for config.json)."""
     folder = Path(folder)
     hf = read_json(folder / "config.json")
+    check_config(hf, str(folder / "config.json"))  # absurd sizes are refused before any weight is read
     tensors = read_weights(folder)
     config, architecture = model_config(hf, tensors, str(folder / "config.json"))
     weights = map_weights(tensors, config, str(folder))
@@ -185,7 +231,7 @@ def read_hf_checkpoint(folder: str | Path) -> tuple[ViTConfig, dict[str, np.ndar
         )
     metadata = {
         "architecture": architecture,
-        "id2label": labels(hf, config.num_labels),
+        "id2label": labels(hf, config.num_labels, str(folder / "config.json")),
         "problem_type": hf.get("problem_type"),
         "preprocessing": preprocessing.to_dict(),
     }

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import struct
 from pathlib import Path
 
@@ -38,12 +37,16 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: not a safetensors file (header length {header_len} is past the end)")
         raw = f.read(header_len)
     try:
-        header = json.loads(raw)
+        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+    except _DuplicateKey as error:
+        raise CheckpointError(f"{path}: safetensors header names {str(error)[:80]!r} twice") from None
     except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, over-long ints, deep nesting
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not a JSON object")
-    header.pop("__metadata__", None)
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: safetensors __metadata__ must map names to strings")
     data_start, data_len = 8 + header_len, size - 8 - header_len
     spans = []
     for name, entry in header.items():
@@ -80,6 +83,19 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, data_start
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads would keep the last of two entries silently, leaving the first one's bytes unaccounted for.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return result
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32: exact, bfloat16 is float32's top half."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -89,12 +105,15 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     header, data_start = read_header(path)
     tensors = {}
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buffer:
+    # Plain reads, not a memory map: a file truncated under us is a short read here, not a SIGBUS.
+    with open(path, "rb") as f:
         for name, entry in header.items():
             begin, end = entry["data_offsets"]
             dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")
-            array = np.frombuffer(buffer, dtype=dtype, count=(end - begin) // dtype.itemsize,
-                                  offset=data_start + begin).reshape(entry["shape"])  # fmt: skip
-            array = array.astype(dtype.newbyteorder("="))  # copies out of the map
+            array = np.empty(entry["shape"], dtype=dtype)
+            f.seek(data_start + begin)
+            if f.readinto(memoryview(array.reshape(-1)).cast("B")) != end - begin:
+                raise CheckpointError(f"{path}: tensor {name[:80]!r} was cut short (did the file change while read?)")
+            array = array.astype(dtype.newbyteorder("="), copy=False)
             tensors[name] = bf16_to_f32(array) if entry["dtype"] == "BF16" else array
     return tensors

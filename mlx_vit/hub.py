@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -19,8 +20,27 @@ TORCH_FILES = ["config.json", "preprocessor_config.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]  # fmt: skip
 
 
+# Branches, tags, commits and `refs/pr/N`; no `..` and no leading `/`, since a revision also names a file under
+# the cache's refs/ folder.
+REVISION = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
+
+
 def is_repo_id(name: str) -> bool:
     return bool(REPO_ID.fullmatch(name)) and ".." not in name and not name.endswith(".git")
+
+
+def is_revision(revision: str) -> bool:
+    return len(revision) <= 256 and bool(REVISION.fullmatch(revision)) and ".." not in revision
+
+
+def _redact(text: str) -> str:
+    """`text` without the Hugging Face token, should a server or proxy have echoed it into an error."""
+    from huggingface_hub import get_token
+
+    for token in {get_token(), os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")}:
+        if token and len(token) >= 4:
+            text = text.replace(token, "<token>")
+    return text
 
 
 def download(repo_id: str, revision: str | None = None) -> Path:
@@ -30,7 +50,10 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     HF_HUB_OFFLINE=1 (or no network) a snapshot already in the cache is used.
     """
     if not is_repo_id(repo_id):
-        raise ModelNotFoundError(f"{repo_id}: not a folder and not a valid Hugging Face repo id (like org/name)")
+        shown = repr(repo_id[:100])[1:-1]  # one line, whatever it holds
+        raise ModelNotFoundError(f"{shown}: not a folder and not a valid Hugging Face repo id (like org/name)")
+    if revision is not None and not is_revision(revision):
+        raise ModelNotFoundError(f"{repo_id}: {revision[:100]!r} is not a valid revision (a branch, tag or commit)")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -56,5 +79,9 @@ def download(repo_id: str, revision: str | None = None) -> Path:
             "connect once, or pass a local folder with -m"
         ) from None
     except HfHubHTTPError as error:
-        raise ModelNotFoundError(f"{repo_id}: download failed ({str(error).splitlines()[0]})") from None
+        reason = _redact((str(error).splitlines() or [type(error).__name__])[0])[:300]
+        raise ModelNotFoundError(f"{repo_id}: download failed ({reason})") from None
+    except OSError as error:  # a full disk or an unwritable cache while downloading
+        reason = _redact(str(error.strerror or error))[:300]
+        raise ModelNotFoundError(f"{repo_id}: download failed ({reason})") from None
     return folder

@@ -23,19 +23,10 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 from mlx_vit.convert.safetensors_io import read_header, read_safetensors
 from mlx_vit.convert.torch_pickle import read_torch_bin
 from mlx_vit.errors import CheckpointError
-
-FUZZ = settings(
-    max_examples=200,
-    deadline=None,
-    database=None,  # leaves no .hypothesis folder behind
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
 
 
 def _refused(reader, path: Path, *needles: str) -> str:
@@ -478,59 +469,6 @@ def test_encrypted_or_unknown_compression_member(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# torch: fuzzing
-
-
-def _valid_torch_bytes() -> tuple[bytes, bytes]:
-    buffer = io.BytesIO()
-    torch.save({"a": torch.arange(6.0).reshape(2, 3).t(), "b": torch.tensor([1, 2], dtype=torch.int64),
-                "c": torch.tensor(1.5).bfloat16()}, buffer)  # fmt: skip
-    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as archive:
-        pkl = archive.read("archive/data.pkl")
-    return buffer.getvalue(), pkl
-
-
-VALID_TORCH, VALID_PKL = _valid_torch_bytes()
-
-
-def _read_torch_or_refuse(path: Path) -> None:
-    try:
-        result = read_torch_bin(path)
-    except CheckpointError as error:
-        assert str(path) in str(error) and "\n" not in str(error)
-    else:
-        assert isinstance(result, dict)
-        assert all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in result.items())
-
-
-@FUZZ
-@given(edits=st.lists(st.tuples(st.integers(0, len(VALID_PKL) - 1), st.integers(0, 255)), min_size=1, max_size=4))
-def test_fuzz_mutated_data_pkl(tmp_path, edits):
-    pkl = bytearray(VALID_PKL)
-    for position, value in edits:
-        pkl[position] = value
-    path = tmp_path / "fuzz.bin"
-    with zipfile.ZipFile(io.BytesIO(VALID_TORCH)) as old, zipfile.ZipFile(path, "w") as new:
-        for info in old.infolist():
-            new.writestr(info, bytes(pkl) if info.filename.endswith("data.pkl") else old.read(info.filename))
-    _read_torch_or_refuse(path)
-
-
-@settings(FUZZ, max_examples=100)
-@given(
-    edits=st.lists(st.tuples(st.integers(0, len(VALID_TORCH) - 1), st.integers(0, 255)), min_size=1, max_size=4),
-    cut=st.one_of(st.none(), st.integers(0, len(VALID_TORCH))),
-)
-def test_fuzz_mutated_torch_zip(tmp_path, edits, cut):
-    raw = bytearray(VALID_TORCH)
-    for position, value in edits:
-        raw[position] = value
-    path = tmp_path / "fuzz.bin"
-    path.write_bytes(bytes(raw[:cut]))
-    _read_torch_or_refuse(path)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # safetensors: helpers
 
 
@@ -649,7 +587,8 @@ MALFORMED = {
     "trailing_bytes": (dict(header={"a": _entry("F32", [2], 0, 8)}, data=F32_8 + b"xyz"),
                        "3 bytes after the last tensor"),
     "data_but_no_tensors": (dict(header={}, data=b"abc"), "3 bytes after the last tensor"),
-    # found by the tests below; each escaped as a TypeError, ValueError, OverflowError or RecursionError
+    # found by the property tests (tests/test_fuzz.py); each escaped as a TypeError, ValueError, OverflowError or
+    # RecursionError
     "dtype_unhashable": (dict(header={"a": _entry(["F32"], [0], 0, 0)}), "unknown dtype"),
     "json_int_too_long": (dict(header=b'{"a": ' + b"1" * 5000 + b"}"), "not valid JSON"),
     "json_too_deep": (dict(header=b"[" * 100_000 + b"]" * 100_000), "not valid JSON"),
@@ -680,79 +619,3 @@ def test_safetensors_header_larger_than_cap(tmp_path):
     with open(path, "r+b") as f:  # a sparse file big enough to hold the declared header
         f.truncate(100 * 1024 * 1024 + 16)
     _refused(read_safetensors, path, "header length")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# safetensors B3: property tests
-
-
-def _valid_safetensors_bytes() -> bytes:
-    tensors = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2], dtype=np.int64),
-               "m": np.array([1, 0, 1], dtype=np.uint8)}  # fmt: skip
-    return safetensors.numpy.save(tensors)
-
-
-VALID_ST = _valid_safetensors_bytes()
-
-
-def _read_st_or_refuse(path: Path) -> None:
-    try:
-        result = read_safetensors(path)
-    except CheckpointError as error:
-        assert str(path) in str(error) and "\n" not in str(error)
-    else:
-        assert all(isinstance(v, np.ndarray) for v in result.values())
-        header, _ = read_header(path)
-        for name, entry in header.items():
-            assert list(result[name].shape) == entry["shape"]
-
-
-@FUZZ
-@given(raw=st.binary(max_size=256))
-def test_fuzz_random_bytes(tmp_path, raw):
-    path = tmp_path / "fuzz.safetensors"
-    path.write_bytes(raw)
-    _read_st_or_refuse(path)
-
-
-@FUZZ
-@given(
-    edits=st.lists(st.tuples(st.integers(0, len(VALID_ST) - 1), st.integers(0, 255)), max_size=6),
-    cut=st.one_of(st.none(), st.integers(0, len(VALID_ST))),
-    tail=st.binary(max_size=8),
-)
-def test_fuzz_mutated_safetensors(tmp_path, edits, cut, tail):
-    raw = bytearray(VALID_ST)
-    for position, value in edits:
-        raw[position] = value
-    path = tmp_path / "fuzz.safetensors"
-    path.write_bytes(bytes(raw[:cut]) + tail)
-    _read_st_or_refuse(path)
-
-
-_JSON_LEAF = st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=4))
-_DIM = st.one_of(st.integers(0, 4), st.integers(-(2**65), 2**66), _JSON_LEAF)
-
-
-@FUZZ
-@given(
-    entries=st.dictionaries(
-        st.text(max_size=3),
-        st.one_of(
-            st.fixed_dictionaries({
-                "dtype": st.one_of(st.sampled_from(["F32", "F16", "BF16", "U8", "I64", "BOOL", "X"]),
-                                   _JSON_LEAF, st.lists(_JSON_LEAF, max_size=2)),
-                "shape": st.one_of(st.lists(_DIM, max_size=4), _JSON_LEAF),
-                "data_offsets": st.one_of(st.lists(st.one_of(st.integers(-2, 40), _DIM), max_size=3),
-                                          _JSON_LEAF),
-            }),
-            _JSON_LEAF,
-        ),
-        max_size=3,
-    ),
-    data=st.binary(max_size=40),
-)  # fmt: skip
-def test_fuzz_structured_headers(tmp_path, entries, data):
-    path = tmp_path / "fuzz.safetensors"
-    path.write_bytes(_st_bytes(json.dumps(entries).encode(), data))
-    _read_st_or_refuse(path)

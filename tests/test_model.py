@@ -140,7 +140,7 @@ def test_shape_mismatch_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"hidden_size": 10**9}, "refusing to allocate"),
+        ({"hidden_size": 10**9}, "over the limit"),
         ({"hidden_size": 30}, "not divisible"),
         ({"hidden_act": "mystery"}, "not supported"),
         ({"model_type": "bert"}, "model_type"),

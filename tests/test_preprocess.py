@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
-from PIL import Image, ImageOps
+from PIL import Image, ImageCms, ImageOps
 from transformers.image_transforms import convert_to_rgb
 
 from mlx_vit.errors import ImageError
@@ -219,20 +219,51 @@ def test_transparency_is_composited_on_white(tmp_path):
     assert (got[index == 1] == (255, 0, 0)).all() and (got[index == 3] == (0, 0, 255)).all()
 
 
-@pytest.mark.parametrize("mode", ["LA", "PA", "P-transparency", "I;16", "I", "F", "CMYK", "1"])
+@pytest.mark.parametrize("mode", ["LA", "PA", "P-transparency", "I", "F", "CMYK", "1", "YCbCr"])
 def test_to_rgb_matches_transformers_on_other_modes(mode):
     rng = np.random.default_rng(0)
     base = Image.fromarray(rng.integers(0, 256, (13, 17, 4), dtype=np.uint8), "RGBA")
     if mode == "P-transparency":
         image = base.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
         image.info["transparency"] = 3
-    elif mode in ("I;16", "I", "F"):
-        image = Image.fromarray(rng.integers(0, 60000, (13, 17)).astype(np.uint16))
-        assert image.mode == "I;16"
-        image = image if mode == "I;16" else image.convert(mode)
+    elif mode in ("I", "F"):  # 32-bit int and float grayscale: clipped to 0..255, as Pillow and transformers do
+        image = Image.fromarray(rng.integers(0, 60000, (13, 17)).astype(np.uint16)).convert(mode)
     else:
         image = base.convert(mode)
     np.testing.assert_array_equal(np.asarray(to_rgb(image)), convert_to_rgb(image, return_numpy=True))
+
+
+def test_lab_and_premultiplied_alpha_where_transformers_differs():
+    """transformers takes any band named "A" for alpha: LAB's a* axis too, and misses premultiplied "a"."""
+    red = Image.new("LAB", (4, 3), (136, 208, 195))  # L* 53.2, a* 80, b* 67: sRGB red
+    reference = ImageCms.applyTransform(
+        red, ImageCms.buildTransform(ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+    )
+    got = np.asarray(to_rgb(red)).astype(int)
+    assert np.abs(got - np.asarray(reference)).max() <= 1
+    assert np.abs(got[0, 0] - (255, 0, 0)).max() <= 12
+    # premultiplied RGBa on white: each channel is value + 255 - alpha
+    rgba = np.array([[[200, 100, 0, 255], [100, 50, 0, 128], [0, 0, 0, 0]]], dtype=np.uint8)
+    premultiplied = Image.fromarray(rgba).convert("RGBa")
+    stored = np.asarray(premultiplied).astype(int)
+    expected = np.clip(stored[..., :3] + 255 - stored[..., 3:], 0, 255)
+    assert np.abs(np.asarray(to_rgb(premultiplied)).astype(int) - expected).max() <= 1
+    la = Image.merge("La", [Image.fromarray(stored[..., 0].astype(np.uint8)), Image.fromarray(rgba[..., 3])])
+    np.testing.assert_array_equal(np.asarray(to_rgb(la))[..., 0], np.clip(stored[..., 0] + 255 - rgba[..., 3], 0, 255))
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16_bit_grayscale_is_scaled_not_clipped(mode):
+    """Intentionally unlike transformers' convert_to_rgb, which (through Pillow's convert) clips values over 255:
+    a 16-bit photo would come out nearly all white. Values are scaled by 255/65535 and rounded."""
+    values = np.array([[0, 128, 129, 257, 1000, 32767, 32768, 65278, 65535]], dtype=np.uint16)
+    image = Image.frombytes(mode, (values.shape[1], 1), values.astype("<u2" if mode == "I;16" else ">u2").tobytes())
+    got = np.asarray(to_rgb(image))
+    expected = np.array([0, 0, 1, 1, 4, 127, 128, 254, 255], dtype=np.uint8)
+    np.testing.assert_array_equal(got, np.repeat(expected[None, :, None], 3, axis=2))
+    np.testing.assert_array_equal(expected, np.round(values[0] / 257).astype(np.uint8))  # the hand formula
+    # transformers' conversion clips instead: everything from 255 up is white
+    assert convert_to_rgb(image, return_numpy=True)[0, 4:, 0].tolist() == [255] * 5
 
 
 @pytest.mark.parametrize("orientation", [3, 6, 8])
