@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 
-from mlx_vit.convert import FORMAT, convert_folder, is_mlx_folder, write_mlx_folder
+from mlx_vit.convert import FORMAT, check_manifest, convert_folder, is_mlx_folder, write_mlx_folder
 from mlx_vit.convert.safetensors_io import read_header
 from mlx_vit.errors import CheckpointError, ConfigError, ModelNotFoundError
 from mlx_vit.hub import download
 from mlx_vit.model import ViT, ViTConfig
+from mlx_vit.quantize import check_stored_format, to_float32
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
 log = logging.getLogger("mlx_vit")
@@ -41,8 +43,19 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("mlx-vit")) / "models"
 
 
+def on_cpu() -> bool:
+    return mx.default_device() == mx.cpu
+
+
 def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: str) -> ViT:
+    """The model for `config` with `weights`; quantized layers are rebuilt from config["quantization"]."""
     model = ViT(ViTConfig.from_dict(config["model"], f"{source}/config.json"))
+    quantization = config.get("quantization") or {}
+    # Layers stay quantized unless to_float32 expanded them (then their scales are gone).
+    layers = {layer for layer in quantization.get("layers", []) if f"{layer}.scales" in weights}
+    if layers:
+        bits, group_size = quantization["bits"], quantization["group_size"]
+        nn.quantize(model, group_size, bits, class_predicate=lambda path, _: path in layers)
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:
@@ -61,14 +74,31 @@ def load_mlx_folder(folder: Path) -> LoadedModel:
     weights_file = folder / "model.safetensors"
     if not weights_file.is_file():
         raise CheckpointError(f"{weights_file}: missing (an incomplete conversion? convert again with --force)")
+    check_manifest(folder)
+    check_stored_format(config, f"{folder}/config.json")
     read_header(weights_file)  # validates offsets before MLX's loader touches the bytes
     weights = mx.load(str(weights_file))
+    dtype = config.get("dtype", "float32")
+    if on_cpu() and (config.get("quantization") or dtype != "float32"):
+        # MLX's CPU quantized/half matmuls are scalar loops, ~15-30x slower than float32 with a real BLAS.
+        log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", folder, describe(config))
+        try:
+            weights = to_float32(weights, config.get("quantization"))
+        except (CheckpointError, ValueError) as error:
+            raise CheckpointError(f"{weights_file}: {error}") from None
+        config = {**config, "runtime_dtype": "float32"}
     return LoadedModel(build_model(config, weights, str(folder)), config, str(folder))
+
+
+def describe(config: dict[str, Any]) -> str:
+    """'4-bit (group 64)', 'float16', ... as a model's weights are stored."""
+    q = config.get("quantization")
+    return f"{q['bits']}-bit (group {q['group_size']})" if q else config.get("dtype", "float32")
 
 
 def load_hf_folder(folder: Path, source: dict[str, Any]) -> LoadedModel:
     weights, config = convert_folder(folder, source)
-    model = build_model(config, {k: mx.array(v) for k, v in weights.items()}, str(folder))
+    model = build_model(config, weights, str(folder))
     return LoadedModel(model, config, str(folder))
 
 

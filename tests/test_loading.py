@@ -28,7 +28,7 @@ def isolated_caches(tmp_path, monkeypatch):
 
 def test_converted_folder_equals_in_memory_conversion(vit_folder, tmp_path):
     out = convert(str(vit_folder), tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "manifest.json", "model.safetensors"]
     x = mx.array(np.random.default_rng(0).standard_normal((2, 32, 32, 3), dtype=np.float32))
     a, b = load_model(str(out)).model(x), load_model(str(vit_folder)).model(x)
     assert np.array_equal(np.array(a), np.array(b))
@@ -119,3 +119,25 @@ def test_interrupted_force_keeps_the_old_model(vit_folder, tmp_path, monkeypatch
         convert(str(vit_folder), out, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in Path(tmp_path).iterdir()) == ["out"]
+
+
+def test_pil_images_get_the_same_rgb_conversion_as_files(vit_folder, tmp_path):
+    """An RGBA PIL image passed in memory is composited on white, exactly as the same file on disk."""
+    classifier = mlx_vit.load(str(vit_folder))
+    rgba = Image.open(IMAGES / "chelsea.png").convert("RGBA")
+    alpha = np.zeros(rgba.size[::-1], np.uint8)
+    alpha[:, : rgba.width // 2] = 255
+    rgba.putalpha(Image.fromarray(alpha))
+    rgba.save(tmp_path / "half.png")
+    assert np.array_equal(classifier.pixels([rgba]), classifier.pixels([tmp_path / "half.png"]))
+
+
+@pytest.mark.parametrize("id2label", [None, ["cat"], {"first": "cat"}])
+def test_tampered_labels_are_a_one_line_error(vit_folder, tmp_path, id2label):
+    out = convert(str(vit_folder), tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    config["id2label"] = id2label
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "manifest.json").unlink()
+    with pytest.raises(ConfigError, match="id2label"):
+        mlx_vit.load(str(out))
