@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,11 +15,12 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_vit.errors import MlxVitError
+from mlx_vit.errors import ConfigError, MlxVitError
 from mlx_vit.loading import DEFAULT_MODEL, LoadedModel, load_model
-from mlx_vit.preprocess import PreprocessConfig, open_image, preprocess
+from mlx_vit.preprocess import PreprocessConfig, open_image, preprocess, to_rgb
 
 ImageInput = str | os.PathLike | Image.Image
+log = logging.getLogger("mlx_vit")
 
 
 @dataclass(frozen=True)
@@ -39,25 +44,44 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
+# MLX's CPU allocator keeps only 32 MB of freed buffers for reuse; a ViT-B/16 forward pass cycles through more,
+# and every buffer allocated afresh is paid again in page faults. See _raise_cache_limit's callers.
+CPU_CACHE_LIMIT = 1 << 30
+
+
+def _raise_cache_limit(limit: int) -> None:
+    previous = mx.set_cache_limit(limit)
+    if previous > limit:
+        mx.set_cache_limit(previous)
+
+
 class Classifier:
     """A loaded ViT with its labels and preprocessing. MLX work must stay on the thread that loaded it."""
 
     def __init__(self, loaded: LoadedModel):
         self.model = loaded.model
         self.config = loaded.config
+        if mx.default_device() == mx.cpu:
+            _raise_cache_limit(CPU_CACHE_LIMIT)
         self.name = loaded.name
-        self.preprocessing = PreprocessConfig.from_dict(loaded.config["preprocessing"])
-        self.labels = {int(k): v for k, v in loaded.config["id2label"].items()}
+        # Inputs in the weights' dtype, so float16/bfloat16 models compute in half precision on the GPU.
+        self.dtype = getattr(mx, loaded.config.get("runtime_dtype") or loaded.config.get("dtype", "float32"))
+        source = f"{loaded.name}/config.json"
+        self.preprocessing = PreprocessConfig.from_dict(loaded.config.get("preprocessing"), source)
+        try:
+            self.labels = {int(k): str(v) for k, v in loaded.config["id2label"].items()}
+        except (KeyError, AttributeError, TypeError, ValueError):
+            raise ConfigError(f"{source}: id2label must map class ids to label names") from None
         # Same rule as transformers' image-classification pipeline.
         self.multi_label = loaded.config.get("problem_type") == "multi_label_classification" or len(self.labels) == 1
 
     def pixels(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Files or PIL images -> (B, H, W, 3) float32; raises ImageError on the first bad file."""
-        rgb = [open_image(i) if not isinstance(i, Image.Image) else i for i in images]
+        rgb = [to_rgb(i) if isinstance(i, Image.Image) else open_image(i) for i in images]
         return np.stack([preprocess(i, self.preprocessing) for i in rgb])
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        out = self.model(mx.array(pixels))
+        out = self.model(mx.array(pixels).astype(self.dtype))
         return np.array(out.astype(mx.float32))
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
@@ -71,36 +95,78 @@ class Classifier:
         """Top-k predictions for each image, in order. Raises ImageError if any file can't be read."""
         if not images:
             return []
+        return self._predict(self.pixels(images), top_k)
+
+    def _predict(self, pixels: np.ndarray, top_k: int) -> list[list[Prediction]]:
         if not self.labels:
             raise MlxVitError(f"{self.name}: has no classification head (a feature extractor)")
-        scores = self.scores(self.logits(self.pixels(images)))
-        return [self.top_k(s, top_k) for s in scores]
+        return [self.top_k(s, top_k) for s in self.scores(self.logits(pixels))]
 
     def classify_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5,
                        batch_size: int = 8) -> Iterator[Result]:  # fmt: skip
-        """Yield a Result per path, in input order, batch by batch; a bad file becomes an error Result."""
-        pending: list[tuple[Result, Image.Image | None]] = []
-        for path in paths:
+        """Yield a Result per path, in input order, batch by batch; a bad file becomes an error Result.
+
+        Files are decoded and preprocessed on a worker thread up to two batches ahead, so that reading images
+        overlaps with the model (MLX releases the GIL while it computes).
+        """
+        pending: list[tuple[Result, np.ndarray | None]] = []
+        waited = computed = 0.0
+        count = 0
+        prepared = self._prepared(paths, ahead=2 * batch_size)
+        while True:
+            start = time.perf_counter()
+            item = next(prepared, None)
+            waited += time.perf_counter() - start
+            if item is not None:
+                pending.append(item)
+                count += 1
+            if pending and (item is None or sum(p is not None for _, p in pending) == batch_size):
+                start = time.perf_counter()
+                self._finish(pending, top_k)
+                computed += time.perf_counter() - start
+                yield from (result for result, _ in pending)
+                pending = []
+            if item is None:
+                break
+        log.debug("%d images: %.2f s waiting for decoding, %.2f s in the model", count, waited, computed)
+
+    def _prepared(self, paths: Iterable[str | os.PathLike], ahead: int) -> Iterator[tuple[Result, np.ndarray | None]]:
+        """(Result, pixels or None on error) per path, in order, decoded on one worker thread `ahead` files ahead.
+
+        One worker: BLAS already uses every core while the model runs; decoding fills the gaps between matmuls.
+        """
+
+        def prepare(path: str | os.PathLike) -> tuple[Result, np.ndarray | None]:
             result = Result(str(path))
             try:
-                pending.append((result, open_image(Path(path))))
+                return result, preprocess(open_image(Path(path)), self.preprocessing)
             except MlxVitError as error:
                 result.error = str(error)
-                pending.append((result, None))
-            if sum(image is not None for _, image in pending) == batch_size:
-                yield from self._finish(pending, top_k)
-                pending = []
-        yield from self._finish(pending, top_k)
+                return result, None
 
-    def _finish(self, pending: list[tuple[Result, Image.Image | None]], top_k: int) -> Iterator[Result]:
-        good = [(r, image) for r, image in pending if image is not None]
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-vit-decode")
+        queue: deque[Future] = deque()
+        try:
+            for path in paths:
+                queue.append(pool.submit(prepare, path))
+                if len(queue) > ahead:
+                    yield queue.popleft().result()
+            while queue:
+                yield queue.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _finish(self, pending: list[tuple[Result, np.ndarray | None]], top_k: int) -> None:
+        good = [(result, pixels) for result, pixels in pending if pixels is not None]
         if good:
-            for (result, _), predictions in zip(good, self.classify([image for _, image in good], top_k), strict=True):
+            batch = np.stack([pixels for _, pixels in good])
+            for (result, _), predictions in zip(good, self._predict(batch, top_k), strict=True):
                 result.predictions = predictions
-        for result, _ in pending:
-            yield result
 
 
 def load(model: str = DEFAULT_MODEL, revision: str | None = None) -> Classifier:
     """Load a classifier from an MLX folder, an HF-layout folder or a Hub repo id."""
-    return Classifier(load_model(model, revision))
+    start = time.perf_counter()
+    classifier = Classifier(load_model(model, revision))
+    log.debug("loaded %s in %.2f s", classifier.name, time.perf_counter() - start)
+    return classifier

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import mlx.core as mx
@@ -18,6 +19,20 @@ from mlx_vit.errors import ConfigError
 
 # Refuse configs whose weights would not fit any Mac before allocating anything (ViT-G/14 is ~1.8B parameters).
 MAX_PARAMETERS = 4_000_000_000
+# And configs whose activations or module count would not, at a small parameter count: attention is quadratic
+# in tokens (16,384 is a 2048-pixel image at patch 16; ViT-H/14 at 518 pixels has 1,370), and every layer is a
+# Python object (the largest published ViTs have 48).
+MAX_TOKENS = 16_384
+MAX_LAYERS = 1_024
+MAX_SIZE = 2**24  # any one size field; keeps the arithmetic below in float range
+
+
+def _shown(value: Any) -> str:
+    """A config value from an untrusted file, short and on one line (an int of 5,000 digits has no repr)."""
+    if isinstance(value, int) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -66,8 +81,14 @@ class ViTConfig:
         return L * block + embed + (d + 1) * self.num_labels * 2
 
     def validate(self, source: str = "config.json") -> None:
+        """Raise ConfigError unless every field has a usable type and size; checks only arithmetic, so it
+        runs before anything is allocated."""
+
         def fail(message: str) -> None:
             raise ConfigError(f"{source}: {message}")
+
+        def is_int(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
 
         for name in (
             "image_size",
@@ -79,32 +100,96 @@ class ViTConfig:
             "intermediate_size",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                fail(f"{name} must be a positive integer, got {value!r} (non-square sizes are not supported)")
-        if not isinstance(self.num_labels, int) or self.num_labels < 0:
-            fail(f"num_labels must be a non-negative integer, got {self.num_labels!r}")
+            if not is_int(value) or value <= 0:
+                fail(f"{name} must be a positive integer, got {_shown(value)} (non-square sizes are not supported)")
+            if value > MAX_SIZE:
+                fail(f"{name} {_shown(value)} is over the limit of {MAX_SIZE:,}")
+        if not is_int(self.num_labels) or not 0 <= self.num_labels <= MAX_SIZE:
+            fail(f"num_labels must be an integer from 0 to {MAX_SIZE:,}, got {_shown(self.num_labels)}")
+        for name in ("qkv_bias", "distillation_token", "distilled_head", "pooler"):
+            if not isinstance(getattr(self, name), bool):
+                fail(f"{name} must be true or false, got {_shown(getattr(self, name))}")
         if self.image_size % self.patch_size:
             fail(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_attention_heads:
             fail(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
-        if self.hidden_act not in ACTIVATIONS:
-            fail(f"hidden_act {self.hidden_act!r} is not supported (supported: {', '.join(ACTIVATIONS)})")
-        if self.pooler and self.pooler_act not in ACTIVATIONS:
-            fail(f"pooler_act {self.pooler_act!r} is not supported")
-        if not (isinstance(self.layer_norm_eps, (int, float)) and 0 < self.layer_norm_eps < 1):
-            fail(f"layer_norm_eps must be a small positive number, got {self.layer_norm_eps!r}")
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
+            fail(f"hidden_act {_shown(self.hidden_act)} is not supported (supported: {', '.join(ACTIVATIONS)})")
+        if self.pooler and (not isinstance(self.pooler_act, str) or self.pooler_act not in ACTIVATIONS):
+            fail(f"pooler_act {_shown(self.pooler_act)} is not supported")
+        eps = self.layer_norm_eps
+        if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < 1):
+            fail(f"layer_norm_eps must be a small positive number, got {_shown(eps)}")
         if self.distilled_head and not self.distillation_token:
             fail("a distilled head needs a distillation token")
+        if self.num_hidden_layers > MAX_LAYERS:
+            fail(f"num_hidden_layers {self.num_hidden_layers} is over the limit of {MAX_LAYERS}")
+        if self.num_patches + self.num_prefix_tokens > MAX_TOKENS:
+            fail(f"image_size {self.image_size} at patch_size {self.patch_size} makes {self.num_patches:,} tokens "
+                 f"(limit {MAX_TOKENS:,})")  # fmt: skip
         if self.num_parameters() > MAX_PARAMETERS:
-            fail(f"describes a model of ~{self.num_parameters() / 1e9:.0f}B parameters; refusing to allocate it")
+            fail(f"describes a model of ~{self.num_parameters() / 1e9:,.0f}B parameters; refusing to allocate it")
 
 
 def _gelu_tanh(x: mx.array) -> mx.array:
     return 0.5 * x * (1 + mx.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
+# CPU kernels. MLX's x86 CPU backend runs erf and exp one element at a time through scalar calls (~26 and ~11 ns
+# an element: exact GELU alone was ~16 ms per layer per image), while a compiled chain of adds, multiplies and
+# divides becomes one vectorized loop (~1 ns an element). So on the CPU, in float32, GELU and the softmax's exp
+# are written with those ops only; the GPU keeps nn.gelu and the fused attention kernel. The coefficients and
+# their error bounds come from scripts/fit_cpu_kernels.py.
+GELU_P = (0.04986413916402573, 0.02115728879835862, 0.0032493307619688183, 5.970604563967938e-05,
+          4.138809695931833e-05, 6.332420879672396e-06)  # fmt: skip
+EXP2_P = (1.0000000005541694, 0.6931472057373621, 0.2402264689061661, 0.05550328776759633, 0.009618488958256325,
+          0.0013399931302852607, 0.00015345811891953086)  # fmt: skip
+_LOG2_E = 1.4426950408889634
+_ROUND = 12582912.0  # 1.5 * 2**23: (t + _ROUND) - _ROUND rounds a float32 |t| < 2**22 to an integer
+
+
+def _horner(x: mx.array, coefficients: tuple[float, ...]) -> mx.array:
+    # Horner's chain, not Estrin's tree: each step has one consumer, so mx.compile fuses it into one loop.
+    y = coefficients[-1] * x + coefficients[-2]
+    for c in coefficients[-3::-1]:
+        y = y * x + c
+    return y
+
+
+@partial(mx.compile, shapeless=True)
+def _gelu_cpu(x: mx.array) -> mx.array:
+    # x * Phi(x) = relu(x) - |x| * Phi(-|x|), with Phi(-a) = 0.5 * (1 + a * P(a)) ** -16. The tail is computed
+    # directly, not as 1 - erf, so nothing cancels: within 5.1e-7 of the float64 erf-GELU for every finite
+    # float32 (PyTorch's float32 GELU: 1.2e-6). +-inf give NaN; a working model never feeds it one.
+    a = mx.abs(x)
+    base = 1.0 + a * _horner(a, GELU_P)
+    for _ in range(4):
+        base = base * base
+    half = 0.5 * x
+    return (half + mx.abs(half)) - mx.abs(half) / base
+
+
+@mx.compile
+def _exp_cpu(scores: mx.array, row_max: mx.array, scale: float) -> mx.array:
+    # exp(scale * (scores - row_max)) as 2**t, t <= 0: 2**round(t) from the exponent bits (0 below 2**-126)
+    # times a polynomial for 2**f, f in [-0.5, 0.5] (relative error 1e-7), as accurate as mx.exp.
+    t = (scores - row_max) * (scale * _LOG2_E)
+    n = (t + _ROUND) - _ROUND
+    exponent = mx.maximum(n.astype(mx.int32) + 127, 0)
+    return _horner(t - n, EXP2_P) * mx.left_shift(exponent, 23).view(mx.float32)
+
+
+def _use_cpu_kernels(x: mx.array) -> bool:
+    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
+
+
+def gelu(x: mx.array) -> mx.array:
+    """Exact (erf) GELU, as transformers' ViT uses; on the CPU in float32 through the vectorizable form above."""
+    return _gelu_cpu(x) if _use_cpu_kernels(x) else nn.gelu(x)
+
+
 ACTIVATIONS = {
-    "gelu": nn.gelu,  # exact, erf-based: what transformers' ViT uses
+    "gelu": gelu,  # exact, erf-based: what transformers' ViT uses
     "gelu_new": _gelu_tanh,
     "gelu_pytorch_tanh": _gelu_tanh,
     "quick_gelu": lambda x: x * mx.sigmoid(1.702 * x),
@@ -142,8 +227,17 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).transpose(2, 0, 3, 1, 4)
-        q, k, v = qkv[0], qkv[1], qkv[2]  # (B, heads, T, head_dim)
-        x = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        # (B, heads, T, head_dim) each; split gives views, where qkv[0] would be a gather that copies.
+        q, k, v = (t.squeeze(0) for t in mx.split(qkv, 3))
+        if _use_cpu_kernels(x):
+            # The CPU has no fused attention kernel (mx.fast's falls back to separate ops with a libm exp), so:
+            # scores, the softmax's exp, the weighted sum. Dividing by the row sums after `@ v` touches
+            # T * head_dim values per row instead of T * T.
+            scores = q @ k.swapaxes(-1, -2)  # (B, heads, T, T)
+            weights = _exp_cpu(scores, scores.max(axis=-1, keepdims=True), self.scale)
+            x = (weights @ v) / weights.sum(axis=-1, keepdims=True)
+        else:
+            x = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
         return self.proj(x.transpose(0, 2, 1, 3).reshape(B, T, D))
 
 
