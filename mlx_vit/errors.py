@@ -21,3 +21,7 @@ class ImageError(MlxVitError):
 
 class ModelNotFoundError(MlxVitError):
     """A model name that is neither a folder nor a reachable or cached Hub repository."""
+
+
+class CameraError(MlxVitError):
+    """A camera or video file that cannot be opened or stops delivering frames (see mlx_vit.camera)."""
