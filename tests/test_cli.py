@@ -189,3 +189,10 @@ def test_version_names_the_blas(isolated):
         libs = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
         if "libopenblas.so" in libs:
             assert "OpenBLAS" in done.stdout
+
+
+def test_cli_default_model_is_the_library_default():
+    """cli.py repeats the default so `mlx-vit --help` need not import the loading code (and mlx)."""
+    from mlx_vit import cli, loading
+
+    assert cli.DEFAULT_MODEL == loading.DEFAULT_MODEL
