@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
+from checkpoints import DEIT_PREPROCESSOR, VIT_PREPROCESSOR
 from PIL import Image, ImageCms, ImageOps
 from transformers.image_transforms import convert_to_rgb
 
@@ -23,33 +24,9 @@ TOLERANCE = 1e-5
 # name -> (model_type for config.json, preprocessor_config.json contents)
 CONFIGS: dict[str, tuple[str, dict]] = {
     # google/vit-base-patch16-224, verbatim.
-    "vit-legacy": (
-        "vit",
-        {
-            "do_normalize": True,
-            "do_resize": True,
-            "feature_extractor_type": "ViTFeatureExtractor",
-            "image_mean": [0.5, 0.5, 0.5],
-            "image_std": [0.5, 0.5, 0.5],
-            "resample": 2,
-            "size": 224,
-        },
-    ),
+    "vit-legacy": ("vit", VIT_PREPROCESSOR),
     # facebook/deit-*-patch16-224 style legacy feature-extractor file.
-    "deit-legacy": (
-        "deit",
-        {
-            "crop_size": 224,
-            "do_center_crop": True,
-            "do_normalize": True,
-            "do_resize": True,
-            "feature_extractor_type": "DeiTFeatureExtractor",
-            "image_mean": [0.485, 0.456, 0.406],
-            "image_std": [0.229, 0.224, 0.225],
-            "resample": 3,
-            "size": 256,
-        },
-    ),
+    "deit-legacy": ("deit", {**DEIT_PREPROCESSOR, "crop_size": 224, "size": 256}),
     # Modern image-processor file: shortest-edge resize keeps the aspect ratio, then crop.
     "deit-modern": (
         "deit",
