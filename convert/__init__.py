@@ -83,11 +83,27 @@ def write_mlx_folder(target: Path, weights: dict, config: dict[str, Any], force:
     complete, then swapped out. An interrupted write leaves at most a hidden `.NAME.tmp-*` sibling, which
     later writes to the same target remove once it is an hour old.
     """
+    target = Path(target)
+    check_target(target, force)
+    try:
+        return _write(target, weights, config)
+    except OSError as error:  # disk full, read-only or missing location: one line naming the target
+        raise MlxVitError(f"{target}: cannot write the model ({error.strerror or error})") from None
+
+
+def check_target(target: Path, force: bool) -> None:
+    """Refuse to overwrite anything but an mlx-vit model folder (or an empty folder), and that only with force."""
+    if not target.exists() and not target.is_symlink():
+        return
+    if not force:
+        raise MlxVitError(f"{target}: already exists; pass --force to replace it")
+    if not (is_mlx_folder(target) or (target.is_dir() and not any(target.iterdir()))):
+        raise MlxVitError(f"{target}: exists and is not an mlx-vit model folder; refusing to replace it")
+
+
+def _write(target: Path, weights: dict, config: dict[str, Any]) -> Path:
     import mlx.core as mx
 
-    target = Path(target)
-    if target.exists() and not force:
-        raise MlxVitError(f"{target}: already exists; pass --force to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion (not a running one)
         if time.time() - stale.stat().st_mtime > STALE_SECONDS:
@@ -168,9 +184,10 @@ def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, r
     else:
         folder = download(src, revision)
         source = {"repo": src, "revision": folder.name}
-    target = Path(mlx_path) if mlx_path else Path(f"{Path(src).name}-mlx")
-    if target.exists() and not force:  # fail before the slow part
-        raise MlxVitError(f"{target}: already exists; pass --force to replace it")
+    target = Path(mlx_path) if mlx_path else Path(f"{Path(src).expanduser().resolve().name or 'model'}-mlx")
+    check_target(target, force)  # fail before the slow part
+    if target.resolve() == folder.resolve():
+        raise MlxVitError(f"{target}: is the checkpoint being converted; choose another output folder")
     log.info("converting %s", src)
     weights, config = convert_folder(folder, source, quantize, dtype)
     q = config["quantization"]

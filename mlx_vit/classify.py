@@ -73,7 +73,9 @@ class Classifier:
         except (KeyError, AttributeError, TypeError, ValueError):
             raise ConfigError(f"{source}: id2label must map class ids to label names") from None
         # Same rule as transformers' image-classification pipeline.
-        self.multi_label = loaded.config.get("problem_type") == "multi_label_classification" or len(self.labels) == 1
+        problem = loaded.config.get("problem_type")
+        self.regression = problem == "regression"
+        self.multi_label = problem == "multi_label_classification" or len(self.labels) == 1
 
     def pixels(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Files or PIL images -> (B, H, W, 3) float32; raises ImageError on the first bad file."""
@@ -85,6 +87,8 @@ class Classifier:
         return np.array(out.astype(mx.float32))
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
+        if self.regression:
+            return logits
         return 1 / (1 + np.exp(-logits)) if self.multi_label else softmax(logits)
 
     def top_k(self, scores: np.ndarray, k: int) -> list[Prediction]:
@@ -97,9 +101,16 @@ class Classifier:
             return []
         return self._predict(self.pixels(images), top_k)
 
-    def _predict(self, pixels: np.ndarray, top_k: int) -> list[list[Prediction]]:
+    def check_classifies(self) -> None:
+        """MlxVitError unless this model can classify RGB images."""
         if not self.labels:
-            raise MlxVitError(f"{self.name}: has no classification head (a feature extractor)")
+            raise MlxVitError(f"{self.name}: has no classification head (a feature extractor); pick a classifier")
+        channels = self.model.config.num_channels
+        if channels != 3:
+            raise MlxVitError(f"{self.name}: takes {channels}-channel input, not RGB images")
+
+    def _predict(self, pixels: np.ndarray, top_k: int) -> list[list[Prediction]]:
+        self.check_classifies()
         return [self.top_k(s, top_k) for s in self.scores(self.logits(pixels))]
 
     def classify_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5,

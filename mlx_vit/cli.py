@@ -141,17 +141,22 @@ def classify(
     set_max_pixels(max_pixels)
     classifier = _run(load, model, revision)
     results = []
+    _run(_classify_into, results, classifier, images, top_k, batch_size, format)
+    if format is Format.json:
+        typer.echo(json.dumps([_as_json(r) for r in results], indent=2))
+    elif format is Format.table:
+        _print_table(results, classifier.name)
+    raise typer.Exit(1 if any(r.error for r in results) else 0)
+
+
+def _classify_into(results: list, classifier, images: list[Path], top_k: int, batch_size: int, format: Format) -> None:
+    classifier.check_classifies()  # before any output: a feature extractor has no labels to print
     for result in classifier.classify_files(images, top_k=top_k, batch_size=batch_size):
         if result.error:
             _fail(result.error)
         if format is Format.jsonl:
             typer.echo(json.dumps(_as_json(result)))
         results.append(result)
-    if format is Format.json:
-        typer.echo(json.dumps([_as_json(r) for r in results], indent=2))
-    elif format is Format.table:
-        _print_table(results, classifier.name)
-    raise typer.Exit(1 if any(r.error for r in results) else 0)
 
 
 def _as_json(result) -> dict:
@@ -162,9 +167,11 @@ def _as_json(result) -> dict:
 
 def _print_table(results, model_name: str) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"mlx-vit · {model_name}", title_justify="left")
+    # File names and labels are the user's data, not markup: "cat [edited].png" must show as it is.
+    table = Table(title=f"mlx-vit · {escape(model_name)}", title_justify="left")
     table.add_column("image")
     table.add_column("#", justify="right")
     table.add_column("label")
@@ -172,11 +179,12 @@ def _print_table(results, model_name: str) -> None:
     table.add_column("class", justify="right")
     for result in results:
         if result.error:
-            table.add_row(result.path, "", "[red]failed (see above)[/red]", "", "", end_section=True)
+            table.add_row(escape(result.path), "", "[red]failed (see above)[/red]", "", "", end_section=True)
             continue
         for rank, p in enumerate(result.predictions, 1):
             last = rank == len(result.predictions)
-            table.add_row(result.path if rank == 1 else "", str(rank), p.label, f"{p.score:.4f}", str(p.class_id),
+            table.add_row(escape(result.path) if rank == 1 else "", str(rank), escape(p.label), f"{p.score:.4f}",
+                          str(p.class_id),
                           end_section=last)  # fmt: skip
     Console().print(table)
 
@@ -267,11 +275,12 @@ def _live_table(results, stats: _StreamStats, model_name: str) -> None:
     """A table that redraws in place for each classified frame (printed once at the end when not a terminal)."""
     from rich.console import Console
     from rich.live import Live
+    from rich.markup import escape
     from rich.table import Table
 
     def render(result) -> Table:
         frame = result.frame
-        table = Table(title=f"mlx-vit · {model_name} · {stats.name}", title_justify="left",
+        table = Table(title=f"mlx-vit · {escape(model_name)} · {escape(stats.name)}", title_justify="left",
                       caption=f"frame {frame.index} at {frame.timestamp:.2f} s · {stats.rate():.1f} fps · "
                               f"latency {result.latency_ms:.1f} ms", caption_justify="left")  # fmt: skip
         table.add_column("#", justify="right")
@@ -279,7 +288,7 @@ def _live_table(results, stats: _StreamStats, model_name: str) -> None:
         table.add_column("score", justify="right")
         table.add_column("class", justify="right")
         for rank, p in enumerate(result.predictions, 1):
-            table.add_row(str(rank), p.label, f"{p.score:.4f}", str(p.class_id))
+            table.add_row(str(rank), escape(p.label), f"{p.score:.4f}", str(p.class_id))
         return table
 
     with Live(console=Console(), auto_refresh=False) as live:
@@ -297,8 +306,12 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")] = None,
     quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize the linear layers' weights.")] = False,
-    q_bits: Annotated[int, typer.Option("--q-bits", help="Bits per weight with -q: 2, 3, 4, 5, 6 or 8.")] = 4,
-    q_group_size: Annotated[int, typer.Option("--q-group-size", help="Weights sharing a scale: 32, 64, 128.")] = 64,
+    q_bits: Annotated[
+        int | None, typer.Option("--q-bits", help="Bits per weight with -q: 2, 3, 4, 5, 6 or 8.  [default: 4]")
+    ] = None,
+    q_group_size: Annotated[
+        int | None, typer.Option("--q-group-size", help="Weights sharing a scale: 32, 64, 128.  [default: 64]")
+    ] = None,
     dtype: Annotated[DType, typer.Option("--dtype", help="Type of the tensors that are not quantized.")] = (
         DType.float32
     ),
@@ -307,7 +320,14 @@ def convert(
     from mlx_vit.convert import Quantize
     from mlx_vit.convert import convert as convert_checkpoint
 
-    options = _run(Quantize, q_bits, q_group_size) if quantize else None
+    options = None
+    if quantize:
+        try:
+            options = Quantize(q_bits or 4, q_group_size or 64)
+        except MlxVitError as error:
+            raise typer.BadParameter(str(error), param_hint="--q-bits/--q-group-size") from None
+    elif q_bits is not None or q_group_size is not None:
+        raise typer.BadParameter("--q-bits and --q-group-size go with -q/--quantize", param_hint="-q")
     folder = _run(
         convert_checkpoint, src, mlx_path, force=force, revision=revision, quantize=options, dtype=dtype.value
     )

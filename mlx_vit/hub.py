@@ -26,7 +26,9 @@ REVISION = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
 
 
 def is_repo_id(name: str) -> bool:
-    return bool(REPO_ID.fullmatch(name)) and ".." not in name and not name.endswith(".git")
+    """The Hub's own rules: org/name or name, no '..' or '--', at most 96 characters, not ending in .git."""
+    return (bool(REPO_ID.fullmatch(name)) and ".." not in name and "--" not in name and len(name) <= 96
+            and not name.endswith(".git"))  # fmt: skip
 
 
 def is_revision(revision: str) -> bool:

@@ -56,6 +56,13 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: st
     if layers:
         bits, group_size = quantization["bits"], quantization["group_size"]
         nn.quantize(model, group_size, bits, class_predicate=lambda path, _: path in layers)
+    # load_weights checks names and shapes, not dtypes; the quantized kernels would fail mid-batch on a wrong one.
+    for key, value in weights.items():
+        packed = key.endswith(".weight") and key.removesuffix(".weight") in layers
+        if (value.dtype == mx.uint32) if packed else mx.issubdtype(value.dtype, mx.floating):
+            continue
+        expected = "uint32 (packed quantized weights)" if packed else "a float type"
+        raise CheckpointError(f"{source}: tensor {key[:80]!r} is {value.dtype}, expected {expected}")
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as error:

@@ -84,7 +84,7 @@ def test_failure_after_the_first_file(tmp_path, monkeypatch, vit_folder):
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(type(tmp_path), "write_text", failing_write_text)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(MlxVitError, match="No space"):
         convert(str(vit_folder), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
 

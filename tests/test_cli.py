@@ -196,3 +196,29 @@ def test_cli_default_model_is_the_library_default():
     from mlx_vit import cli, loading
 
     assert cli.DEFAULT_MODEL == loading.DEFAULT_MODEL
+
+
+def test_feature_extractor_and_markup_in_names(tmp_path, isolated):
+    """A model without a head is one line before any output; labels and paths are shown as they are."""
+    from checkpoints import make_checkpoint
+
+    headless = make_checkpoint(tmp_path / "headless", kind="vit-model")
+    done = run("classify", IMAGES / "chelsea.png", "-m", headless, "--format", "json", env=isolated)
+    assert done.returncode == 1 and done.stdout == "" and "no classification head" in done.stderr
+    assert "Traceback" not in done.stderr
+
+    odd = make_checkpoint(tmp_path / "odd", num_labels=2)
+    config = json.loads((odd / "config.json").read_text())
+    config["id2label"] = {"0": "[/bold] tabby", "1": "[red]dog"}
+    (odd / "config.json").write_text(json.dumps(config))
+    photo = tmp_path / "cat [edited].png"
+    shutil.copy(IMAGES / "chelsea.png", photo)
+    done = run("classify", photo, "-m", odd, "-k", "2", env={**isolated, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "cat [edited].png" in done.stdout and "[/bold] tabby" in done.stdout and "[red]dog" in done.stdout
+
+
+def test_quantization_flags_are_usage_errors(vit_folder, tmp_path, isolated):
+    assert run("convert", vit_folder, "-o", tmp_path / "a", "--q-bits", "8", env=isolated).returncode == 2
+    assert run("convert", vit_folder, "-o", tmp_path / "b", "-q", "--q-bits", "7", env=isolated).returncode == 2
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

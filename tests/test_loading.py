@@ -12,8 +12,8 @@ from checkpoints import IMAGES, lay_into_hf_cache
 from PIL import Image
 
 import mlx_vit
-from mlx_vit.convert import convert, write_mlx_folder
-from mlx_vit.errors import CheckpointError, ConfigError, ImageError, ModelNotFoundError
+from mlx_vit.convert import convert, is_mlx_folder, write_mlx_folder
+from mlx_vit.errors import CheckpointError, ConfigError, ImageError, MlxVitError, ModelNotFoundError
 from mlx_vit.loading import load_model
 
 
@@ -79,7 +79,10 @@ def test_hub_id_is_converted_once_into_the_cache(vit_folder, tmp_path):
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
 
 
-@pytest.mark.parametrize("name", ["../x", "a/b/c", "org/na me", "org/name.git", "-org/name", "org/" + "x" * 97])
+@pytest.mark.parametrize(
+    "name",
+    ["../x", "a/b/c", "org/na me", "org/name.git", "-org/name", "org/" + "x" * 97, "google--vit-base", "o/" + "x" * 95],
+)
 def test_invalid_names_never_reach_the_hub(name):
     with pytest.raises(ModelNotFoundError):
         load_model(name)
@@ -106,7 +109,8 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, failure):
         raise failure
 
     monkeypatch.setattr(mx, "save_safetensors", fail)
-    with pytest.raises(type(failure)):
+    # A disk error is the user's to fix: one line naming the target. Anything else propagates as it is.
+    with pytest.raises(MlxVitError if isinstance(failure, OSError) else type(failure)):
         write_mlx_folder(tmp_path / "model", {"w": np.zeros(2, np.float32)}, {"format": "mlx-vit"}, force=False)
     assert list(tmp_path.iterdir()) == []
 
@@ -141,3 +145,24 @@ def test_tampered_labels_are_a_one_line_error(vit_folder, tmp_path, id2label):
     (out / "manifest.json").unlink()
     with pytest.raises(ConfigError, match="id2label"):
         mlx_vit.load(str(out))
+
+
+def test_force_replaces_only_model_folders(vit_folder, tmp_path):
+    """`-o ~/models --force` must not wipe a folder of the user's, nor the checkpoint being converted."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(MlxVitError, match="not an mlx-vit model folder"):
+        convert(str(vit_folder), mine, force=True)
+    assert (mine / "notes.txt").read_text() == "keep me"
+    with pytest.raises(MlxVitError, match="not an mlx-vit model folder"):
+        convert(str(vit_folder), vit_folder, force=True)
+    assert (vit_folder / "config.json").is_file()
+    (tmp_path / "empty").mkdir()
+    assert is_mlx_folder(convert(str(vit_folder), tmp_path / "empty", force=True))
+
+
+def test_unwritable_target_is_one_line(vit_folder, tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MlxVitError, match="cannot write the model"):
+        convert(str(vit_folder), tmp_path / "file" / "out")

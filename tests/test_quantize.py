@@ -117,3 +117,13 @@ def test_skipped_layers_are_reported(tmp_path):
 def test_unsupported_widths_are_refused_before_work(bits, group_size):
     with pytest.raises(MlxVitError, match="--q-"):
         Quantize(bits, group_size)
+
+
+def test_wrong_tensor_dtype_is_refused_on_every_backend(peaked, tmp_path):
+    """A packed weight re-labelled as float32 (same size, so the manifest can't tell) is refused by name."""
+    out = convert(str(peaked), tmp_path / "q", quantize=Quantize(4, 64))
+    weights = mx.load(str(out / "model.safetensors"))
+    weights["blocks.0.attn.qkv.weight"] = weights["blocks.0.attn.qkv.weight"].view(mx.float32)
+    config = json.loads((out / "config.json").read_text())
+    with pytest.raises(MlxVitError, match="blocks.0.attn.qkv.weight"):
+        build_model(config, weights, str(out))  # the Metal/CUDA path: layers stay quantized
