@@ -1,8 +1,11 @@
-"""Test data builders: small transformers checkpoints with seeded random weights, real photos, an HF cache."""
+"""Test helpers: small transformers checkpoints with seeded random weights, real photos, an HF cache, the CLI."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 IMAGES = Path(__file__).parent / "data" / "images"
@@ -94,3 +97,9 @@ def lay_into_hf_cache(folder: Path, hf_home: Path, repo_id: str, commit: str = "
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     return snapshot
+
+
+def run_cli(*args, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
+    """`mlx-vit ARGS...` in a subprocess, its environment updated with `env`."""
+    return subprocess.run([sys.executable, "-m", "mlx_vit", *map(str, args)], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)  # fmt: skip

@@ -20,3 +20,9 @@ def vit_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def deit_folder(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("deit"), kind="deit-teacher", seed=1)
+
+
+@pytest.fixture
+def isolated(tmp_path) -> dict:
+    """Environment for a CLI subprocess: an empty HF cache and mlx-vit cache, offline."""
+    return {"HF_HOME": str(tmp_path / "hf"), "MLX_VIT_CACHE": str(tmp_path / "mlx-vit"), "HF_HUB_OFFLINE": "1"}

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from checkpoints import PHOTOS, make_checkpoint
+from checkpoints import PHOTOS, make_checkpoint, run_cli
 from PIL import Image
 
 from mlx_vit import camera as camera_module
@@ -86,8 +86,7 @@ def env(tmp_path: Path) -> dict:
 
 
 def run(*args, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_vit", *map(str, args)], capture_output=True, text=True,
-                          env=env(tmp_path), timeout=300)  # fmt: skip
+    return run_cli(*args, env=env(tmp_path))
 
 
 def assert_same(predictions: list[dict], reference) -> None:
@@ -168,8 +167,7 @@ def test_cli_live_table(clip, decoded, model, classifier, tmp_path):
 )
 def test_cli_sources_that_fail_to_open_are_one_line(source, message, model, tmp_path):
     (tmp_path / "notes.avi").write_text("not a video")
-    done = subprocess.run([sys.executable, "-m", "mlx_vit", "classify", "--camera", source, "-m", str(model)],
-                          capture_output=True, text=True, env=env(tmp_path), cwd=tmp_path, timeout=300)  # fmt: skip
+    done = run_cli("classify", "--camera", source, "-m", model, env=env(tmp_path), cwd=tmp_path)
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1 and done.stderr.startswith(message), done.stderr
     assert done.stdout == ""

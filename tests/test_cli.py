@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
-from checkpoints import IMAGES, lay_into_hf_cache
+from checkpoints import IMAGES, lay_into_hf_cache, run_cli
 from PIL import Image
 
 from mlx_vit.preprocess import open_image
@@ -22,17 +22,6 @@ TOLERANCE = 1e-4
 # composite it on white, so RGBA files are compared through the processor path below instead.
 OPAQUE = ["chelsea.png", "camera.png", "rocket.jpg", "multipage.tif"]
 TRANSPARENT = ["horse.png", "logo.png", "no_time_for_that_tiny.gif"]
-
-
-def run(*args, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_vit", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)  # fmt: skip
-
-
-@pytest.fixture
-def isolated(tmp_path) -> dict:
-    """An empty HF cache and mlx-vit cache, offline."""
-    return {"HF_HOME": str(tmp_path / "hf"), "MLX_VIT_CACHE": str(tmp_path / "mlx-vit"), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +51,11 @@ def label2id(folder: Path) -> dict[str, int]:
 
 def test_convert_then_classify_matches_pipeline(vit_folder, tmp_path, isolated, exif_rotated):
     out = tmp_path / "vit-mlx"
-    done = run("convert", vit_folder, "-o", out, env=isolated)
+    done = run_cli("convert", vit_folder, "-o", out, env=isolated)
     assert done.returncode == 0, done.stderr
     assert json.loads((out / "config.json").read_text())["format"] == "mlx-vit"
     photos = [IMAGES / name for name in OPAQUE] + [exif_rotated]
-    done = run("classify", *photos, "-m", out, "--format", "json", "--batch-size", "3", env=isolated)
+    done = run_cli("classify", *photos, "-m", out, "--format", "json", "--batch-size", "3", env=isolated)
     assert done.returncode == 0, done.stderr
     results = json.loads(done.stdout)
     assert [r["path"] for r in results] == [str(p) for p in photos]
@@ -77,7 +66,7 @@ def test_convert_then_classify_matches_pipeline(vit_folder, tmp_path, isolated, 
 def test_transparent_images_match_the_image_processor(vit_folder, isolated):
     """RGBA and palette-transparency files: the same pixels transformers' processor makes (alpha on white)."""
     photos = [IMAGES / name for name in TRANSPARENT]
-    done = run("classify", *photos, "-m", vit_folder, "--format", "json", env=isolated)
+    done = run_cli("classify", *photos, "-m", vit_folder, "--format", "json", env=isolated)
     assert done.returncode == 0, done.stderr
     for photo, result in zip(photos, json.loads(done.stdout), strict=True):
         rgb = transformers.image_transforms.convert_to_rgb(Image.open(photo), return_numpy=True)
@@ -87,7 +76,7 @@ def test_transparent_images_match_the_image_processor(vit_folder, isolated):
 
 def test_distilled_deit_from_hf_folder_as_jsonl(deit_folder, isolated):
     photos = [IMAGES / "chelsea.png", IMAGES / "camera.png"]
-    done = run("classify", *photos, "-m", deit_folder, "--format", "jsonl", "-k", "3", env=isolated)
+    done = run_cli("classify", *photos, "-m", deit_folder, "--format", "jsonl", "-k", "3", env=isolated)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == 2
@@ -103,7 +92,7 @@ def test_broken_files_are_reported_and_the_rest_classified(vit_folder, tmp_path,
     text = tmp_path / "notes.jpg"
     text.write_text("not a picture")
     inputs = [IMAGES / "chelsea.png", tmp_path / "missing.png", truncated, text, IMAGES / "rocket.jpg"]
-    done = run("classify", *inputs, "-m", vit_folder, "--format", "json", env=isolated)
+    done = run_cli("classify", *inputs, "-m", vit_folder, "--format", "json", env=isolated)
     assert done.returncode == 1
     results = json.loads(done.stdout)
     assert [r["path"] for r in results] == [str(p) for p in inputs]
@@ -115,7 +104,7 @@ def test_broken_files_are_reported_and_the_rest_classified(vit_folder, tmp_path,
 
 
 def test_table_output(vit_folder, isolated):
-    done = run("classify", IMAGES / "chelsea.png", "-m", vit_folder, "-k", "2", env={**isolated, "COLUMNS": "200"})
+    done = run_cli("classify", IMAGES / "chelsea.png", "-m", vit_folder, "-k", "2", env={**isolated, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     top = pipeline_top5(vit_folder, str(IMAGES / "chelsea.png"))[0]
     assert top["label"] in done.stdout and f"{top['score']:.4f}" in done.stdout
@@ -125,17 +114,17 @@ def test_table_output(vit_folder, isolated):
     "args", [["classify"], ["classify", "x.png", "-k", "0"], ["classify", "x.png", "--format", "xml"]]
 )
 def test_usage_errors_exit_2(args, isolated):
-    assert run(*args, env=isolated).returncode == 2
+    assert run_cli(*args, env=isolated).returncode == 2
 
 
 def test_convert_refuses_to_overwrite_without_force(vit_folder, tmp_path, isolated):
     out = tmp_path / "out"
-    assert run("convert", vit_folder, "-o", out, env=isolated).returncode == 0
+    assert run_cli("convert", vit_folder, "-o", out, env=isolated).returncode == 0
     before = (out / "model.safetensors").stat().st_mtime_ns
-    done = run("convert", vit_folder, "-o", out, env=isolated)
+    done = run_cli("convert", vit_folder, "-o", out, env=isolated)
     assert done.returncode == 1 and "already exists" in done.stderr and "--force" in done.stderr
     assert (out / "model.safetensors").stat().st_mtime_ns == before
-    assert run("convert", vit_folder, "-o", out, "--force", env=isolated).returncode == 0
+    assert run_cli("convert", vit_folder, "-o", out, "--force", env=isolated).returncode == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary or old folders left behind
 
 
@@ -143,14 +132,14 @@ def test_default_model_from_offline_hf_cache(vit_folder, tmp_path, isolated):
     """No -m: google/vit-base-patch16-224 comes from the HF cache, is converted once, then reused."""
     snapshot = lay_into_hf_cache(vit_folder, Path(isolated["HF_HOME"]), "google/vit-base-patch16-224")
     photo = IMAGES / "chelsea.png"
-    first = run("classify", photo, "--format", "json", env=isolated)
+    first = run_cli("classify", photo, "--format", "json", env=isolated)
     assert first.returncode == 0, first.stderr
     assert "converting google/vit-base-patch16-224" in first.stderr
     converted = Path(isolated["MLX_VIT_CACHE"]) / "google--vit-base-patch16-224" / snapshot.name
     config = json.loads((converted / "config.json").read_text())
     assert config["source"] == {"repo": "google/vit-base-patch16-224", "revision": snapshot.name}
     stamp = (converted / "model.safetensors").stat().st_mtime_ns
-    second = run("classify", photo, "--format", "json", env=isolated)
+    second = run_cli("classify", photo, "--format", "json", env=isolated)
     assert second.returncode == 0 and "converting" not in second.stderr
     assert (converted / "model.safetensors").stat().st_mtime_ns == stamp
     assert json.loads(first.stdout) == json.loads(second.stdout)
@@ -159,7 +148,7 @@ def test_default_model_from_offline_hf_cache(vit_folder, tmp_path, isolated):
 
 def test_convert_from_offline_hub_cache_records_revision(vit_folder, tmp_path, isolated):
     snapshot = lay_into_hf_cache(vit_folder, Path(isolated["HF_HOME"]), "someone/tiny-vit", commit="b" * 40)
-    done = run("convert", "someone/tiny-vit", env=isolated, cwd=tmp_path)
+    done = run_cli("convert", "someone/tiny-vit", env=isolated, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "tiny-vit-mlx" / "config.json").read_text())
     assert config["source"] == {"repo": "someone/tiny-vit", "revision": snapshot.name}
@@ -175,7 +164,7 @@ def test_convert_from_offline_hub_cache_records_revision(vit_folder, tmp_path, i
     ],
 )
 def test_unknown_models_are_one_line_errors(model, message, isolated):
-    done = run("classify", IMAGES / "chelsea.png", "-m", model, env=isolated)
+    done = run_cli("classify", IMAGES / "chelsea.png", "-m", model, env=isolated)
     assert done.returncode == 1
     assert done.stderr.strip().count("\n") == 0 and message in done.stderr, done.stderr
 
@@ -203,7 +192,7 @@ def test_feature_extractor_and_markup_in_names(tmp_path, isolated):
     from checkpoints import make_checkpoint
 
     headless = make_checkpoint(tmp_path / "headless", kind="vit-model")
-    done = run("classify", IMAGES / "chelsea.png", "-m", headless, "--format", "json", env=isolated)
+    done = run_cli("classify", IMAGES / "chelsea.png", "-m", headless, "--format", "json", env=isolated)
     assert done.returncode == 1 and done.stdout == "" and "no classification head" in done.stderr
     assert "Traceback" not in done.stderr
 
@@ -213,12 +202,12 @@ def test_feature_extractor_and_markup_in_names(tmp_path, isolated):
     (odd / "config.json").write_text(json.dumps(config))
     photo = tmp_path / "cat [edited].png"
     shutil.copy(IMAGES / "chelsea.png", photo)
-    done = run("classify", photo, "-m", odd, "-k", "2", env={**isolated, "COLUMNS": "200"})
+    done = run_cli("classify", photo, "-m", odd, "-k", "2", env={**isolated, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert "cat [edited].png" in done.stdout and "[/bold] tabby" in done.stdout and "[red]dog" in done.stdout
 
 
 def test_quantization_flags_are_usage_errors(vit_folder, tmp_path, isolated):
-    assert run("convert", vit_folder, "-o", tmp_path / "a", "--q-bits", "8", env=isolated).returncode == 2
-    assert run("convert", vit_folder, "-o", tmp_path / "b", "-q", "--q-bits", "7", env=isolated).returncode == 2
+    assert run_cli("convert", vit_folder, "-o", tmp_path / "a", "--q-bits", "8", env=isolated).returncode == 2
+    assert run_cli("convert", vit_folder, "-o", tmp_path / "b", "-q", "--q-bits", "7", env=isolated).returncode == 2
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

@@ -11,12 +11,10 @@ import copyreg
 import hashlib
 import io
 import json
-import os
 import pickle
 import pickletools
 import shutil
 import struct
-import subprocess
 import sys
 import threading
 import zipfile
@@ -27,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from checkpoints import IMAGES
+from checkpoints import IMAGES, run_cli
 from PIL import Image, ImageOps
 
 from mlx_vit.convert import hf
@@ -45,16 +43,6 @@ def _one_line_error(kind, call, *args, names: Path | str | None = None, **kwargs
     if names is not None:
         assert str(names) in message, message
     return message
-
-
-def run_cli(*args, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_vit", *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)  # fmt: skip
-
-
-@pytest.fixture
-def isolated(tmp_path) -> dict:
-    return {"HF_HOME": str(tmp_path / "hf"), "MLX_VIT_CACHE": str(tmp_path / "mlx-vit"), "HF_HUB_OFFLINE": "1"}
 
 
 # ==========================================================================================================
