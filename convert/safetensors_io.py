@@ -6,16 +6,19 @@ header length, every offset, dtype and shape first and returns numpy arrays (bfl
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
-from mlx_vit.errors import CheckpointError
+from mlx_vit.errors import CheckpointError, shown
+from mlx_vit.files import MAX_JSON_BYTES, open_regular, parse_json
 
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # the reference implementation's own cap
+# The reference implementation allows 100 MB; a header is ~100 bytes a tensor, so a ViT-G's is ~100 kB, and this
+# bounds the Python objects parsing it makes.
+MAX_HEADER_BYTES = MAX_JSON_BYTES
 MAX_DIMS = 32  # numpy 1.x's limit (2.x allows 64)
 
 DTYPES = {
@@ -25,37 +28,43 @@ DTYPES = {
 }  # fmt: skip
 
 
-def read_header(path: Path) -> tuple[dict, int]:
+def read_header(path: str | Path) -> tuple[dict, int]:
     """Return (tensor entries, data start) after checking that every entry lies inside the file."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-        (header_len,) = struct.unpack("<Q", prefix)
-        if header_len > min(MAX_HEADER_BYTES, size - 8):
-            raise CheckpointError(f"{path}: not a safetensors file (header length {header_len} is past the end)")
-        raw = f.read(header_len)
+    path = Path(path)
+    with open_regular(path, CheckpointError) as f:
+        return header_of(f, path)
+
+
+def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
+    """read_header on an open file (so that the file checked is the file then read)."""
+    name = shown(str(path), None)
+    size = f.seek(0, 2)
+    f.seek(0)
+    prefix = f.read(8)
+    if len(prefix) < 8:
+        raise CheckpointError(f"{name}: not a safetensors file (only {size} bytes)")
+    (header_len,) = struct.unpack("<Q", prefix)
+    if header_len > min(MAX_HEADER_BYTES, size - 8):
+        raise CheckpointError(f"{name}: not a safetensors file (header length {header_len} is past the end)")
+    raw = f.read(header_len)
     try:
-        header = json.loads(raw, object_pairs_hook=_no_duplicates)
+        header = parse_json(raw, f"{name}: safetensors header", CheckpointError, object_pairs_hook=_no_duplicates)
     except _DuplicateKey as error:
-        raise CheckpointError(f"{path}: safetensors header names {str(error)[:80]!r} twice") from None
-    except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, over-long ints, deep nesting
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({error})") from None
+        raise CheckpointError(f"{name}: safetensors header names '{shown(str(error), 80)}' twice") from None
     if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
+        raise CheckpointError(f"{name}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise CheckpointError(f"{path}: safetensors __metadata__ must map names to strings")
+        raise CheckpointError(f"{name}: safetensors __metadata__ must map names to strings")
     data_start, data_len = 8 + header_len, size - 8 - header_len
     spans = []
-    for name, entry in header.items():
-        where = f"{path}: tensor {name!r}"
+    for key, entry in header.items():
+        where = f"{name}: tensor '{shown(key, 80)}'"
         if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
             raise CheckpointError(f"{where} has a malformed header entry")
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise CheckpointError(f"{where} has unknown dtype {dtype!r}")
+            raise CheckpointError(f"{where} has unknown dtype '{shown(dtype, 40)}'")
         itemsize = np.dtype(DTYPES[dtype]).itemsize
         if not (
             isinstance(shape, list)
@@ -63,23 +72,23 @@ def read_header(path: Path) -> tuple[dict, int]:
             and all(type(d) is int and d >= 0 for d in shape)
             and math.prod(d for d in shape if d) * itemsize < 2**63  # what numpy can shape, even when empty
         ):
-            raise CheckpointError(f"{where} has an invalid shape {shape!r:.200}")
+            raise CheckpointError(f"{where} has an invalid shape {shown(shape, 120)}")
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)):
-            raise CheckpointError(f"{where} has invalid data_offsets {offsets!r}")
+            raise CheckpointError(f"{where} has invalid data_offsets {shown(offsets, 80)}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
             raise CheckpointError(f"{where} lies outside the file (offsets {begin}..{end}, data is {data_len} bytes)")
         if end - begin != math.prod(shape) * itemsize:
             raise CheckpointError(f"{where}: shape {shape} of {dtype} does not match its {end - begin} bytes")
-        spans.append((begin, end, name))
+        spans.append((begin, end, key))
     position = 0
-    for begin, end, name in sorted(spans):
+    for begin, end, key in sorted(spans):
         if begin != position:
             problem = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
-            raise CheckpointError(f"{path}: tensor {name!r} {problem}")
+            raise CheckpointError(f"{name}: tensor '{shown(key, 80)}' {problem}")
         position = end
     if position != data_len:
-        raise CheckpointError(f"{path}: {data_len - position} bytes after the last tensor belong to none")
+        raise CheckpointError(f"{name}: {data_len - position} bytes after the last tensor belong to none")
     return header, data_start
 
 
@@ -98,22 +107,26 @@ def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32: exact, bfloat16 is float32's top half."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
+    widened = bits.astype(np.uint32)
+    widened <<= 16  # in place: a 0-d array stays an array (`<<` would make a numpy scalar of it)
+    return widened.view(np.float32)
 
 
 def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
-    header, data_start = read_header(path)
     tensors = {}
     # Plain reads, not a memory map: a file truncated under us is a short read here, not a SIGBUS.
-    with open(path, "rb") as f:
-        for name, entry in header.items():
+    with open_regular(path, CheckpointError) as f:
+        header, data_start = header_of(f, path)
+        for key, entry in header.items():
             begin, end = entry["data_offsets"]
             dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")
             array = np.empty(entry["shape"], dtype=dtype)
             f.seek(data_start + begin)
             if f.readinto(memoryview(array.reshape(-1)).cast("B")) != end - begin:
-                raise CheckpointError(f"{path}: tensor {name[:80]!r} was cut short (did the file change while read?)")
+                raise CheckpointError(
+                    f"{shown(str(path), None)}: tensor '{shown(key, 80)}' was cut short (did the file change while read?)"
+                )
             array = array.astype(dtype.newbyteorder("="), copy=False)
-            tensors[name] = bf16_to_f32(array) if entry["dtype"] == "BF16" else array
+            tensors[key] = bf16_to_f32(array) if entry["dtype"] == "BF16" else array
     return tensors

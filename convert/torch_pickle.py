@@ -1,9 +1,14 @@
 """Read a PyTorch `pytorch_model.bin` without torch and without running pickle's code.
 
-A torch checkpoint is a zip of `data.pkl` plus one raw file per storage. Unpickling is what runs code, so we
-unpickle with an allowlist: the only globals that resolve are stand-ins of our own for torch's tensor-rebuild
-functions and storage types (plus `collections.OrderedDict`); anything else is refused, naming the file and the
-global, before it is imported. Tensors come back as numpy arrays (bfloat16 widened to float32).
+A torch checkpoint is a zip of `data.pkl` plus one raw file per storage. Python's unpickler runs whatever a pickle
+names, and even with an allowlist it leaves doors open (copyreg's extension cache, BUILD on the objects it hands
+out, memo indices that allocate, integers it parses differently from pickletools). So no unpickler ever sees the
+file: `pickletools.genops` parses it (a pickle it cannot parse is refused), and the small stack machine below
+runs only the opcodes `torch.save` writes for a state dict. Its only globals are stand-ins of our own for torch's
+tensor-rebuild functions and storage types (plus `collections.OrderedDict`); every object it builds is a plain
+value or frozen; it stops after MAX_OPERATIONS opcodes. Storages are read once, each checked against its zip
+member, and every tensor's offset, size and stride against its storage before a view is made. Tensors come back
+as numpy arrays (bfloat16 widened to float32).
 """
 
 from __future__ import annotations
@@ -13,22 +18,29 @@ import copyreg
 import io
 import lzma
 import math
-import pickle
 import pickletools
-import re
+import struct
 import warnings
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from mlx_vit.errors import CheckpointError
+from mlx_vit.errors import CheckpointError, shown
+from mlx_vit.files import open_regular
 
 from .safetensors_io import bf16_to_f32
 
-# A state dict's data.pkl is kilobytes (one small record per tensor); this only stops a zip bomb.
-MAX_PICKLE_BYTES = 100 * 1024 * 1024
+# A state dict's data.pkl is ~150 bytes and ~25 opcodes a tensor: a ViT-G/14 (~900 tensors) is ~140 kB. These
+# stop a pickle built to exhaust memory or time, long before either runs out.
+MAX_PICKLE_BYTES = 16 * 2**20
+MAX_OPERATIONS = 1_000_000
+# Tensors (and compressed storages) may add up to at most this many times the file's size: honest checkpoints
+# hold each byte once; tied weights view one storage twice.
+MAX_INFLATION = 2
 
 STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -37,199 +49,415 @@ STORAGE_DTYPES = {
 }  # fmt: skip
 
 
-def shown(value: object, limit: int = 120) -> str:
-    """A name from an untrusted file, safe for a one-line message: control characters escaped, length capped."""
-    text = re.sub(r"[\x00-\x1f\x7f-\x9f]", lambda m: repr(m.group())[1:-1], str(value))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+class _Refused(Exception):
+    """The pickle does something a state dict does not; the message says what."""
 
 
-class _Refuses:
-    """Allowlisted objects are shared by every load: a pickle's BUILD must not change them for later files."""
-
-    def __setstate__(self, state):
-        raise pickle.UnpicklingError(f"refusing to modify {self!r}")
-
-
-class _StorageType(_Refuses):
-    def __init__(self, name: str):
-        self.name = name
-        self.dtype = np.dtype(STORAGE_DTYPES[name])
+@dataclass(frozen=True, eq=False)
+class _StorageType:
+    name: str
 
     def __repr__(self) -> str:
         return f"torch.{self.name}"
 
 
-class _Callable(_Refuses):
-    """An allowlisted global: calls `function`; BUILD on it is refused (a plain function's attributes could be
-    set by a pickle)."""
+@dataclass(frozen=True, eq=False)
+class _Global:
+    """An allowlisted global: REDUCE calls `function` with the pickle's arguments."""
 
-    def __init__(self, name: str, function):
-        self.name, self.function = name, function
-
-    def __call__(self, *args):
-        return self.function(*args)
+    name: str
+    function: Any
 
     def __repr__(self) -> str:
         return self.name
 
 
-class _Storage:
-    def __init__(self, type_name: str, array: np.ndarray):
-        self.type_name = type_name
-        self.array = array
+@dataclass(frozen=True, eq=False)
+class _StorageRef:
+    """A storage named by a persistent id: its zip member is checked at once, read only when a tensor needs it."""
+
+    type_name: str
+    key: str
+    numel: int
 
 
-def _rebuild_tensor(storage, offset, size, stride, *_ignored) -> np.ndarray:
-    """torch._utils._rebuild_tensor_v2's job on our storages, with every index checked."""
-    if not isinstance(storage, _Storage):
-        raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
-    if not (isinstance(size, (tuple, list)) and isinstance(stride, (tuple, list))):
-        raise pickle.UnpicklingError("tensor with an invalid offset, size or stride")
-    ints = (offset, *size, *stride)
-    if not all(type(v) is int for v in ints) or offset < 0 or len(size) != len(stride):
-        raise pickle.UnpicklingError("tensor with an invalid offset, size or stride")
-    if any(s < 0 for s in size) or any(st < 0 for st in stride):
-        raise pickle.UnpicklingError("tensor with a negative size or stride")
+@dataclass(frozen=True, eq=False)
+class _Tensor:
+    """A tensor as torch pickles it: a checked view (offset, size, stride in elements) of a storage."""
+
+    storage: _StorageRef
+    offset: int
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+
+
+def _rebuild_tensor(storage, offset=None, size=None, stride=None, *rest) -> _Tensor:
+    """torch._utils._rebuild_tensor(_v2)'s arguments, every index checked against the storage."""
+    if not isinstance(storage, _StorageRef):
+        raise _Refused("tensor rebuilt from something that is not a storage")
+    if len(rest) > 3 or not (isinstance(size, tuple) and isinstance(stride, tuple)):
+        raise _Refused("tensor with an invalid offset, size or stride")
     if len(size) > 32:  # numpy 1.x's limit
-        raise pickle.UnpicklingError(f"tensor with {len(size)} dimensions")
-    data = storage.array
-    if 0 in size:
-        array = np.zeros(size, dtype=data.dtype)  # a ValueError for shapes numpy cannot make
-    else:
-        if math.prod(size) > data.size:  # stride-0 tricks: a tiny file must not ask for gigabytes
-            raise pickle.UnpicklingError(f"tensor of {math.prod(size)} elements from a storage of {data.size}")
+        raise _Refused(f"tensor with {len(size)} dimensions")
+    if not all(type(v) is int for v in (offset, *size, *stride)) or offset < 0 or len(size) != len(stride):
+        raise _Refused("tensor with an invalid offset, size or stride")
+    if any(n < 0 for n in size) or any(st < 0 for st in stride):
+        raise _Refused("tensor with a negative size or stride")
+    if 0 not in size:
+        if math.prod(size) > storage.numel:  # stride-0 tricks: a tiny file must not ask for gigabytes
+            raise _Refused(f"tensor of {math.prod(size)} elements from a storage of {storage.numel}")
         last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
-        if last >= data.size:
-            raise pickle.UnpicklingError(f"tensor reaches element {last} of a storage of {data.size}")
-        view = np.lib.stride_tricks.as_strided(
-            data[offset:], shape=size, strides=[st * data.itemsize for st in stride], writeable=False
-        )
-        array = np.array(view)
-    return bf16_to_f32(array) if storage.type_name == "BFloat16Storage" else array
+        if last >= storage.numel:
+            raise _Refused(f"tensor reaches element {last} of a storage of {storage.numel}")
+    return _Tensor(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data, *_ignored):
+def _rebuild_parameter(data, *_ignored) -> _Tensor:
+    if not isinstance(data, _Tensor):
+        raise _Refused("parameter rebuilt from something that is not a tensor")
     return data
 
 
+def _ordered_dict(*args) -> collections.OrderedDict:
+    if args:
+        raise _Refused("OrderedDict called with arguments")
+    return collections.OrderedDict()
+
+
 _ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): _Callable("torch._utils._rebuild_tensor_v2", _rebuild_tensor),
-    ("torch._utils", "_rebuild_tensor"): _Callable("torch._utils._rebuild_tensor", _rebuild_tensor),
-    ("torch._utils", "_rebuild_parameter"): _Callable("torch._utils._rebuild_parameter", _rebuild_parameter),
-    ("collections", "OrderedDict"): _Callable("collections.OrderedDict", collections.OrderedDict),
+    ("torch._utils", "_rebuild_tensor_v2"): _Global("torch._utils._rebuild_tensor_v2", _rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor"): _Global("torch._utils._rebuild_tensor", _rebuild_tensor),
+    ("torch._utils", "_rebuild_parameter"): _Global("torch._utils._rebuild_parameter", _rebuild_parameter),
+    ("collections", "OrderedDict"): _Global("collections.OrderedDict", _ordered_dict),
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
 
-_EXTENSION_OPCODES = {"EXT1", "EXT2", "EXT4"}
+# Dictionary keys and set members are hashed and compared: only flat values, never a (deeply nested) tuple.
+_KEY_TYPES = (str, int, float, bool, bytes, type(None))
+_PUSH = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "UNICODE",
+         "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"}  # fmt: skip
+_CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
+_TUPLES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+_MEMO_GETS = {"GET", "BINGET", "LONG_BINGET"}
+_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_NO_OPS = {"PROTO", "FRAME"}
 
 
-def _refuse_extensions(pickled: bytes) -> None:
-    """Refuse copyreg extension codes before unpickling.
+def _parse(pickled: bytes) -> tuple[list[tuple[str, Any]], str | None]:
+    """(opcode name, argument) for each opcode as pickletools reads them, and why it stopped early (or None).
 
-    The C unpickler resolves an extension code through find_class, except when copyreg's process-wide cache
-    already holds the object: that would bypass the allowlist, so these opcodes (which torch never writes)
-    are refused outright.
+    One parser decides what the opcodes are: the C unpickler reads some arguments differently (an integer
+    written `I0x1`, for one), so a pickle that pickletools cannot read to its end is refused, never handed on.
     """
+    operations: list[tuple[str, Any]] = []
     try:
         with warnings.catch_warnings():  # genops decodes STRING arguments, warning on odd escapes
             warnings.simplefilter("ignore", DeprecationWarning)
-            for opcode, code, _ in pickletools.genops(pickled):
-                if opcode.name in _EXTENSION_OPCODES:
-                    module, name = copyreg._inverted_registry.get(code, ("?", f"extension code {code}"))
-                    raise pickle.UnpicklingError(
-                        f"refusing global {shown(module)}.{shown(name)} (copyreg extension {code})"
-                    )
-    except ValueError:
-        pass  # malformed from here on: the unpickler stops here too, after refusing any global before it
+            for opcode, arg, _ in pickletools.genops(pickled):
+                if len(operations) >= MAX_OPERATIONS:
+                    return operations, f"over {MAX_OPERATIONS:,} operations, far more than a state dict needs"
+                operations.append((opcode.name, arg))
+    except (ValueError, EOFError, OverflowError, struct.error) as error:  # UnicodeDecodeError is a ValueError
+        return operations, f"cannot be parsed ({shown(str(error) or type(error).__name__, 120)})"
+    return operations, None
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, byteorder: str):
-        super().__init__(file)
-        self.archive, self.prefix, self.byteorder = archive, prefix, byteorder
-        self.storages: dict[str, _Storage] = {}
+class _Machine:
+    """Runs a parsed pickle's opcodes on a stack of plain values and our frozen stand-ins."""
 
-    def find_class(self, module: str, name: str):
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        self.archive, self.prefix = archive, prefix
+        self.storages: dict[str, _StorageRef] = {}
+        self.stack: list = []
+        self.marks: list[int] = []
+        self.memo: dict[int, object] = {}
+
+    def run(self, pickled: bytes) -> object:
+        operations, unreadable = _parse(pickled)
+        self.check_globals(operations)
+        if unreadable:
+            raise _Refused(unreadable)
+        for name, arg in operations:
+            if name == "STOP":
+                if len(self.stack) != 1 or self.marks:
+                    raise _Refused("the pickle ends with a malformed stack")
+                return self.stack.pop()
+            self.step(name, arg)
+        raise _Refused("the pickle has no STOP")  # _parse refuses that first
+
+    def check_globals(self, operations: list[tuple[str, Any]]) -> None:
+        """Refuse a global named anywhere in the pickle before anything runs (the run checks them again)."""
+        strings: list = []  # the last values pushed, for STACK_GLOBAL's two names as pickle writes them
+        for name, arg in operations:
+            if name in ("GLOBAL", "INST"):
+                self.find_global(*arg.partition(" ")[::2])
+            elif name == "STACK_GLOBAL" and len(strings) == 2 and all(isinstance(v, str) for v in strings):
+                self.find_global(*strings)
+            if name not in _MEMO_PUTS and name != "MEMOIZE":
+                strings = [*strings[-1:], arg if name in _PUSH else None]
+
+    def pop(self):
+        if not self.stack or (self.marks and len(self.stack) <= self.marks[-1]):
+            raise _Refused("malformed pickle: an operation found too few values")
+        return self.stack.pop()
+
+    def pop_mark(self) -> list:
+        if not self.marks:
+            raise _Refused("malformed pickle: no MARK")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def top(self, kind: type | tuple[type, ...], what: str):
+        if not self.stack or (self.marks and len(self.stack) <= self.marks[-1]):
+            raise _Refused("malformed pickle: an operation found too few values")
+        value = self.stack[-1]
+        if not isinstance(value, kind):
+            raise _Refused(f"malformed pickle: {what} on a {type(value).__name__}")
+        return value
+
+    def keys(self, items: list) -> list:
+        for key in items:
+            if not isinstance(key, _KEY_TYPES):
+                raise _Refused(f"dictionary key or set member of type {type(key).__name__}")
+        return items
+
+    def set_items(self, target: dict, items: list) -> None:
+        if len(items) % 2:
+            raise _Refused("malformed pickle: a key without a value")
+        target.update(zip(self.keys(items[::2]), items[1::2], strict=True))
+
+    def step(self, name: str, arg) -> None:
+        stack = self.stack
+        if name in _PUSH:
+            stack.append(arg)
+        elif name in _CONSTANTS:
+            stack.append(_CONSTANTS[name])
+        elif name in _NO_OPS:
+            pass
+        elif name == "MARK":
+            self.marks.append(len(stack))
+        elif name == "POP":
+            self.pop()
+        elif name == "POP_MARK":
+            self.pop_mark()
+        elif name == "DUP":
+            stack.append(self.top(object, "DUP"))
+        elif name == "EMPTY_TUPLE":
+            stack.append(())
+        elif name == "TUPLE":
+            stack.append(tuple(self.pop_mark()))
+        elif name in _TUPLES:
+            items = [self.pop() for _ in range(_TUPLES[name])]
+            stack.append(tuple(reversed(items)))
+        elif name == "EMPTY_LIST":
+            stack.append([])
+        elif name == "LIST":
+            stack.append(self.pop_mark())
+        elif name == "APPEND":
+            value = self.pop()
+            self.top(list, "APPEND").append(value)
+        elif name == "APPENDS":
+            items = self.pop_mark()
+            self.top(list, "APPENDS").extend(items)
+        elif name == "EMPTY_SET":
+            stack.append(set())
+        elif name == "ADDITEMS":
+            items = self.pop_mark()
+            self.top(set, "ADDITEMS").update(self.keys(items))
+        elif name == "FROZENSET":
+            stack.append(frozenset(self.keys(self.pop_mark())))
+        elif name == "EMPTY_DICT":
+            stack.append({})
+        elif name == "DICT":
+            target: dict = {}
+            self.set_items(target, self.pop_mark())
+            stack.append(target)
+        elif name == "SETITEM":
+            value, key = self.pop(), self.pop()
+            self.set_items(self.top(dict, "SETITEM"), [key, value])
+        elif name == "SETITEMS":
+            items = self.pop_mark()
+            self.set_items(self.top(dict, "SETITEMS"), items)
+        elif name in _MEMO_GETS:
+            if arg not in self.memo:
+                raise _Refused(f"malformed pickle: memo entry {shown(arg)} was never stored")
+            stack.append(self.memo[arg])
+        elif name in _MEMO_PUTS:
+            self.memo[arg] = self.top(object, name)
+        elif name == "MEMOIZE":
+            self.memo[len(self.memo)] = self.top(object, name)
+        elif name == "GLOBAL":
+            module, _, attribute = arg.partition(" ")
+            stack.append(self.find_global(module, attribute))
+        elif name == "STACK_GLOBAL":
+            attribute, module = self.pop(), self.pop()
+            if not (isinstance(module, str) and isinstance(attribute, str)):
+                raise _Refused("malformed pickle: STACK_GLOBAL without two names")
+            stack.append(self.find_global(module, attribute))
+        elif name == "REDUCE":
+            args, function = self.pop(), self.pop()
+            if not isinstance(function, _Global):
+                raise _Refused(f"refusing to call {shown(function, 80)} (only tensor rebuilds are called)")
+            if not isinstance(args, tuple):
+                raise _Refused(f"malformed pickle: {function.name} called without an argument tuple")
+            stack.append(function.function(*args))
+        elif name == "BUILD":
+            state, target = self.pop(), self.top(object, "BUILD")
+            # torch pickles a module's state dict as an OrderedDict carrying `_metadata`; nothing reads it.
+            if not (type(target) is collections.OrderedDict and isinstance(state, dict)):
+                raise _Refused(f"refusing to modify {shown(target, 80)}")
+        elif name == "BINPERSID":
+            stack.append(self.persistent_load(self.pop()))
+        elif name in ("EXT1", "EXT2", "EXT4"):
+            module, attribute = copyreg._inverted_registry.get(arg, ("?", f"extension code {arg}"))
+            raise _Refused(f"refusing global {shown(module)}.{shown(attribute)} (copyreg extension {arg})")
+        elif name == "INST":
+            module, _, attribute = arg.partition(" ")
+            self.find_global(module, attribute)
+            raise _Refused(f"refusing to construct {module}.{attribute} (INST)")
+        else:  # OBJ, NEWOBJ(_EX), bytearrays, out-of-band buffers, protocol-0 persistent ids, py2 strings
+            raise _Refused(f"opcode {name}, which torch.save does not write for a state dict")
+
+    def find_global(self, module: str, name: str):
         try:
             return _ALLOWED[(module, name)]
-        except (KeyError, TypeError):
-            raise pickle.UnpicklingError(
+        except KeyError:
+            raise _Refused(
                 f"refusing global {shown(module)}.{shown(name)} (not part of a tensor checkpoint; "
                 "nothing was imported or run)"
             ) from None
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid) -> _StorageRef:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"unexpected persistent id {shown(repr(pid), 80)}")
+            raise _Refused(f"unexpected persistent id {shown(pid, 80)}")
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType) or not isinstance(key, str) or type(numel) is not int:
-            raise pickle.UnpicklingError("malformed storage reference")
-        if key not in self.storages:
-            member = f"{self.prefix}data/{key}"
-            try:
-                info = self.archive.getinfo(member)
-            except KeyError:
-                raise pickle.UnpicklingError(f"storage {shown(key)!r} is missing from the archive") from None
-            dtype = storage_type.dtype.newbyteorder("<" if self.byteorder == "little" else ">")
-            # Checked against the archive's directory before reading: a huge numel reads nothing.
-            if numel < 0 or numel * dtype.itemsize > info.file_size:
-                raise pickle.UnpicklingError(
-                    f"storage {shown(key)!r} has {info.file_size} bytes, {numel} elements declared"
-                )
+            raise _Refused("malformed storage reference")
+        ref = self.storages.get(key)
+        if ref is not None:
+            if (ref.type_name, ref.numel) != (storage_type.name, numel):
+                raise _Refused(f"storage {shown(key)!r} is declared twice, with different types or sizes")
+            return ref
+        try:
+            info = self.archive.getinfo(f"{self.prefix}data/{key}")
+        except KeyError:
+            raise _Refused(f"storage {shown(key)!r} is missing from the archive") from None
+        # Checked against the archive's directory before reading: a huge numel reads nothing.
+        itemsize = np.dtype(STORAGE_DTYPES[storage_type.name]).itemsize
+        if numel < 0 or numel * itemsize > info.file_size:
+            raise _Refused(f"storage {shown(key)!r} has {info.file_size} bytes, {numel} elements declared")
+        self.storages[key] = ref = _StorageRef(storage_type.name, key, numel)
+        return ref
+
+
+class _Storages:
+    """Reads each storage once, checked against its zip member, within the file's byte budget."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str, byteorder: str, budget: int, uses: dict[str, int]):
+        self.archive, self.prefix, self.byteorder, self.budget = archive, prefix, byteorder, budget
+        self.uses = uses  # tensors per storage: a storage only one tensor views is handed over without a copy
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def charge(self, nbytes: int) -> None:
+        self.budget -= nbytes
+        if self.budget < 0:
+            raise _Refused(
+                f"its tensors would take more than {MAX_INFLATION}x the file's size (storages compressed, or "
+                "viewed by many tensors)"
+            )
+
+    def array(self, ref: _StorageRef) -> np.ndarray:
+        if ref.key not in self.arrays:
+            dtype = np.dtype(STORAGE_DTYPES[ref.type_name]).newbyteorder("<" if self.byteorder == "little" else ">")
+            info = self.archive.getinfo(f"{self.prefix}data/{ref.key}")
+            if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses: these bytes are extra
+                self.charge(ref.numel * dtype.itemsize)
+            array = np.empty(ref.numel, dtype=dtype)  # exactly the declared elements, 1-d
             with self.archive.open(info) as f:
-                raw = f.read(numel * dtype.itemsize)
-            if len(raw) != numel * dtype.itemsize:
-                raise pickle.UnpicklingError(f"storage {shown(key)!r} is shorter than its directory entry says")
-            array = np.frombuffer(raw, dtype=dtype, count=numel).astype(dtype.newbyteorder("="))
-            self.storages[key] = _Storage(storage_type.name, array)
-        return self.storages[key]
+                if f.readinto(memoryview(array).cast("B")) != array.nbytes:
+                    raise _Refused(f"storage {shown(ref.key)!r} is shorter than its directory entry says")
+            self.arrays[ref.key] = array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+        return self.arrays[ref.key]
+
+    def tensor(self, tensor: _Tensor) -> np.ndarray:
+        data = self.array(tensor.storage)
+        size, stride, offset = tensor.size, tensor.stride, tensor.offset
+        if 0 in size:
+            array = np.zeros(size, dtype=data.dtype)
+        else:
+            self.charge(math.prod(size) * data.itemsize)
+            # Bounds were checked against this very storage (_rebuild_tensor), and `data` is the 1-d array of
+            # exactly the `numel` elements persistent_load checked against the archive: the view stays inside it.
+            view = np.lib.stride_tricks.as_strided(
+                data[offset:], shape=size, strides=[st * data.itemsize for st in stride], writeable=False
+            )
+            shared = self.uses[tensor.storage.key] > 1
+            array = np.array(view) if shared or not view.flags.c_contiguous else data[offset:][: view.size].reshape(size)
+        return bf16_to_f32(array) if tensor.storage.type_name == "BFloat16Storage" else array
 
 
-def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
-    info = archive.getinfo(name)
+def _read_member(archive: zipfile.ZipFile, member: str, limit: int, name: str) -> bytes:
+    info = archive.getinfo(member)
     if info.file_size > limit:
-        raise CheckpointError(f"{archive.filename}: {shown(name)} is {info.file_size} bytes (limit {limit})")
+        raise CheckpointError(f"{name}: {shown(member)} is {info.file_size} bytes (limit {limit})")
     with archive.open(info) as f:
-        return f.read(limit + 1)
+        raw = f.read(limit + 1)
+    if len(raw) > limit:
+        raise CheckpointError(f"{name}: {shown(member)} is over {limit} bytes")
+    return raw
+
+
+def _state_dict(state: object) -> dict[str, _Tensor] | None:
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, _Tensor) for k, v in state.items()):
+        return state
+    return None
 
 
 def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
     """Tensors of a torch.save()d state dict (zip format), as numpy arrays. Never imports torch."""
     path = Path(path)
-    try:
-        is_zip = zipfile.is_zipfile(path)
-    except zipfile.BadZipFile as error:  # is_zipfile raises this for some end records (multi-disk) itself
-        raise CheckpointError(f"{path}: malformed PyTorch checkpoint (BadZipFile: {error})") from None
-    if not is_zip:
-        raise CheckpointError(
-            f"{path}: not a zip-format PyTorch checkpoint (the legacy format is refused: it cannot be read "
-            "without running its pickle); re-save it with torch>=1.6 or convert it to safetensors"
-        )
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-            if len(pickles) != 1:
-                raise CheckpointError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
-            prefix = pickles[0][: -len("data.pkl")]
-            byteorder = "little"
-            if f"{prefix}byteorder" in archive.namelist():
-                byteorder = _read_member(archive, f"{prefix}byteorder", 16).decode().strip()
-            if byteorder not in ("little", "big"):
-                raise CheckpointError(f"{path}: unknown byte order {shown(byteorder)!r}")
-            pickled = _read_member(archive, pickles[0], MAX_PICKLE_BYTES)
-            _refuse_extensions(pickled)
-            state = _RestrictedUnpickler(io.BytesIO(pickled), archive, prefix, byteorder).load()
-    except pickle.UnpicklingError as error:
-        raise CheckpointError(f"{path}: unsafe or malformed pickle: {error}") from None
-    except (zipfile.BadZipFile, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-            RecursionError, MemoryError, OverflowError,  # then: encrypted, unsupported or corrupt compression
-            RuntimeError, OSError, zlib.error, lzma.LZMAError) as error:  # fmt: skip
-        reason = shown(f"{type(error).__name__}: {error}", 200)
-        raise CheckpointError(f"{path}: malformed PyTorch checkpoint ({reason})") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(
-        isinstance(k, str) and isinstance(v, np.ndarray) for k, v in state.items()
-    ):
-        raise CheckpointError(f"{path}: does not hold a state dict of named tensors")
-    return dict(state)
+    name = shown(str(path), None)
+    with open_regular(path, CheckpointError) as file:
+        size = file.seek(0, io.SEEK_END)
+        try:
+            is_zip = zipfile.is_zipfile(file)
+        except zipfile.BadZipFile as error:  # is_zipfile raises this for some end records (multi-disk) itself
+            raise CheckpointError(f"{name}: malformed PyTorch checkpoint (BadZipFile: {shown(error)})") from None
+        if not is_zip:
+            raise CheckpointError(
+                f"{name}: not a zip-format PyTorch checkpoint (the legacy format is refused: it cannot be read "
+                "without running its pickle); re-save it with torch>=1.6 or convert it to safetensors"
+            )
+        try:
+            with zipfile.ZipFile(file) as archive:
+                return _read_archive(archive, name, size)
+        except _Refused as error:
+            raise CheckpointError(f"{name}: unsafe or malformed pickle: {error}") from None
+        except (zipfile.BadZipFile, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+                RecursionError, MemoryError, OverflowError,  # then: encrypted, unsupported or corrupt compression
+                RuntimeError, OSError, zlib.error, lzma.LZMAError, NotImplementedError) as error:  # fmt: skip
+            reason = shown(f"{type(error).__name__}: {error}", 200)
+            raise CheckpointError(f"{name}: malformed PyTorch checkpoint ({reason})") from None
+
+
+def _read_archive(archive: zipfile.ZipFile, name: str, size: int) -> dict[str, np.ndarray]:
+    pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
+    if len(pickles) != 1:
+        raise CheckpointError(f"{name}: expected one data.pkl in the archive, found {len(pickles)}")
+    prefix = pickles[0][: -len("data.pkl")]
+    byteorder = "little"
+    if f"{prefix}byteorder" in archive.namelist():
+        byteorder = _read_member(archive, f"{prefix}byteorder", 16, name).decode(errors="replace").strip()
+    if byteorder not in ("little", "big"):
+        raise CheckpointError(f"{name}: unknown byte order {shown(byteorder)!r}")
+    pickled = _read_member(archive, pickles[0], MAX_PICKLE_BYTES, name)
+    state = _state_dict(_Machine(archive, prefix).run(pickled))
+    if state is None:
+        raise CheckpointError(f"{name}: does not hold a state dict of named tensors")
+    uses = collections.Counter(tensor.storage.key for tensor in state.values())
+    storages = _Storages(archive, prefix, byteorder, MAX_INFLATION * size, uses)
+    return {key: storages.tensor(tensor) for key, tensor in state.items()}
