@@ -7,17 +7,18 @@ convolution becomes a linear layer over flattened NHWC patches.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlx_vit.errors import CheckpointError, ConfigError
+from mlx_vit.errors import CheckpointError, ConfigError, shown
+from mlx_vit.files import exists, read_json
 from mlx_vit.model import ViTConfig
 from mlx_vit.preprocess import PreprocessConfig
 
+from .mlx_folder import check_input_size
 from .safetensors_io import read_safetensors
 from .torch_pickle import read_torch_bin
 
@@ -58,68 +59,58 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")  # fmt: skip
 
 
-# Real config files are kilobytes (ImageNet-21k's id2label is ~1 MB); this only stops a file that fills memory.
-MAX_JSON_BYTES = 64 * 1024 * 1024
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_JSON_BYTES + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: missing") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read ({error.strerror or error})") from None
-    if len(raw) > MAX_JSON_BYTES:
-        raise ConfigError(f"{path}: over {MAX_JSON_BYTES // 2**20} MiB, too large for a config file")
-    try:
-        value = json.loads(raw)
-    except (ValueError, RecursionError) as error:  # also UnicodeDecodeError, over-long ints, deep nesting
-        raise ConfigError(f"{path}: not valid JSON ({str(error)[:200]})") from None
-    if not isinstance(value, dict):
-        raise ConfigError(f"{path}: expected a JSON object")
-    return value
-
-
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
     """All tensors of an HF-layout folder: safetensors preferred, then pytorch_model.bin; shards followed."""
     for name in WEIGHT_FILES:
         path = folder / name
-        if not path.is_file():
+        if not exists(path):
             continue
         if name.endswith(".index.json"):
-            weight_map = read_json(path).get("weight_map")
+            weight_map = read_json(path, CheckpointError).get("weight_map")
             if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{path}: has no weight_map")
+                raise CheckpointError(f"{shown(str(path), None)}: has no weight_map")
             values = list(weight_map.values())
             if any(not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") or not s for s in values):
-                raise CheckpointError(f"{path}: shard names must be plain file names in the same folder")
-            shards = sorted(set(values))
-            files = [folder / s for s in shards]
+                raise CheckpointError(f"{shown(str(path), None)}: shard names must be plain file names in the same folder")
+            files = [folder / s for s in sorted(set(values))]
         else:
             files = [path]
         reader = read_safetensors if ".safetensors" in name else read_torch_bin
         tensors: dict[str, np.ndarray] = {}
         for file in files:
-            if not file.is_file():
-                raise CheckpointError(f"{file}: shard listed in {path.name} is missing")
-            tensors.update(reader(file))
+            if not exists(file):
+                raise CheckpointError(f"{shown(str(file), None)}: shard listed in {name} is missing")
+            for key, value in reader(file).items():
+                if key in tensors:  # two shards holding one tensor: which would transformers take?
+                    raise CheckpointError(f"{shown(str(file), None)}: tensor '{shown(key, 80)}' is in another shard too")
+                tensors[key] = value
         return tensors
-    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+    raise CheckpointError(f"{shown(str(folder), None)}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:
+    """Refuse NaN and infinite weights, and float64 values float32 cannot hold, naming the tensor."""
+    limit = float(np.finfo(np.float32).max)
+    for key, value in tensors.items():
+        if value.dtype.kind != "f" or value.size == 0:
+            continue
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{source}: tensor '{shown(key, 80)}' holds NaN or infinite values")
+        if value.dtype == np.float64 and np.abs(value).max() > limit:
+            raise CheckpointError(f"{source}: tensor '{shown(key, 80)}' holds values beyond float32's range")
 
 
 def _architecture(hf: dict[str, Any], source: str) -> str:
     model_type = hf.get("model_type")
     if model_type not in ("vit", "deit"):
-        shown = repr(model_type) if len(repr(model_type)) <= 40 else repr(model_type)[:37] + "..."
-        raise ConfigError(f"{source}: model_type {shown} is not supported (supported: vit, deit)")
+        raise ConfigError(f"{source}: model_type {shown(model_type, 40, quote=True)} is not supported (supported: vit, deit)")
     architectures = hf.get("architectures") or []
     if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
         raise ConfigError(f"{source}: architectures must be a list of class names")
     default = "DeiTForImageClassificationWithTeacher" if model_type == "deit" else "ViTForImageClassification"
     architecture = architectures[0] if architectures else default
     if architecture not in ARCHITECTURES:
-        raise ConfigError(f"{source}: architecture {architecture[:60]!r} is not supported "
+        raise ConfigError(f"{source}: architecture {shown(architecture, 60, quote=True)} is not supported "
                           f"(supported: {', '.join(ARCHITECTURES)})")  # fmt: skip
     return architecture
 
@@ -172,8 +163,9 @@ def _strip_prefix(key: str) -> str:
 
 
 def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) -> dict[str, np.ndarray]:
-    """transformers names and layouts -> the MLX model's."""
+    """transformers names and layouts -> the MLX model's; shapes checked before any layout is changed."""
     mapped: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
     for key, value in tensors.items():
         if IGNORED.fullmatch(key):
             continue
@@ -181,35 +173,40 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
         for pattern, replacement in RENAMES:
             new, count = re.subn(f"^{pattern}", replacement, name)
             if count:
-                mapped[new] = value
                 break
         else:
-            raise CheckpointError(f"{source}: unexpected tensor {key!r} for a ViT/DeiT checkpoint")
+            raise CheckpointError(f"{source}: unexpected tensor '{shown(key, 80)}' for a ViT/DeiT checkpoint")
+        if new in mapped:  # `vit.x` and `x`: transformers would load one of them; guessing which is a wrong answer
+            raise CheckpointError(f"{source}: tensors '{shown(origin[new], 80)}' and '{shown(key, 80)}' are both {new}")
+        mapped[new], origin[new] = value, key
+    d, c, p = config.hidden_size, config.num_channels, config.patch_size
     for i in range(config.num_hidden_layers):
         prefix = f"blocks.{i}.attn."
-        for kind in ("weight", "bias"):
+        for kind, shape in (("weight", (d, d)), ("bias", (d,))):
             parts = [mapped.pop(f"{prefix}{q}.{kind}", None) for q in "qkv"]
-            if all(p is not None for p in parts):
-                if len({p.shape[1:] for p in parts}) != 1 or parts[0].ndim == 0:
-                    raise CheckpointError(f"{source}: layer {i} query/key/value {kind} shapes differ")
+            if all(part is not None for part in parts):
+                if any(part.shape != shape for part in parts):
+                    raise CheckpointError(f"{source}: layer {i} query/key/value {kind} shapes {[part.shape for part in parts]} "
+                                          f"are not {shape}")  # fmt: skip
                 mapped[f"{prefix}qkv.{kind}"] = np.concatenate(parts, axis=0)
-            elif any(p is not None for p in parts):
+            elif any(part is not None for part in parts):
                 raise CheckpointError(f"{source}: layer {i} has only some of query/key/value {kind}")
     if "patch_embed.proj.weight" in mapped:
         w = mapped["patch_embed.proj.weight"]  # (D, C, p, p) conv kernel -> (D, p*p*C) over NHWC patches
-        if w.ndim != 4:
-            raise CheckpointError(f"{source}: patch projection has shape {w.shape}, expected a 4-d conv kernel")
-        mapped["patch_embed.proj.weight"] = w.transpose(0, 2, 3, 1).reshape(w.shape[0], -1)
+        if w.shape != (d, c, p, p):
+            raise CheckpointError(f"{source}: patch projection has shape {w.shape}, the config makes {(d, c, p, p)}")
+        mapped["patch_embed.proj.weight"] = w.transpose(0, 2, 3, 1).reshape(d, -1)
     return mapped
 
 
-def labels(hf: dict[str, Any], num_labels: int, source: str = "config.json") -> dict[int, str]:
+def labels(hf: dict[str, Any], num_labels: int, source: str = "config.json") -> dict[str, str]:
+    """{"0": name, ...} for every class, as in config.json; transformers' LABEL_i where the file names none."""
     id2label = hf.get("id2label") or {}
     try:
         table = {int(k): str(v) for k, v in id2label.items()}
     except (AttributeError, ValueError, TypeError):
         raise ConfigError(f"{source}: id2label must map class ids to names") from None
-    return {i: table.get(i, f"LABEL_{i}") for i in range(num_labels)}
+    return {str(i): table.get(i, f"LABEL_{i}") for i in range(num_labels)}
 
 
 def read_hf_checkpoint(folder: str | Path) -> tuple[ViTConfig, dict[str, np.ndarray], dict[str, Any]]:
@@ -218,17 +215,14 @@ def read_hf_checkpoint(folder: str | Path) -> tuple[ViTConfig, dict[str, np.ndar
     hf = read_json(folder / "config.json")
     check_config(hf, str(folder / "config.json"))  # absurd sizes are refused before any weight is read
     tensors = read_weights(folder)
+    check_finite(tensors, shown(str(folder), None))
     config, architecture = model_config(hf, tensors, str(folder / "config.json"))
-    weights = map_weights(tensors, config, str(folder))
+    weights = map_weights(tensors, config, shown(str(folder), None))
     processor_file = folder / "preprocessor_config.json"
     # Without a preprocessor config transformers has no processor at all; class defaults at the model's size.
-    processor = read_json(processor_file) if processor_file.is_file() else {"size": config.image_size}
+    processor = read_json(processor_file) if exists(processor_file) else {"size": config.image_size}
     preprocessing = PreprocessConfig.from_hf(processor, hf["model_type"], str(processor_file))
-    if preprocessing.fixed_size() != (config.image_size, config.image_size):
-        raise ConfigError(
-            f"{processor_file}: makes {preprocessing.fixed_size() or 'variable-size'} pixels but the model takes "
-            f"{config.image_size}x{config.image_size}"
-        )
+    check_input_size(preprocessing, config, shown(str(processor_file), None))
     metadata = {
         "architecture": architecture,
         "id2label": labels(hf, config.num_labels, str(folder / "config.json")),

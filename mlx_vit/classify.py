@@ -15,8 +15,9 @@ import mlx.core as mx
 import numpy as np
 from PIL import Image
 
-from mlx_vit.errors import ConfigError, MlxVitError
+from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.loading import DEFAULT_MODEL, LoadedModel, load_model
+from mlx_vit.quantize import DTYPES
 from mlx_vit.preprocess import PreprocessConfig, open_image, preprocess, to_rgb
 
 ImageInput = str | os.PathLike | Image.Image
@@ -65,13 +66,11 @@ class Classifier:
             _raise_cache_limit(CPU_CACHE_LIMIT)
         self.name = loaded.name
         # Inputs in the weights' dtype, so float16/bfloat16 models compute in half precision on the GPU.
-        self.dtype = getattr(mx, loaded.config.get("runtime_dtype") or loaded.config.get("dtype", "float32"))
-        source = f"{loaded.name}/config.json"
-        self.preprocessing = PreprocessConfig.from_dict(loaded.config.get("preprocessing"), source)
-        try:
-            self.labels = {int(k): str(v) for k, v in loaded.config["id2label"].items()}
-        except (KeyError, AttributeError, TypeError, ValueError):
-            raise ConfigError(f"{source}: id2label must map class ids to label names") from None
+        self.runtime_dtype = loaded.runtime_dtype
+        self.dtype = DTYPES[loaded.runtime_dtype]
+        # The loader checked the config (mlx_folder.check_config): ids 0..N-1, one label each.
+        self.preprocessing = PreprocessConfig.from_dict(loaded.config["preprocessing"], f"{loaded.name}/config.json")
+        self.labels = {int(k): v for k, v in loaded.config["id2label"].items()}
         # Same rule as transformers' image-classification pipeline.
         problem = loaded.config.get("problem_type")
         self.regression = problem == "regression"
@@ -83,8 +82,13 @@ class Classifier:
         return np.stack([preprocess(i, self.preprocessing) for i in rgb])
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        out = self.model(mx.array(pixels).astype(self.dtype))
-        return np.array(out.astype(mx.float32))
+        """(B, H, W, 3) pixels -> (B, classes) float32 logits, in forward passes of at most `max_batch` images."""
+        step = self.model.config.max_batch()
+        passes = []
+        for start in range(0, len(pixels), step):  # each pass evaluated (np.array) before the next is built
+            logits = self.model(mx.array(pixels[start : start + step]).astype(self.dtype))
+            passes.append(np.array(logits.astype(mx.float32)))
+        return np.concatenate(passes)
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
         if self.regression:
@@ -99,7 +103,11 @@ class Classifier:
         """Top-k predictions for each image, in order. Raises ImageError if any file can't be read."""
         if not images:
             return []
-        return self._predict(self.pixels(images), top_k)
+        predictions = self._predict(self.pixels(images), top_k)
+        for image, prediction in zip(images, predictions, strict=True):
+            if prediction is None:
+                raise MlxVitError(_not_finite(image if not isinstance(image, Image.Image) else "an image"))
+        return predictions
 
     def check_classifies(self) -> None:
         """MlxVitError unless this model can classify RGB images."""
@@ -109,9 +117,14 @@ class Classifier:
         if channels != 3:
             raise MlxVitError(f"{self.name}: takes {channels}-channel input, not RGB images")
 
-    def _predict(self, pixels: np.ndarray, top_k: int) -> list[list[Prediction]]:
+    def _predict(self, pixels: np.ndarray, top_k: int) -> list[list[Prediction] | None]:
+        """Top-k per image; None for an image whose scores are not finite numbers."""
         self.check_classifies()
-        return [self.top_k(s, top_k) for s in self.scores(self.logits(pixels))]
+        logits = self.logits(pixels)
+        with np.errstate(over="ignore"):  # exp overflowing to inf is the sigmoid's 0, not an error
+            scores = self.scores(logits)
+        finite = np.isfinite(logits).all(axis=-1) & np.isfinite(scores).all(axis=-1)
+        return [self.top_k(s, top_k) if ok else None for s, ok in zip(scores, finite, strict=True)]
 
     def classify_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5,
                        batch_size: int = 8) -> Iterator[Result]:  # fmt: skip
@@ -173,6 +186,13 @@ class Classifier:
             batch = np.stack([pixels for _, pixels in good])
             for (result, _), predictions in zip(good, self._predict(batch, top_k), strict=True):
                 result.predictions = predictions
+                if predictions is None:
+                    result.error = _not_finite(result.path)
+
+
+def _not_finite(path: str | os.PathLike) -> str:
+    return (f"{shown(str(path), None)}: the model computed NaN or infinite scores (its weights or preprocessing "
+            "overflow float32?)")  # fmt: skip
 
 
 def load(model: str = DEFAULT_MODEL, revision: str | None = None) -> Classifier:

@@ -15,24 +15,24 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_vit.errors import ConfigError
+from mlx_vit.errors import ConfigError, shown
 
 # Refuse configs whose weights would not fit any Mac before allocating anything (ViT-G/14 is ~1.8B parameters).
 MAX_PARAMETERS = 4_000_000_000
-# And configs whose activations or module count would not, at a small parameter count: attention is quadratic
-# in tokens (16,384 is a 2048-pixel image at patch 16; ViT-H/14 at 518 pixels has 1,370), and every layer is a
-# Python object (the largest published ViTs have 48).
+# And configs whose activations or module count would not, at a small parameter count: 16,384 tokens is a
+# 2048-pixel image at patch 16 (ViT-H/14 at 518 pixels has 1,370), and every layer is a Python object (the
+# largest published ViTs have 48).
 MAX_TOKENS = 16_384
 MAX_LAYERS = 1_024
 MAX_SIZE = 2**24  # any one size field; keeps the arithmetic below in float range
-
-
-def _shown(value: Any) -> str:
-    """A config value from an untrusted file, short and on one line (an int of 5,000 digits has no repr)."""
-    if isinstance(value, int) and value.bit_length() > 64:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+# Elements of the largest activation of one image (tokens x the widest layer, or the input pixels): 512 MiB in
+# float32. MLX's CPU matmul indexes a batch's matrices with 32-bit offsets and crashes (SIGSEGV) or reads the
+# wrong memory past 2**31 elements, and on the CPU a failed allocation is a SIGSEGV too, never an exception; so
+# sizes are bounded before anything runs, and the classifier splits batches to stay within (`max_batch`).
+MAX_ACTIVATION = 2**27
+# Attention scores (batch x heads x queries x keys) computed at once; beyond it queries go in blocks, each
+# evaluated before the next, so scores never take more than ~64 MiB however many tokens a model has.
+ATTENTION_BLOCK = 2**24
 
 
 @dataclass
@@ -74,6 +74,16 @@ class ViTConfig:
     def num_prefix_tokens(self) -> int:
         return 2 if self.distillation_token else 1
 
+    def activation_elements(self) -> int:
+        """Elements of one image's largest activation: the input pixels, or tokens x the widest layer."""
+        tokens = self.num_patches + self.num_prefix_tokens
+        widest = max(3 * self.hidden_size, self.intermediate_size)  # qkv, or the MLP's hidden layer
+        return max(self.image_size**2 * self.num_channels, tokens * widest)
+
+    def max_batch(self) -> int:
+        """The most images one forward pass may take (see MAX_ACTIVATION); at least 1 for a valid config."""
+        return max(1, MAX_ACTIVATION // self.activation_elements())
+
     def num_parameters(self) -> int:
         d, f, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
         block = 4 * d * d + 2 * d * f + 9 * d + f
@@ -101,25 +111,25 @@ class ViTConfig:
         ):
             value = getattr(self, name)
             if not is_int(value) or value <= 0:
-                fail(f"{name} must be a positive integer, got {_shown(value)} (non-square sizes are not supported)")
+                fail(f"{name} must be a positive integer, got {shown(value, 40, quote=True)} (non-square sizes are not supported)")
             if value > MAX_SIZE:
-                fail(f"{name} {_shown(value)} is over the limit of {MAX_SIZE:,}")
+                fail(f"{name} {shown(value, 40, quote=True)} is over the limit of {MAX_SIZE:,}")
         if not is_int(self.num_labels) or not 0 <= self.num_labels <= MAX_SIZE:
-            fail(f"num_labels must be an integer from 0 to {MAX_SIZE:,}, got {_shown(self.num_labels)}")
+            fail(f"num_labels must be an integer from 0 to {MAX_SIZE:,}, got {shown(self.num_labels, 40, quote=True)}")
         for name in ("qkv_bias", "distillation_token", "distilled_head", "pooler"):
             if not isinstance(getattr(self, name), bool):
-                fail(f"{name} must be true or false, got {_shown(getattr(self, name))}")
+                fail(f"{name} must be true or false, got {shown(getattr(self, name), 40, quote=True)}")
         if self.image_size % self.patch_size:
             fail(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.hidden_size % self.num_attention_heads:
             fail(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
-            fail(f"hidden_act {_shown(self.hidden_act)} is not supported (supported: {', '.join(ACTIVATIONS)})")
+            fail(f"hidden_act {shown(self.hidden_act, 40, quote=True)} is not supported (supported: {', '.join(ACTIVATIONS)})")
         if self.pooler and (not isinstance(self.pooler_act, str) or self.pooler_act not in ACTIVATIONS):
-            fail(f"pooler_act {_shown(self.pooler_act)} is not supported")
+            fail(f"pooler_act {shown(self.pooler_act, 40, quote=True)} is not supported")
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < 1):
-            fail(f"layer_norm_eps must be a small positive number, got {_shown(eps)}")
+            fail(f"layer_norm_eps must be a small positive number, got {shown(eps, 40, quote=True)}")
         if self.distilled_head and not self.distillation_token:
             fail("a distilled head needs a distillation token")
         if self.num_hidden_layers > MAX_LAYERS:
@@ -127,6 +137,9 @@ class ViTConfig:
         if self.num_patches + self.num_prefix_tokens > MAX_TOKENS:
             fail(f"image_size {self.image_size} at patch_size {self.patch_size} makes {self.num_patches:,} tokens "
                  f"(limit {MAX_TOKENS:,})")  # fmt: skip
+        if self.activation_elements() > MAX_ACTIVATION:
+            fail(f"one image's activations would hold {self.activation_elements():,} values in one tensor "
+                 f"(limit {MAX_ACTIVATION:,}): too many tokens for its width")  # fmt: skip
         if self.num_parameters() > MAX_PARAMETERS:
             fail(f"describes a model of ~{self.num_parameters() / 1e9:,.0f}B parameters; refusing to allocate it")
 
@@ -229,16 +242,27 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).transpose(2, 0, 3, 1, 4)
         # (B, heads, T, head_dim) each; split gives views, where qkv[0] would be a gather that copies.
         q, k, v = (t.squeeze(0) for t in mx.split(qkv, 3))
-        if _use_cpu_kernels(x):
+        rows = max(1, ATTENTION_BLOCK // (B * self.num_heads * T))
+        if rows >= T:
+            x = self.attend(q, k, v)
+        else:  # each query's softmax is its own: blocks of queries give exactly the same result
+            blocks = []
+            for start in range(0, T, rows):
+                blocks.append(self.attend(q[:, :, start : start + rows], k, v))
+                mx.eval(blocks[-1])  # lazily, MLX would hold several blocks' scores at once
+            x = mx.concatenate(blocks, axis=2)
+        return self.proj(x.transpose(0, 2, 1, 3).reshape(B, T, D))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """softmax(q k^T * scale) v for (B, heads, queries, head_dim) queries and (B, heads, T, head_dim) k, v."""
+        if _use_cpu_kernels(q):
             # The CPU has no fused attention kernel (mx.fast's falls back to separate ops with a libm exp), so:
             # scores, the softmax's exp, the weighted sum. Dividing by the row sums after `@ v` touches
             # T * head_dim values per row instead of T * T.
-            scores = q @ k.swapaxes(-1, -2)  # (B, heads, T, T)
+            scores = q @ k.swapaxes(-1, -2)  # (B, heads, queries, T)
             weights = _exp_cpu(scores, scores.max(axis=-1, keepdims=True), self.scale)
-            x = (weights @ v) / weights.sum(axis=-1, keepdims=True)
-        else:
-            x = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        return self.proj(x.transpose(0, 2, 1, 3).reshape(B, T, D))
+            return (weights @ v) / weights.sum(axis=-1, keepdims=True)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class MLP(nn.Module):

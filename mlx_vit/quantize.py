@@ -18,7 +18,7 @@ from typing import Any
 import mlx.core as mx
 import numpy as np
 
-from mlx_vit.errors import CheckpointError, ConfigError
+from mlx_vit.errors import CheckpointError, ConfigError, shown
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
@@ -60,16 +60,20 @@ def quantize_weights(weights: dict[str, np.ndarray], bits: int, group_size: int,
 def check_stored_format(config: dict[str, Any], source: str) -> None:
     """ConfigError unless a converted folder's "dtype" and "quantization" entries are ones we write."""
     dtype, q = config.get("dtype", "float32"), config.get("quantization")
-    if dtype not in DTYPES:
-        raise ConfigError(f"{source}: dtype must be one of {', '.join(DTYPES)}, got {str(dtype)[:40]!r}")
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # an integer dtype would run, and compute nonsense
+        raise ConfigError(f"{source}: dtype must be one of {', '.join(DTYPES)}, got {shown(dtype, 40, quote=True)}")
     if q is None:
         return
     if not (
         isinstance(q, dict)
-        and q.get("bits") in BITS
-        and q.get("group_size") in GROUP_SIZES
-        and isinstance(q.get("layers"), list)
-        and all(isinstance(layer, str) for layer in q["layers"])
+        and set(q) <= {"bits", "group_size", "mode", "layers", "skipped"}
+        and type(q.get("bits")) is int
+        and q["bits"] in BITS
+        and type(q.get("group_size")) is int
+        and q["group_size"] in GROUP_SIZES
+        and q.get("mode", "affine") == "affine"
+        and all(isinstance(q.get(key, []), list) for key in ("layers", "skipped"))
+        and all(isinstance(layer, str) for layer in [*q.get("layers", []), *q.get("skipped", [])])
     ):
         raise ConfigError(f"{source}: malformed quantization entry; convert the model again")
 

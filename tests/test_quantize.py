@@ -21,7 +21,8 @@ import mlx_vit
 from mlx_vit.convert import Quantize, convert
 from mlx_vit.convert.safetensors_io import read_header
 from mlx_vit.errors import MlxVitError
-from mlx_vit.loading import build_model, load_model
+from mlx_vit.convert.mlx_folder import build_model
+from mlx_vit.loading import load_model
 from mlx_vit.preprocess import open_image, preprocess
 
 # hidden 64, MLP 128: every block linear's input divides 32 and 64; 128 divides only fc2's input.

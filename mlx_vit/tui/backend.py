@@ -159,8 +159,8 @@ class Backend:
         config = classifier.config
         self._classifier = classifier
         dtype = str(config.get("dtype", "float32"))
-        if config.get("runtime_dtype") and config["runtime_dtype"] != dtype:  # e.g. expanded for the CPU on load
-            dtype = f"{dtype} (runs as {config['runtime_dtype']})"
+        if classifier.runtime_dtype != dtype:  # e.g. expanded for the CPU on load
+            dtype = f"{dtype} (runs as {classifier.runtime_dtype})"
         return ModelInfo(name=label or classifier.name, dtype=dtype,
                          quantization=quantization_label(config.get("quantization")), device=self.device(),
                          labels=len(classifier.labels))  # fmt: skip

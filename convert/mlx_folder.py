@@ -1,0 +1,271 @@
+"""The mlx-vit model folder: what `convert` writes and `load_model` reads back.
+
+    config.json        {"format": "mlx-vit", "format_version": 1, "model": {...ViTConfig...}, "architecture": ...,
+                        "id2label": {"0": ...}, "problem_type": ..., "preprocessing": {...}, "dtype": "float32",
+                        "quantization": null or {"bits", "group_size", "mode", "layers", "skipped"},
+                        "source": {"repo": ..., "revision": ...} or {"path": ...}}
+    manifest.json      {"format": "mlx-vit", "files": {NAME: {"size": ..., "sha256": ...}}, "source": ...}
+    model.safetensors  the weights, with the MLX model's names and layouts
+
+Folders are written into a temporary sibling, fsynced and renamed into place only when complete, so a target is
+either absent, the old model, or the new one. A folder is read back as untrusted as any checkpoint (it may come
+from someone else): every key of config.json, the manifest, the weights' header, names, shapes, dtypes and values
+are checked before the model runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import time
+import uuid
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
+from mlx_vit.files import exists, open_regular, os_reason, read_json
+from mlx_vit.model import ViT, ViTConfig
+from mlx_vit.preprocess import PreprocessConfig
+from mlx_vit.quantize import check_stored_format
+
+from .safetensors_io import header_of
+
+FORMAT = "mlx-vit"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
+STALE_SECONDS = 3600
+PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
+_REQUIRED = {"format", "format_version", "model", "id2label", "preprocessing", "dtype", "quantization"}
+_OPTIONAL = {"architecture", "problem_type", "source"}
+
+
+def is_mlx_folder(folder: Path) -> bool:
+    try:
+        return read_json(folder / "config.json").get("format") == FORMAT
+    except MlxVitError:
+        return False
+
+
+def check_config(config: dict[str, Any], source: str) -> tuple[ViTConfig, PreprocessConfig]:
+    """ConfigError unless an mlx-vit config.json is one that `convert` could have written, in every key.
+
+    Keys an older mlx-vit did not write take their defaults; keys it never writes are refused.
+    """
+
+    def fail(message: str) -> None:
+        raise ConfigError(f"{source}: {message}")
+
+    unknown = set(config) - _REQUIRED - _OPTIONAL
+    if unknown:
+        fail(f"unknown key '{shown(sorted(unknown)[0], 60)}' (not written by mlx-vit convert)")
+    missing = _REQUIRED - set(config)
+    if missing:
+        fail(f"missing key '{sorted(missing)[0]}'; convert the model again")
+    if config["format"] != FORMAT or config["format_version"] != FORMAT_VERSION:
+        fail(f"not an mlx-vit model folder of format version {FORMAT_VERSION}; convert the model again")
+    values = config["model"]
+    if not isinstance(values, dict):
+        fail("model must be an object")
+    names = {f.name for f in fields(ViTConfig)}
+    if set(values) - names:
+        fail(f"model has unknown key '{shown(sorted(set(values) - names)[0], 60)}'")
+    model = ViTConfig.from_dict(values, source)
+    preprocessing = PreprocessConfig.from_dict(config["preprocessing"], source)
+    check_input_size(preprocessing, model, source)
+    id2label = config["id2label"]
+    expected = [str(i) for i in range(model.num_labels)]
+    if not (isinstance(id2label, dict) and all(isinstance(v, str) for v in id2label.values())):
+        fail("id2label must map class ids to label names")
+    if sorted(id2label, key=lambda k: (len(k), k)) != expected:
+        wrong = next((k for k in id2label if k not in expected), None)
+        detail = f"has '{shown(wrong, 40)}'" if wrong is not None else f"lacks class {len(id2label)}"
+        fail(f"id2label must name classes 0 to {model.num_labels - 1}, one each ({detail})")
+    if config.get("problem_type") not in PROBLEM_TYPES:
+        fail(f"problem_type {shown(config.get('problem_type'), 60, quote=True)} is not one transformers knows")
+    for key in ("architecture",):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            fail(f"{key} must be a string")
+    check_stored_format(config, source)
+    return model, preprocessing
+
+
+def check_input_size(preprocessing: PreprocessConfig, model: ViTConfig, source: str) -> None:
+    """ConfigError unless the preprocessing makes exactly the square inputs the model takes."""
+    size = preprocessing.fixed_size()
+    if size != (model.image_size, model.image_size):
+        made = f"{size[0]}x{size[1]}" if size else "variable-size"
+        raise ConfigError(
+            f"{source}: preprocessing makes {made} pixels but the model takes {model.image_size}x{model.image_size}"
+        )
+
+
+def check_manifest(folder: Path) -> None:
+    """Refuse a folder whose files are missing or differ in size from what the conversion wrote."""
+    path = folder / MANIFEST
+    if not exists(path):
+        return  # written before manifests existed, or by hand: nothing to check against
+    manifest = read_json(path, CheckpointError)
+    files = manifest.get("files")
+    if not (
+        isinstance(files, dict)
+        and WEIGHTS in files
+        and all(isinstance(e, dict) and type(e.get("size")) is int for e in files.values())
+        and all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..") for n in files)
+    ):
+        raise CheckpointError(f"{shown(str(path), None)}: malformed; convert the model again with --force")
+    for name, entry in files.items():
+        file = folder / name
+        try:
+            size = file.stat().st_size if file.is_file() else None
+        except OSError:
+            size = None
+        if size != entry["size"]:
+            raise CheckpointError(f"{shown(str(file), None)}: missing or incomplete; convert the model again with --force")
+
+
+def read_mlx_folder(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
+    """(config.json, weights) of an mlx-vit folder, each checked; the weights are evaluated (in memory)."""
+    config = read_json(folder / "config.json")
+    check_config(config, shown(str(folder / "config.json"), None))
+    check_manifest(folder)
+    path = folder / WEIGHTS
+    if not exists(path):
+        raise CheckpointError(f"{shown(str(path), None)}: missing (an incomplete conversion? convert again with --force)")
+    with open_regular(path, CheckpointError) as f:
+        header_of(f, path)  # validates offsets before MLX's loader touches the bytes
+        f.seek(0)
+        try:
+            weights = mx.load(f, format="safetensors")
+            mx.eval(list(weights.values()))
+        except (RuntimeError, ValueError) as error:
+            raise CheckpointError(f"{shown(str(path), None)}: unreadable ({shown(str(error), 200)})") from None
+    return config, weights
+
+
+def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: str) -> ViT:
+    """The model for `config` with `weights`, every name, shape, dtype and value checked.
+
+    Quantized layers are rebuilt from config["quantization"]. Used before a conversion is written, and on every
+    load, so a model that was written can be loaded, and one that loads computes finite numbers.
+    """
+    model = ViT(ViTConfig.from_dict(config["model"], f"{source}/config.json"))  # lazy: nothing allocated yet
+    quantization = config.get("quantization") or {}
+    # Layers stay quantized unless to_float32 expanded them (then their scales are gone).
+    layers = {layer for layer in quantization.get("layers", []) if f"{layer}.scales" in weights}
+    if layers:
+        bits, group_size = quantization["bits"], quantization["group_size"]
+        nn.quantize(model, group_size, bits, class_predicate=lambda path, _: path in layers)
+    expected = dict(tree_flatten(model.parameters()))
+    for key in sorted(set(expected) - set(weights))[:1]:
+        raise CheckpointError(f"{source}: the weights lack '{key}', which the model in config.json has")
+    for key in sorted(set(weights) - set(expected))[:1]:
+        raise CheckpointError(f"{source}: tensor '{shown(key, 80)}' is not a parameter of the model in config.json")
+    floats = {}
+    for key, value in weights.items():
+        if value.shape != expected[key].shape:
+            raise CheckpointError(
+                f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model takes {tuple(expected[key].shape)}"
+            )
+        packed = key.endswith(".weight") and key.removesuffix(".weight") in layers
+        # The quantized kernels would fail mid-batch on a wrong dtype, and integers would compute nonsense.
+        if (value.dtype != mx.uint32) if packed else not mx.issubdtype(value.dtype, mx.floating):
+            wanted = "uint32 (packed quantized weights)" if packed else "a float type"
+            raise CheckpointError(f"{source}: tensor '{key}' is {value.dtype}, expected {wanted}")
+        if not packed:
+            floats[key] = mx.all(mx.isfinite(value))
+    mx.eval(floats)
+    for key, finite in floats.items():
+        if not finite.item():
+            raise CheckpointError(f"{source}: tensor '{key}' holds NaN or infinite values (in {weights[key].dtype})")
+    model.load_weights(list(weights.items()), strict=True)
+    mx.eval(model.parameters())
+    return model
+
+
+def check_target(target: Path, force: bool) -> None:
+    """Refuse to overwrite anything but an mlx-vit model folder (or an empty folder), and that only with force."""
+    if not exists(target):
+        return
+    if not force:
+        raise MlxVitError(f"{shown(str(target), None)}: already exists; pass --force to replace it")
+    if not (is_mlx_folder(target) or (target.is_dir() and not any(target.iterdir()))):
+        raise MlxVitError(f"{shown(str(target), None)}: exists and is not an mlx-vit model folder; refusing to replace it")
+
+
+def write_mlx_folder(target: Path, weights: dict, config: dict[str, Any], force: bool) -> Path:
+    """Write weights, config and manifest into a temporary sibling of `target`, then rename it into place.
+
+    An existing target is refused unless `force`; with `force` the old folder is kept until the new one is
+    complete, then swapped out. An interrupted write leaves at most a hidden `.NAME.tmp-*` sibling, which
+    later writes to the same target remove once it is an hour old.
+    """
+    target = Path(target)
+    check_target(target, force)
+    try:
+        return _write(target, weights, config)
+    except OSError as error:  # disk full, read-only or missing location: one line naming the target
+        raise MlxVitError(f"{shown(str(target), None)}: cannot write the model ({os_reason(error)})") from None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_weights(path: Path, weights: dict) -> None:
+    arrays = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in weights.items()}
+    try:
+        mx.save_safetensors(str(path), arrays, metadata={"format": "mlx"})
+    except RuntimeError as error:  # MLX reports a failed write (a full disk, a file size limit) as RuntimeError
+        if "write" not in str(error).lower() and "open" not in str(error).lower():
+            raise
+        raise OSError(f"{shown(str(error), 120)}: is the disk full?") from None
+
+
+def _write(target: Path, weights: dict, config: dict[str, Any]) -> Path:
+    import json
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion (not a running one)
+        if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        _save_weights(tmp / WEIGHTS, weights)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
+        manifest = {"format": FORMAT, "files": files, "source": config.get("source")}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        for path in [*tmp.iterdir(), tmp]:
+            _fsync(path)
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            target.rename(old)
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+        _fsync(target.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
