@@ -119,7 +119,7 @@ def check_manifest(folder: Path) -> None:
         and all(isinstance(e, dict) and type(e.get("size")) is int for e in files.values())
         and all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..") for n in files)
     ):
-        raise CheckpointError(f"{shown(str(path), None)}: malformed; convert the model again with --force")
+        raise CheckpointError(f"{shown(path, None)}: malformed; convert the model again with --force")
     for name, entry in files.items():
         file = folder / name
         try:
@@ -127,25 +127,27 @@ def check_manifest(folder: Path) -> None:
         except OSError:
             size = None
         if size != entry["size"]:
-            raise CheckpointError(f"{shown(str(file), None)}: missing or incomplete; convert the model again with --force")
+            raise CheckpointError(f"{shown(file, None)}: missing or incomplete; convert the model again with --force")
 
 
 def read_mlx_folder(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
     """(config.json, weights) of an mlx-vit folder, each checked; the weights are evaluated (in memory)."""
     config = read_json(folder / "config.json")
-    check_config(config, shown(str(folder / "config.json"), None))
+    check_config(config, shown(folder / "config.json", None))
     check_manifest(folder)
     path = folder / WEIGHTS
     if not exists(path):
-        raise CheckpointError(f"{shown(str(path), None)}: missing (an incomplete conversion? convert again with --force)")
+        raise CheckpointError(f"{shown(path, None)}: missing (an incomplete conversion? convert again with --force)")
     with open_regular(path, CheckpointError) as f:
         header_of(f, path)  # validates offsets before MLX's loader touches the bytes
-        f.seek(0)
         try:
-            weights = mx.load(f, format="safetensors")
+            # The very file checked, by its descriptor's name (the path could be swapped for a FIFO meanwhile).
+            # Not the file object itself: MLX's loader keeps a Python reader alive on its own I/O threads, whose
+            # release during interpreter shutdown took the GIL there and aborted the process (exit 134).
+            weights = mx.load(f"/dev/fd/{f.fileno()}", format="safetensors")
             mx.eval(list(weights.values()))
         except (RuntimeError, ValueError) as error:
-            raise CheckpointError(f"{shown(str(path), None)}: unreadable ({shown(str(error), 200)})") from None
+            raise CheckpointError(f"{shown(path, None)}: unreadable ({shown(str(error), 200)})") from None
     return config, weights
 
 
@@ -177,16 +179,23 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: st
         # The quantized kernels would fail mid-batch on a wrong dtype, and integers would compute nonsense.
         if (value.dtype != mx.uint32) if packed else not mx.issubdtype(value.dtype, mx.floating):
             wanted = "uint32 (packed quantized weights)" if packed else "a float type"
-            raise CheckpointError(f"{source}: tensor '{key}' is {value.dtype}, expected {wanted}")
+            raise CheckpointError(f"{source}: tensor '{key}' is {_dtype_name(value.dtype)}, expected {wanted}")
         if not packed:
-            floats[key] = mx.all(mx.isfinite(value))
+            floats[key] = value
+    floats = {key: mx.all(mx.isfinite(value)) for key, value in floats.items()}
     mx.eval(floats)
     for key, finite in floats.items():
         if not finite.item():
-            raise CheckpointError(f"{source}: tensor '{key}' holds NaN or infinite values (in {weights[key].dtype})")
+            raise CheckpointError(
+                f"{source}: tensor '{key}' holds NaN or infinite values (in {_dtype_name(weights[key].dtype)})"
+            )
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def _dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
 
 
 def check_target(target: Path, force: bool) -> None:
@@ -194,9 +203,9 @@ def check_target(target: Path, force: bool) -> None:
     if not exists(target):
         return
     if not force:
-        raise MlxVitError(f"{shown(str(target), None)}: already exists; pass --force to replace it")
+        raise MlxVitError(f"{shown(target, None)}: already exists; pass --force to replace it")
     if not (is_mlx_folder(target) or (target.is_dir() and not any(target.iterdir()))):
-        raise MlxVitError(f"{shown(str(target), None)}: exists and is not an mlx-vit model folder; refusing to replace it")
+        raise MlxVitError(f"{shown(target, None)}: exists and is not an mlx-vit model folder; refusing to replace it")
 
 
 def write_mlx_folder(target: Path, weights: dict, config: dict[str, Any], force: bool) -> Path:
@@ -211,7 +220,7 @@ def write_mlx_folder(target: Path, weights: dict, config: dict[str, Any], force:
     try:
         return _write(target, weights, config)
     except OSError as error:  # disk full, read-only or missing location: one line naming the target
-        raise MlxVitError(f"{shown(str(target), None)}: cannot write the model ({os_reason(error)})") from None
+        raise MlxVitError(f"{shown(target, None)}: cannot write the model ({os_reason(error)})") from None
 
 
 def sha256(path: Path) -> str:
@@ -237,7 +246,7 @@ def _save_weights(path: Path, weights: dict) -> None:
     except RuntimeError as error:  # MLX reports a failed write (a full disk, a file size limit) as RuntimeError
         if "write" not in str(error).lower() and "open" not in str(error).lower():
             raise
-        raise OSError(f"{shown(str(error), 120)}: is the disk full?") from None
+        raise OSError(f"{shown(str(error), 120).rstrip('.')}; is the disk full?") from None
 
 
 def _write(target: Path, weights: dict, config: dict[str, Any]) -> Path:

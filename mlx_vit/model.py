@@ -30,6 +30,10 @@ MAX_SIZE = 2**24  # any one size field; keeps the arithmetic below in float rang
 # wrong memory past 2**31 elements, and on the CPU a failed allocation is a SIGSEGV too, never an exception; so
 # sizes are bounded before anything runs, and the classifier splits batches to stay within (`max_batch`).
 MAX_ACTIVATION = 2**27
+# Attention scores of one image over all layers (layers x heads x tokens^2), a bound on its time: each score
+# costs ~17 ns on a 2-core x86 CPU, so this is ~2.5 minutes there. ViT-L/16 at 1024 pixels has 6.4e9; a
+# 16k-token config with 64 heads (1.7e10) took 283 s for a single layer.
+MAX_ATTENTION = 2**33
 # Attention scores (batch x heads x queries x keys) computed at once; beyond it queries go in blocks, each
 # evaluated before the next, so scores never take more than ~64 MiB however many tokens a model has.
 ATTENTION_BLOCK = 2**24
@@ -80,6 +84,11 @@ class ViTConfig:
         widest = max(3 * self.hidden_size, self.intermediate_size)  # qkv, or the MLP's hidden layer
         return max(self.image_size**2 * self.num_channels, tokens * widest)
 
+    def attention_scores(self) -> int:
+        """Attention scores one image computes over all layers."""
+        tokens = self.num_patches + self.num_prefix_tokens
+        return self.num_hidden_layers * self.num_attention_heads * tokens**2
+
     def max_batch(self) -> int:
         """The most images one forward pass may take (see MAX_ACTIVATION); at least 1 for a valid config."""
         return max(1, MAX_ACTIVATION // self.activation_elements())
@@ -111,7 +120,8 @@ class ViTConfig:
         ):
             value = getattr(self, name)
             if not is_int(value) or value <= 0:
-                fail(f"{name} must be a positive integer, got {shown(value, 40, quote=True)} (non-square sizes are not supported)")
+                got = shown(value, 40, quote=True)
+                fail(f"{name} must be a positive integer, got {got} (non-square sizes are not supported)")
             if value > MAX_SIZE:
                 fail(f"{name} {shown(value, 40, quote=True)} is over the limit of {MAX_SIZE:,}")
         if not is_int(self.num_labels) or not 0 <= self.num_labels <= MAX_SIZE:
@@ -124,7 +134,8 @@ class ViTConfig:
         if self.hidden_size % self.num_attention_heads:
             fail(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
-            fail(f"hidden_act {shown(self.hidden_act, 40, quote=True)} is not supported (supported: {', '.join(ACTIVATIONS)})")
+            act = shown(self.hidden_act, 40, quote=True)
+            fail(f"hidden_act {act} is not supported (supported: {', '.join(ACTIVATIONS)})")
         if self.pooler and (not isinstance(self.pooler_act, str) or self.pooler_act not in ACTIVATIONS):
             fail(f"pooler_act {shown(self.pooler_act, 40, quote=True)} is not supported")
         eps = self.layer_norm_eps
@@ -140,6 +151,9 @@ class ViTConfig:
         if self.activation_elements() > MAX_ACTIVATION:
             fail(f"one image's activations would hold {self.activation_elements():,} values in one tensor "
                  f"(limit {MAX_ACTIVATION:,}): too many tokens for its width")  # fmt: skip
+        if self.attention_scores() > MAX_ATTENTION:
+            fail(f"one image would take {self.attention_scores():,} attention scores (limit {MAX_ATTENTION:,}): "
+                 "too many tokens for its heads and layers")  # fmt: skip
         if self.num_parameters() > MAX_PARAMETERS:
             fail(f"describes a model of ~{self.num_parameters() / 1e9:,.0f}B parameters; refusing to allocate it")
 
