@@ -86,7 +86,7 @@ def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, r
     target = Path(mlx_path) if mlx_path else Path(f"{Path(src).expanduser().resolve().name or 'model'}-mlx")
     check_target(target, force)  # fail before the slow part
     if target.resolve() == folder.resolve():
-        raise MlxVitError(f"{shown(str(target), None)}: is the checkpoint being converted; choose another output folder")
+        raise MlxVitError(f"{shown(target, None)}: is the checkpoint being converted; choose another output folder")
     log.info("converting %s", shown(src, None))
     weights, config = convert_folder(folder, source, quantize, dtype)
     build_model(config, weights, str(folder))  # what is written must load: names, shapes, dtypes, finite values

@@ -68,10 +68,10 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
         if name.endswith(".index.json"):
             weight_map = read_json(path, CheckpointError).get("weight_map")
             if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{shown(str(path), None)}: has no weight_map")
+                raise CheckpointError(f"{shown(path, None)}: has no weight_map")
             values = list(weight_map.values())
             if any(not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") or not s for s in values):
-                raise CheckpointError(f"{shown(str(path), None)}: shard names must be plain file names in the same folder")
+                raise CheckpointError(f"{shown(path, None)}: shard names must be plain file names in the same folder")
             files = [folder / s for s in sorted(set(values))]
         else:
             files = [path]
@@ -79,13 +79,13 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
         tensors: dict[str, np.ndarray] = {}
         for file in files:
             if not exists(file):
-                raise CheckpointError(f"{shown(str(file), None)}: shard listed in {name} is missing")
+                raise CheckpointError(f"{shown(file, None)}: shard listed in {name} is missing")
             for key, value in reader(file).items():
                 if key in tensors:  # two shards holding one tensor: which would transformers take?
-                    raise CheckpointError(f"{shown(str(file), None)}: tensor '{shown(key, 80)}' is in another shard too")
+                    raise CheckpointError(f"{shown(file, None)}: tensor '{shown(key, 80)}' is in another shard too")
                 tensors[key] = value
         return tensors
-    raise CheckpointError(f"{shown(str(folder), None)}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+    raise CheckpointError(f"{shown(folder, None)}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
 def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:
@@ -103,7 +103,9 @@ def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:
 def _architecture(hf: dict[str, Any], source: str) -> str:
     model_type = hf.get("model_type")
     if model_type not in ("vit", "deit"):
-        raise ConfigError(f"{source}: model_type {shown(model_type, 40, quote=True)} is not supported (supported: vit, deit)")
+        raise ConfigError(
+            f"{source}: model_type {shown(model_type, 40, quote=True)} is not supported (supported: vit, deit)"
+        )
     architectures = hf.get("architectures") or []
     if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
         raise ConfigError(f"{source}: architectures must be a list of class names")
@@ -186,8 +188,8 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
             parts = [mapped.pop(f"{prefix}{q}.{kind}", None) for q in "qkv"]
             if all(part is not None for part in parts):
                 if any(part.shape != shape for part in parts):
-                    raise CheckpointError(f"{source}: layer {i} query/key/value {kind} shapes {[part.shape for part in parts]} "
-                                          f"are not {shape}")  # fmt: skip
+                    shapes = [part.shape for part in parts]
+                    raise CheckpointError(f"{source}: layer {i} query/key/value {kind} shapes {shapes} are not {shape}")
                 mapped[f"{prefix}qkv.{kind}"] = np.concatenate(parts, axis=0)
             elif any(part is not None for part in parts):
                 raise CheckpointError(f"{source}: layer {i} has only some of query/key/value {kind}")
@@ -215,14 +217,14 @@ def read_hf_checkpoint(folder: str | Path) -> tuple[ViTConfig, dict[str, np.ndar
     hf = read_json(folder / "config.json")
     check_config(hf, str(folder / "config.json"))  # absurd sizes are refused before any weight is read
     tensors = read_weights(folder)
-    check_finite(tensors, shown(str(folder), None))
+    check_finite(tensors, shown(folder, None))
     config, architecture = model_config(hf, tensors, str(folder / "config.json"))
-    weights = map_weights(tensors, config, shown(str(folder), None))
+    weights = map_weights(tensors, config, shown(folder, None))
     processor_file = folder / "preprocessor_config.json"
     # Without a preprocessor config transformers has no processor at all; class defaults at the model's size.
     processor = read_json(processor_file) if exists(processor_file) else {"size": config.image_size}
     preprocessing = PreprocessConfig.from_hf(processor, hf["model_type"], str(processor_file))
-    check_input_size(preprocessing, config, shown(str(processor_file), None))
+    check_input_size(preprocessing, config, shown(processor_file, None))
     metadata = {
         "architecture": architecture,
         "id2label": labels(hf, config.num_labels, str(folder / "config.json")),

@@ -37,7 +37,7 @@ def read_header(path: str | Path) -> tuple[dict, int]:
 
 def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
     """read_header on an open file (so that the file checked is the file then read)."""
-    name = shown(str(path), None)
+    name = shown(path, None)
     size = f.seek(0, 2)
     f.seek(0)
     prefix = f.read(8)
@@ -125,7 +125,7 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
             f.seek(data_start + begin)
             if f.readinto(memoryview(array.reshape(-1)).cast("B")) != end - begin:
                 raise CheckpointError(
-                    f"{shown(str(path), None)}: tensor '{shown(key, 80)}' was cut short (did the file change while read?)"
+                    f"{shown(path, None)}: tensor '{shown(key, 80)}' was cut short (did the file change while read?)"
                 )
             array = array.astype(dtype.newbyteorder("="), copy=False)
             tensors[key] = bf16_to_f32(array) if entry["dtype"] == "BF16" else array

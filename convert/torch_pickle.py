@@ -394,7 +394,9 @@ class _Storages:
                 data[offset:], shape=size, strides=[st * data.itemsize for st in stride], writeable=False
             )
             shared = self.uses[tensor.storage.key] > 1
-            array = np.array(view) if shared or not view.flags.c_contiguous else data[offset:][: view.size].reshape(size)
+            array = (
+                np.array(view) if shared or not view.flags.c_contiguous else data[offset:][: view.size].reshape(size)
+            )
         return bf16_to_f32(array) if tensor.storage.type_name == "BFloat16Storage" else array
 
 
@@ -420,7 +422,7 @@ def _state_dict(state: object) -> dict[str, _Tensor] | None:
 def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
     """Tensors of a torch.save()d state dict (zip format), as numpy arrays. Never imports torch."""
     path = Path(path)
-    name = shown(str(path), None)
+    name = shown(path, None)
     with open_regular(path, CheckpointError) as file:
         size = file.seek(0, io.SEEK_END)
         try:

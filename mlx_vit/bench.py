@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.errors import MlxVitError, ModelNotFoundError
+from mlx_vit.errors import MlxVitError, ModelNotFoundError, shown
 
 RUNTIMES = ("mlx-vit", "torch", "onnxruntime")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -467,17 +467,19 @@ def _serve(spec: dict[str, Any]) -> None:
 
 def to_table(report: BenchReport) -> Any:
     """A rich Table for people: a row per batch size and runtime, the runtimes' details in the caption."""
+    from rich.markup import escape
     from rich.table import Table
 
     lines = [f"{name}: {info['version']}, {info['device']}, {info['blas']}, loaded in {info['load_s']:.2f} s"
              for name, info in report.runtimes.items()]  # fmt: skip
     lines += [f"{name}: skipped, {why}" for name, why in report.skipped.items()]
     for name, diff in report.max_abs_logit_diff.items():
-        shown = f"{diff:.1e}" if diff is not None else "n/a (other weights)"
-        lines.append(f"{name}: max |logit difference| from mlx-vit {shown}")
+        value = f"{diff:.1e}" if diff is not None else "n/a (other weights)"
+        lines.append(f"{name}: max |logit difference| from mlx-vit {value}")
     machine = report.machine
-    table = Table(title=f"mlx-vit bench: {report.model}, {report.dtype}, {machine['cpu']} ({machine['cores']} cores)",
-                  title_justify="left", caption="\n".join(lines), caption_justify="left")  # fmt: skip
+    title = shown(f"mlx-vit bench: {report.model}, {report.dtype}, {machine['cpu']} ({machine['cores']} cores)", None)
+    caption = "\n".join(escape(shown(line, None)) for line in lines)  # model names, paths: no markup, no controls
+    table = Table(title=escape(title), title_justify="left", caption=caption, caption_justify="left")
     for name in ("batch", "runtime", "images/s", "p50 ms", "p95 ms", "peak MiB", "mlx-vit speedup"):
         table.add_column(name, justify="left" if name == "runtime" else "right")
     ours = {m.batch_size: m.images_per_s for m in report.results if m.runtime == "mlx-vit"}

@@ -17,8 +17,8 @@ from PIL import Image
 
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.loading import DEFAULT_MODEL, LoadedModel, load_model
-from mlx_vit.quantize import DTYPES
 from mlx_vit.preprocess import PreprocessConfig, open_image, preprocess, to_rgb
+from mlx_vit.quantize import DTYPES
 
 ImageInput = str | os.PathLike | Image.Image
 log = logging.getLogger("mlx_vit")
@@ -191,7 +191,7 @@ class Classifier:
 
 
 def _not_finite(path: str | os.PathLike) -> str:
-    return (f"{shown(str(path), None)}: the model computed NaN or infinite scores (its weights or preprocessing "
+    return (f"{shown(path, None)}: the model computed NaN or infinite scores (its weights or preprocessing "
             "overflow float32?)")  # fmt: skip
 
 

@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from mlx_vit import __version__
-from mlx_vit.errors import MlxVitError
+from mlx_vit.errors import MlxVitError, shown
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"  # kept in step with mlx_vit.loading.DEFAULT_MODEL by a test
 
@@ -41,7 +41,19 @@ class Format(str, Enum):
 
 
 def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {shown(message, None)}", err=True)
+
+
+def _cell(value: object) -> str:
+    """Text from a file, a path or a label, for a rich table: neither markup nor control characters act."""
+    from rich.markup import escape
+
+    return escape(shown(value, None))
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record), None)
 
 
 def _run(fn, *args, **kwargs):
@@ -83,7 +95,7 @@ def main_options(
 ) -> None:
     _state["debug"] = debug
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("mlx-vit: %(message)s"))
+    handler.setFormatter(_OneLine("mlx-vit: %(message)s"))
     logger = logging.getLogger("mlx_vit")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
@@ -143,7 +155,7 @@ def classify(
     results = []
     _run(_classify_into, results, classifier, images, top_k, batch_size, format)
     if format is Format.json:
-        typer.echo(json.dumps([_as_json(r) for r in results], indent=2))
+        typer.echo(json.dumps([_as_json(r) for r in results], indent=2, allow_nan=False))
     elif format is Format.table:
         _print_table(results, classifier.name)
     raise typer.Exit(1 if any(r.error for r in results) else 0)
@@ -155,7 +167,7 @@ def _classify_into(results: list, classifier, images: list[Path], top_k: int, ba
         if result.error:
             _fail(result.error)
         if format is Format.jsonl:
-            typer.echo(json.dumps(_as_json(result)))
+            typer.echo(json.dumps(_as_json(result), allow_nan=False))
         results.append(result)
 
 
@@ -167,11 +179,11 @@ def _as_json(result) -> dict:
 
 def _print_table(results, model_name: str) -> None:
     from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
-    # File names and labels are the user's data, not markup: "cat [edited].png" must show as it is.
-    table = Table(title=f"mlx-vit · {escape(model_name)}", title_justify="left")
+    # File names and labels are data, not markup ("cat [edited].png") and not terminal commands (a label that
+    # clears the screen or writes the clipboard).
+    table = Table(title=f"mlx-vit · {_cell(model_name)}", title_justify="left")
     table.add_column("image")
     table.add_column("#", justify="right")
     table.add_column("label")
@@ -179,11 +191,11 @@ def _print_table(results, model_name: str) -> None:
     table.add_column("class", justify="right")
     for result in results:
         if result.error:
-            table.add_row(escape(result.path), "", "[red]failed (see above)[/red]", "", "", end_section=True)
+            table.add_row(_cell(result.path), "", "[red]failed (see above)[/red]", "", "", end_section=True)
             continue
         for rank, p in enumerate(result.predictions, 1):
             last = rank == len(result.predictions)
-            table.add_row(escape(result.path) if rank == 1 else "", str(rank), escape(p.label), f"{p.score:.4f}",
+            table.add_row(_cell(result.path) if rank == 1 else "", str(rank), _cell(p.label), f"{p.score:.4f}",
                           str(p.class_id),
                           end_section=last)  # fmt: skip
     Console().print(table)
@@ -207,7 +219,7 @@ def _classify_camera(camera: str, classifier, top_k: int, format: Format, frames
             if format is Format.jsonl:
                 for result in results:
                     stats.add(result)
-                    typer.echo(json.dumps(_frame_json(result)))
+                    typer.echo(json.dumps(_frame_json(result), allow_nan=False))
             else:
                 _live_table(results, stats, classifier.name)
         if frames is not None and stats.count == frames:
@@ -219,9 +231,9 @@ def _classify_camera(camera: str, classifier, top_k: int, format: Format, frames
             raise
         _fail(str(error))
         if stats.count:
-            typer.echo(stats.summary("the error above"), err=True)
+            typer.echo(shown(stats.summary("the error above"), None), err=True)
         raise typer.Exit(1) from None
-    typer.echo(stats.summary(stopped), err=True)
+    typer.echo(shown(stats.summary(stopped), None), err=True)
 
 
 def _frame_json(result) -> dict:
@@ -275,12 +287,11 @@ def _live_table(results, stats: _StreamStats, model_name: str) -> None:
     """A table that redraws in place for each classified frame (printed once at the end when not a terminal)."""
     from rich.console import Console
     from rich.live import Live
-    from rich.markup import escape
     from rich.table import Table
 
     def render(result) -> Table:
         frame = result.frame
-        table = Table(title=f"mlx-vit · {escape(model_name)} · {escape(stats.name)}", title_justify="left",
+        table = Table(title=f"mlx-vit · {_cell(model_name)} · {_cell(stats.name)}", title_justify="left",
                       caption=f"frame {frame.index} at {frame.timestamp:.2f} s · {stats.rate():.1f} fps · "
                               f"latency {result.latency_ms:.1f} ms", caption_justify="left")  # fmt: skip
         table.add_column("#", justify="right")
@@ -288,7 +299,7 @@ def _live_table(results, stats: _StreamStats, model_name: str) -> None:
         table.add_column("score", justify="right")
         table.add_column("class", justify="right")
         for rank, p in enumerate(result.predictions, 1):
-            table.add_row(str(rank), escape(p.label), f"{p.score:.4f}", str(p.class_id))
+            table.add_row(str(rank), _cell(p.label), f"{p.score:.4f}", str(p.class_id))
         return table
 
     with Live(console=Console(), auto_refresh=False) as live:
@@ -332,7 +343,8 @@ def convert(
         convert_checkpoint, src, mlx_path, force=force, revision=revision, quantize=options, dtype=dtype.value
     )
     size = sum(p.stat().st_size for p in folder.iterdir())
-    typer.echo(f"wrote {folder} ({size / 1e6:.1f} MB)" if size >= 1e5 else f"wrote {folder} ({size / 1e3:.0f} kB)")
+    amount = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
+    typer.echo(f"wrote {shown(str(folder), None)} ({amount})")
 
 
 @app.command()
@@ -392,7 +404,7 @@ def bench(
     others = None if compare is None else [n.strip() for n in compare.split(",") if n.strip() not in ("", "none")]
     report = _run(run_bench, model, sizes, dtype.value, others, runs=runs, warmup=warmup)
     if format is BenchFormat.json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
         from rich.console import Console
 

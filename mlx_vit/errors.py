@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import reprlib
 
@@ -53,10 +54,14 @@ def shown(value: object, limit: int | None = 120, quote: bool = False) -> str:
     """`value` (from a file, a path, a label: anything untrusted) as text safe to print for a person.
 
     Every control character is escaped, so the text stays on one line and the terminal acts on none of it;
-    strings are shown as they are (in quotes with `quote`), anything else as a bounded repr; with a `limit`,
-    longer text is cut to it.
+    strings and paths are shown as they are (in quotes with `quote`), anything else as a bounded repr; with a
+    `limit`, longer text is cut to it (file names are usually shown whole: `shown(path, None)`).
     The one helper for every value quoted in a message, a table or the TUI (JSON and csv keep exact strings).
     """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
     if isinstance(value, str) and not quote:
         text = value
     elif isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:

@@ -27,14 +27,14 @@ _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S
 
 
 def _refusal(path: Path, mode: int) -> str:
-    return f"{shown(str(path), None)}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not a file"
+    return f"{shown(path, None)}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not a file"
 
 
 def os_reason(error: OSError) -> str:
     """A short reason for an OSError, without the path (messages name the file themselves)."""
     if error.errno == errno.ENAMETOOLONG:
         return "file name too long"
-    return shown(error.strerror or type(error).__name__, 200)
+    return shown(error.strerror or str(error) or type(error).__name__, 200)
 
 
 def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError) -> BinaryIO:
@@ -44,7 +44,7 @@ def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError
     cannot be swapped for a FIFO in between: the open itself does not block).
     """
     path = Path(path)
-    name = shown(str(path), None)
+    name = shown(path, None)
     try:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
@@ -69,15 +69,17 @@ def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError
         raise
 
 
-def read_limited(path: str | os.PathLike, limit: int, error: type[MlxVitError] = MlxVitError, what: str = "file") -> bytes:
+def read_limited(
+    path: str | os.PathLike, limit: int, error: type[MlxVitError] = MlxVitError, what: str = "file"
+) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; never reads (or allocates) more than limit + 1."""
     with open_regular(path, error) as f:
         try:
             raw = f.read(limit + 1)
         except OSError as failure:
-            raise error(f"{shown(str(path), None)}: cannot read ({os_reason(failure)})") from None
+            raise error(f"{shown(path, None)}: cannot read ({os_reason(failure)})") from None
     if len(raw) > limit:
-        raise error(f"{shown(str(path), None)}: over {limit // 2**20} MiB, too large for a {what}")
+        raise error(f"{shown(path, None)}: over {limit // 2**20} MiB, too large for a {what}")
     return raw
 
 
@@ -99,7 +101,7 @@ def parse_json(raw: bytes, source: str, error: type[MlxVitError] = ConfigError, 
 
 def read_json(path: str | os.PathLike, error: type[MlxVitError] = ConfigError) -> dict[str, Any]:
     """A JSON object from a regular file of at most MAX_JSON_BYTES; `error` (one line naming it) otherwise."""
-    source = shown(str(path), None)
+    source = shown(path, None)
     value = parse_json(read_limited(path, MAX_JSON_BYTES, error, "config file"), source, error)
     if not isinstance(value, dict):
         raise error(f"{source}: expected a JSON object")

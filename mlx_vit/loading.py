@@ -52,14 +52,14 @@ def load_mlx_folder(folder: Path) -> LoadedModel:
     dtype = config["dtype"]
     if on_cpu() and (config["quantization"] or dtype != "float32"):
         # MLX's CPU quantized/half matmuls are scalar loops, ~15-30x slower than float32 with a real BLAS.
-        log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", shown(str(folder), None),
+        log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", shown(folder, None),
                  describe(config))  # fmt: skip
         try:
             weights = to_float32(weights, config["quantization"])
         except (CheckpointError, ValueError) as error:
-            raise CheckpointError(f"{shown(str(folder / 'model.safetensors'), None)}: {shown(str(error), 200)}") from None
+            raise CheckpointError(f"{shown(folder / 'model.safetensors', None)}: {shown(str(error), 200)}") from None
         dtype = "float32"
-    model = build_model(config, weights, shown(str(folder), None))
+    model = build_model(config, weights, shown(folder, None))
     return LoadedModel(model, config, str(folder), runtime_dtype=dtype)
 
 
@@ -71,7 +71,7 @@ def describe(config: dict[str, Any]) -> str:
 
 def load_hf_folder(folder: Path, source: dict[str, Any]) -> LoadedModel:
     weights, config = convert_folder(folder, source)
-    model = build_model(config, weights, shown(str(folder), None))
+    model = build_model(config, weights, shown(folder, None))
     return LoadedModel(model, config, str(folder))
 
 
@@ -80,12 +80,12 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None) -> Loaded
     folder = Path(name).expanduser()
     if is_dir(folder):
         if not exists(folder / "config.json"):
-            raise ModelNotFoundError(f"{shown(str(folder), None)}: folder has no config.json (not a model folder)")
+            raise ModelNotFoundError(f"{shown(folder, None)}: folder has no config.json (not a model folder)")
         if read_json(folder / "config.json").get("format") == FORMAT:
             return load_mlx_folder(folder)
         return load_hf_folder(folder, {"path": str(folder.resolve())})
     if exists(folder):
-        raise ModelNotFoundError(f"{shown(str(folder), None)}: is a file; pass a model folder or a Hub repo id")
+        raise ModelNotFoundError(f"{shown(folder, None)}: is a file; pass a model folder or a Hub repo id")
     if name.startswith((".", "/", "~")) or os.sep in name.strip(os.sep).replace("/", "", 1):
         raise ModelNotFoundError(f"{shown(name, None)}: no such folder")
     snapshot = download(name, revision)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
+from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
@@ -25,7 +26,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widget import Widget
 from textual.widgets import Footer, Header
 
-from mlx_vit.errors import MlxVitError
+from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.preprocess import open_image
 from mlx_vit.tui import messages
 from mlx_vit.tui.backend import MAX_TOP_K, Backend, ModelInfo, Superseded, cached_models
@@ -56,18 +57,19 @@ class _ForwardLog(logging.Handler):
 
 
 def display_path(path: str | Path) -> str:
-    """A path relative to the current folder when it is inside it, else with ~ for the home folder."""
+    """A path relative to the current folder when it is inside it, else with ~ for the home folder; control
+    characters escaped, as everywhere text from a file name or a model reaches the screen."""
     path = Path(path)
     if not path.is_absolute():
-        return str(path)
+        return shown(path, None)
     try:
-        return str(path.relative_to(Path.cwd()))
+        return shown(str(path.relative_to(Path.cwd())), None)
     except ValueError:
         pass
     try:
-        return str(Path("~") / path.relative_to(Path.home()))
+        return shown(str(Path("~") / path.relative_to(Path.home())), None)
     except (ValueError, RuntimeError):
-        return str(path)
+        return shown(path, None)
 
 
 def _error_text(error: BaseException) -> str:
@@ -121,6 +123,12 @@ class MlxVitApp(App[None]):
         self._camera_source = camera or "0"
         self._log_handler = _ForwardLog(self)
         self._saved_logging: tuple[list[logging.Handler], int] | None = None
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = True) -> None:  # fmt: skip
+        """Every notification as plain text: messages quote file names and labels, which are neither markup
+        nor terminal commands."""
+        super().notify(shown(message, 500), title=shown(title, 80), severity=severity, timeout=timeout, markup=False)
 
     # Layout and start-up
 
@@ -220,7 +228,7 @@ class MlxVitApp(App[None]):
     def _update_position(self) -> None:
         images = self.browser.images()
         where = f"{images.index(self.current) + 1}/{len(images)} " if self.current in images else ""
-        self.status.position = f"{where}{self.current.name}" if self.current else ""
+        self.status.position = f"{where}{shown(self.current.name, None)}" if self.current else ""
 
     @work(thread=True, exclusive=True, group="open")
     def _open_image(self, path: Path) -> None:
@@ -332,11 +340,11 @@ class MlxVitApp(App[None]):
         self._camera_session += 1
         self._camera_stop = threading.Event()
         self._request += 1  # drop any image classification still on its way
-        self.sub_title = f"webcam {spec}"
+        self.sub_title = f"webcam {shown(spec, None)}"
         self.preview.set_image(None)
         self.predictions.show_note("waiting for the first frame …")
         self.status.position = self._camera_name()
-        self.preview.border_title = f"webcam · {self._camera_name()}"
+        self.preview.border_title = Text(f"webcam · {self._camera_name()}")  # a Text: file names are not markup
         self._run_camera(self._camera_session, spec, source, self._camera_stop)
 
     def stop_camera(self) -> None:
@@ -357,7 +365,7 @@ class MlxVitApp(App[None]):
 
     def _camera_name(self) -> str:
         source = self._camera_source
-        return f"camera {source}" if source.isdigit() else f"video {Path(source).name}"
+        return f"camera {source}" if source.isdigit() else f"video {shown(Path(source).name, None)}"
 
     @work(thread=True, group="camera")
     def _run_camera(self, session: int, spec: str, source: Any, stop: threading.Event) -> None:
@@ -473,14 +481,15 @@ class MlxVitApp(App[None]):
         self.predictions.top_k = self.top_k
 
     def action_copy(self) -> None:
-        shown = self.predictions.shown()
-        if not shown:
+        predictions = self.predictions.shown()
+        if not predictions:
             self.notify("nothing to copy yet", severity="warning")
             return
         what = f"webcam {self._camera_source}" if self.webcam_on else str(self.current)
-        lines = [what] + [f"{p.label}\t{p.score:.4f}\t{p.class_id}" for p in shown]
+        # Pasted into a terminal, a control character in a label would act there: escaped, as on screen.
+        lines = [shown(what, None)] + [f"{shown(p.label, None)}\t{p.score:.4f}\t{p.class_id}" for p in predictions]
         self.copy_to_clipboard("\n".join(lines) + "\n")
-        self.notify(f"copied {len(shown)} predictions")
+        self.notify(f"copied {len(predictions)} predictions")
 
     def action_help(self) -> None:
         self.push_screen(HelpScreen(self.help_rows()))

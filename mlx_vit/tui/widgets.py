@@ -21,6 +21,7 @@ from textual.widgets import Label, OptionList, ProgressBar
 from textual.widgets.option_list import Option
 
 from mlx_vit.classify import Prediction
+from mlx_vit.errors import shown
 
 # Extensions Pillow can open (not the save-only ones such as .pdf).
 IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
@@ -69,9 +70,11 @@ class FolderBrowser(OptionList):
         self.folder = folder
         self.entries = up + folders + images
         self._images = images
-        labels = [Text("▲ ..", style="bold") for _ in up] + [Text(f"▸ {p.name}/", style="bold") for p in folders]
-        self.set_options([Option(label) for label in labels + [Text(f"  {p.name}") for p in images]])
-        self.border_title = folder.name or str(folder)
+        # File names as Text (not markup), control characters escaped (a name must not retitle the terminal).
+        labels = [Text("▲ ..", style="bold") for _ in up]
+        labels += [Text(f"▸ {shown(p.name, None)}/", style="bold") for p in folders]
+        self.set_options([Option(label) for label in labels + [Text(f"  {shown(p.name, None)}") for p in images]])
+        self.border_title = Text(shown(folder.name or str(folder), None))
         self.border_subtitle = f"{len(self.images())} images"
         if highlight is not None and highlight in self.entries:
             self.highlighted = self.entries.index(highlight)
@@ -231,7 +234,7 @@ class PredictionBars(Widget):
         bar_width = width - 7  # " 100.0%"
         text = Text(no_wrap=True, overflow="ellipsis")
         for rank, prediction in enumerate(self.shown(), 1):
-            label = f"{rank}. {prediction.label}"
+            label = f"{rank}. {shown(prediction.label, None)}"
             if len(label) > width:
                 label = label[: width - 1] + "…"
             text.append(label + "\n", self.get_component_rich_style("bars--label"))
