@@ -9,15 +9,15 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 from PIL import Image
 
 from mlx_vit.errors import MlxVitError, shown
+from mlx_vit.images import DEFAULT_MAX_PIXELS, checked_limit, open_image, to_rgb
 from mlx_vit.loading import DEFAULT_MODEL, LoadedModel, load_model
-from mlx_vit.preprocess import PreprocessConfig, open_image, preprocess, to_rgb
+from mlx_vit.preprocess import PreprocessConfig, preprocess
 from mlx_vit.quantize import DTYPES
 
 ImageInput = str | os.PathLike | Image.Image
@@ -57,9 +57,13 @@ def _raise_cache_limit(limit: int) -> None:
 
 
 class Classifier:
-    """A loaded ViT with its labels and preprocessing. MLX work must stay on the thread that loaded it."""
+    """A loaded ViT with its labels and preprocessing. MLX work must stay on the thread that loaded it.
 
-    def __init__(self, loaded: LoadedModel):
+    Image files of more than `max_pixels` pixels are refused before they are decoded (see mlx_vit.images).
+    """
+
+    def __init__(self, loaded: LoadedModel, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.max_pixels = checked_limit(max_pixels)
         self.model = loaded.model
         self.config = loaded.config
         if mx.default_device() == mx.cpu:
@@ -78,7 +82,7 @@ class Classifier:
 
     def pixels(self, images: Sequence[ImageInput]) -> np.ndarray:
         """Files or PIL images -> (B, H, W, 3) float32; raises ImageError on the first bad file."""
-        rgb = [to_rgb(i) if isinstance(i, Image.Image) else open_image(i) for i in images]
+        rgb = [to_rgb(i) if isinstance(i, Image.Image) else open_image(i, self.max_pixels) for i in images]
         return np.stack([preprocess(i, self.preprocessing) for i in rgb])
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
@@ -163,7 +167,7 @@ class Classifier:
         def prepare(path: str | os.PathLike) -> tuple[Result, np.ndarray | None]:
             result = Result(str(path))
             try:
-                return result, preprocess(open_image(Path(path)), self.preprocessing)
+                return result, preprocess(open_image(path, self.max_pixels), self.preprocessing)
             except MlxVitError as error:
                 result.error = str(error)
                 return result, None
@@ -195,9 +199,9 @@ def _not_finite(path: str | os.PathLike) -> str:
             "overflow float32?)")  # fmt: skip
 
 
-def load(model: str = DEFAULT_MODEL, revision: str | None = None) -> Classifier:
+def load(model: str = DEFAULT_MODEL, revision: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Classifier:
     """Load a classifier from an MLX folder, an HF-layout folder or a Hub repo id."""
     start = time.perf_counter()
-    classifier = Classifier(load_model(model, revision))
+    classifier = Classifier(load_model(model, revision), max_pixels)
     log.debug("loaded %s in %.2f s", classifier.name, time.perf_counter() - start)
     return classifier

@@ -121,7 +121,7 @@ def classify(
     max_pixels: Annotated[
         int,
         typer.Option("--max-pixels", min=1, help="Refuse larger images as decompression bombs (never disabled)."),
-    ] = 178_956_970,  # mlx_vit.preprocess.DEFAULT_MAX_PIXELS, Pillow's own threshold
+    ] = 128_000_000,  # mlx_vit.images.DEFAULT_MAX_PIXELS: a test keeps them equal (Pillow loads only to classify)
     # A flag, not an option with an optional value (Typer has none): `--camera`, `--camera 1`, `--camera clip.avi`
     # all parse, the argument naming the source.
     camera: Annotated[
@@ -148,10 +148,7 @@ def classify(
         raise typer.BadParameter("give image files to classify (or --camera)", param_hint="IMAGES")
     if frames is not None or fps is not None:
         raise typer.BadParameter("--frames and --fps go with --camera", param_hint="--frames/--fps")
-    from mlx_vit.preprocess import set_max_pixels
-
-    set_max_pixels(max_pixels)
-    classifier = _run(load, model, revision)
+    classifier = _run(load, model, revision, max_pixels)
     results = []
     _run(_classify_into, results, classifier, images, top_k, batch_size, format)
     if format is Format.json:

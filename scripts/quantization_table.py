@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import mlx_vit  # noqa: E402  (loads the BLAS before anything imports mlx.core)
 from mlx_vit.convert import Quantize, convert  # noqa: E402
-from mlx_vit.preprocess import open_image, preprocess  # noqa: E402
+from mlx_vit.images import open_image  # noqa: E402
+from mlx_vit.preprocess import preprocess  # noqa: E402
 from mlx_vit.quantize import QUANTIZED  # noqa: E402
 
 CONFIGS = [("float32", None, "float32"), ("float16", None, "float16"), ("bfloat16", None, "bfloat16")] + [

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 IMAGES = Path(__file__).parent / "data" / "images"
 PHOTOS = sorted(p for p in IMAGES.iterdir() if p.suffix in (".png", ".jpg", ".tif", ".gif"))
 
@@ -103,3 +105,27 @@ def run_cli(*args, env: dict | None = None, cwd=None) -> subprocess.CompletedPro
     """`mlx-vit ARGS...` in a subprocess, its environment updated with `env`."""
     return subprocess.run([sys.executable, "-m", "mlx_vit", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, cwd=cwd, timeout=300)  # fmt: skip
+
+
+def one_line_error(kind, call, *args, names: Path | str | None = None, **kwargs) -> str:
+    """call(*args) raises `kind` with a message of one line, naming `names`, without a control character."""
+    with pytest.raises(kind) as info:
+        call(*args, **kwargs)
+    message = str(info.value)
+    assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in message), repr(message)
+    if names is not None:
+        assert str(names) in message, message
+    return message
+
+
+def peak_mb(code: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
+    """Run Python `code` in a fresh interpreter; (its result, its peak resident memory in MB)."""
+    wrapped = (
+        "import atexit, resource, sys\n"
+        "scale = 1 if sys.platform == 'darwin' else 1024\n"  # ru_maxrss: bytes on macOS, KiB on Linux
+        "atexit.register(lambda: sys.stderr.write("
+        'f"\\nPEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20:.0f}\\n"))\n' + code
+    )
+    done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=timeout)
+    peak = float(done.stderr.rsplit("PEAK ", 1)[1].split()[0])
+    return done, peak

@@ -15,7 +15,7 @@ import transformers
 from checkpoints import IMAGES, lay_into_hf_cache, run_cli
 from PIL import Image
 
-from mlx_vit.preprocess import open_image
+from mlx_vit.images import open_image
 
 TOLERANCE = 1e-4
 # Photos without transparency: transformers' pipeline drops alpha while its image processor (and mlx-vit)

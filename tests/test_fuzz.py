@@ -31,7 +31,8 @@ from mlx_vit.convert.hf import check_config
 from mlx_vit.convert.safetensors_io import read_header, read_safetensors
 from mlx_vit.convert.torch_pickle import read_torch_bin
 from mlx_vit.errors import CheckpointError, ConfigError, ImageError
-from mlx_vit.preprocess import PreprocessConfig, open_image, preprocess
+from mlx_vit.images import open_image
+from mlx_vit.preprocess import PreprocessConfig, preprocess
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "0"))
 

@@ -23,7 +23,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import safetensors.numpy
-from checkpoints import IMAGES, make_checkpoint, run_cli
+from checkpoints import IMAGES, make_checkpoint, one_line_error, peak_mb, run_cli
 
 from mlx_vit import model as model_module
 from mlx_vit.classify import load
@@ -36,17 +36,6 @@ PHOTO = IMAGES / "chelsea.png"
 CONTROL = "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b31m"  # title, clear screen, clipboard, C1 CSI
 
 
-def one_line(kind, call, *args, names: Path | str | None = None, **kwargs) -> str:
-    """call(*args) raises `kind` with a message of one line, naming `names`, without a control character."""
-    with pytest.raises(kind) as info:
-        call(*args, **kwargs)
-    message = str(info.value)
-    assert not any(ord(c) < 32 or 0x7F <= ord(c) <= 0x9F for c in message), repr(message)
-    if names is not None:
-        assert str(names) in message, message
-    return message
-
-
 def cli_fails(*args, env: dict, needle: str = "") -> str:
     """`mlx-vit ARGS` exits 1 with exactly one `error:` line (containing `needle`) and no traceback."""
     done = run_cli(*args, env=env)
@@ -55,19 +44,6 @@ def cli_fails(*args, env: dict, needle: str = "") -> str:
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert needle in errors[0], errors[0]
     return errors[0]
-
-
-def peak_mb(code: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
-    """Run Python `code` in a fresh interpreter; (its result, its peak resident memory in MB)."""
-    wrapped = (
-        "import atexit, resource, sys\n"
-        "scale = 1 if sys.platform == 'darwin' else 1024\n"  # ru_maxrss: bytes on macOS, KiB on Linux
-        "atexit.register(lambda: sys.stderr.write("
-        'f"\\nPEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20:.0f}\\n"))\n' + code
-    )
-    done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=timeout)
-    peak = float(done.stderr.rsplit("PEAK ", 1)[1].split()[0])
-    return done, peak
 
 
 BASELINE_MB = None
@@ -135,7 +111,7 @@ def test_building_on_a_storage_is_refused(tmp_path):
     built = storage("0", 4) + b"}" + text("array") + two_d + b"sb"  # BUILD on the storage: {"array": 2-D}
     pickled = state_dict(("pos_embed", tensor(built, 0, (4,), (1,))))
     path = torch_zip(tmp_path / "pytorch_model.bin", pickled, {"0": four, "1": four})
-    assert "refusing to modify" in one_line(CheckpointError, tp.read_torch_bin, path, names=path)
+    assert "refusing to modify" in one_line_error(CheckpointError, tp.read_torch_bin, path, names=path)
     # The same file without the BUILD is a good checkpoint: the refusal is the BUILD's.
     good = torch_zip(tmp_path / "good.bin", state_dict(("w", tensor(storage("0", 4), 0, (4,), (1,)))), {"0": four})
     np.testing.assert_array_equal(tp.read_torch_bin(good)["w"], [0, 1, 2, 3])
@@ -151,7 +127,7 @@ def test_nothing_handed_out_can_be_built_on(tmp_path, target):
     }[target]
     state = b"}" + text("array") + int4(1) + b"s" if target != "OrderedDict holding tensors" else int4(1)
     path = torch_zip(tmp_path / "x.bin", state_dict(("w", code + state + b"b")), {"0": bytes(16)})
-    one_line(CheckpointError, tp.read_torch_bin, path, names=path)
+    one_line_error(CheckpointError, tp.read_torch_bin, path, names=path)
 
 
 def test_a_pickle_pickletools_cannot_read_is_refused_even_with_a_cached_extension(tmp_path):
@@ -163,7 +139,7 @@ def test_a_pickle_pickletools_cannot_read_is_refused_even_with_a_cached_extensio
     try:
         pickled = b"\x80\x02I0x1\n0\x82\xf3(" + text("ran") + b"tR."
         path = torch_zip(tmp_path / "ext.bin", pickled)
-        message = one_line(CheckpointError, tp.read_torch_bin, path, names=path)
+        message = one_line_error(CheckpointError, tp.read_torch_bin, path, names=path)
         assert "cannot be parsed" in message, message
         assert calls == []
     finally:
@@ -233,7 +209,7 @@ def test_one_storage_fanned_out_into_many_tensors_is_refused(tmp_path):
     pickled = b"\x80\x02}(" + b"".join(text(k) + v for k, v in items) + b"u."
     pickled = pickled.replace(ref, ref + b"q\x00", 1)  # memoize the storage once, fetch it for the others
     path = torch_zip(tmp_path / "fan.bin", pickled, {"0": bytes(4 * numel)})
-    assert "more than 2x the file's size" in one_line(CheckpointError, tp.read_torch_bin, path, names=path)
+    assert "more than 2x the file's size" in one_line_error(CheckpointError, tp.read_torch_bin, path, names=path)
     # Two tensors on one storage (tied weights) are fine, and a storage is read once however many views it has.
     pickled = b"\x80\x02}(" + b"".join(text(k) + v for k, v in items[:2]) + b"u."
     pickled = pickled.replace(ref, ref + b"q\x00", 1)
@@ -248,7 +224,7 @@ def test_tensor_views_stay_inside_their_storage_whatever_the_pickle(tmp_path):
                                  (0, (2, 3), (2**62, 1)), (1, (4,), (1,))]:  # fmt: skip
         path = torch_zip(tmp_path / "v.bin", state_dict(("w", tensor(storage("0", 4), offset, size, stride))),
                          {"0": four})  # fmt: skip
-        one_line(CheckpointError, tp.read_torch_bin, path, names=path)
+        one_line_error(CheckpointError, tp.read_torch_bin, path, names=path)
 
 
 # ==========================================================================================================
@@ -350,7 +326,7 @@ def test_a_fifo_in_a_model_folder_is_refused_at_once(vit_folder, tmp_path, where
         (folder / "manifest.json").unlink()  # (with it, the size check refuses the FIFO first)
     (folder / file).unlink(missing_ok=True)
     os.mkfifo(folder / file)
-    message = run_with_timeout(lambda: one_line(MlxVitError, load_model, str(folder)))
+    message = run_with_timeout(lambda: one_line_error(MlxVitError, load_model, str(folder)))
     assert "FIFO" in message or "no config.json" in message, message
 
 
@@ -391,7 +367,7 @@ def test_deeply_nested_json_in_a_converted_folder(vit_folder, tmp_path, isolated
     folder = mlx_model(vit_folder, tmp_path)
     nested = "[" * 100_000 + "]" * 100_000
     (folder / "manifest.json").write_text(nested)
-    one_line(CheckpointError, load_model, str(folder), names=folder / "manifest.json")
+    one_line_error(CheckpointError, load_model, str(folder), names=folder / "manifest.json")
     (folder / "config.json").write_text('{"format": "mlx-vit", "id2label": ' + nested + "}")
     cli_fails("classify", PHOTO, "-m", folder, env=isolated, needle="not valid JSON")
 
@@ -412,7 +388,7 @@ def test_deeply_nested_json_in_a_converted_folder(vit_folder, tmp_path, isolated
 )
 def test_converted_folder_configs_are_checked_in_every_key(vit_folder, tmp_path, isolated, changes, needle):
     folder = edit_mlx(mlx_model(vit_folder, tmp_path), **changes)
-    message = one_line(ConfigError, load_model, str(folder), names=folder / "config.json")
+    message = one_line_error(ConfigError, load_model, str(folder), names=folder / "config.json")
     assert needle in message and len(message) < 500, message[:1000]
     cli_fails("classify", PHOTO, "-m", folder, env=isolated, needle=needle)
 
@@ -592,7 +568,7 @@ def test_a_5mb_dtype_string_gives_a_short_message(tmp_path):
     path.write_bytes(struct.pack("<Q", len(header)) + header + bytes(4))
     from mlx_vit.convert.safetensors_io import read_safetensors
 
-    assert len(one_line(CheckpointError, read_safetensors, path, names=path)) < 300
+    assert len(one_line_error(CheckpointError, read_safetensors, path, names=path)) < 300
 
 
 def test_shown_escapes_every_control_character_and_bounds_length():

@@ -13,7 +13,8 @@ from PIL import Image, ImageCms, ImageOps
 from transformers.image_transforms import convert_to_rgb
 
 from mlx_vit.errors import ImageError
-from mlx_vit.preprocess import PreprocessConfig, open_image, preprocess, to_rgb
+from mlx_vit.images import open_image, to_rgb
+from mlx_vit.preprocess import PreprocessConfig, preprocess
 
 IMAGES_DIR = Path(__file__).parent / "data" / "images"
 IMAGES = sorted(p for p in IMAGES_DIR.iterdir() if p.is_file() and p.suffix.lower() != ".md")

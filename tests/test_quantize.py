@@ -19,11 +19,12 @@ from mlx.utils import tree_flatten
 
 import mlx_vit
 from mlx_vit.convert import Quantize, convert
+from mlx_vit.convert.mlx_folder import build_model
 from mlx_vit.convert.safetensors_io import read_header
 from mlx_vit.errors import MlxVitError
-from mlx_vit.convert.mlx_folder import build_model
+from mlx_vit.images import open_image
 from mlx_vit.loading import load_model
-from mlx_vit.preprocess import open_image, preprocess
+from mlx_vit.preprocess import preprocess
 
 # hidden 64, MLP 128: every block linear's input divides 32 and 64; 128 divides only fc2's input.
 WIDE = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)

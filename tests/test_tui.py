@@ -21,7 +21,7 @@ from tui_support import (
 
 from mlx_vit.classify import load
 from mlx_vit.convert import convert
-from mlx_vit.preprocess import open_image
+from mlx_vit.images import open_image
 from mlx_vit.tui.backend import Backend
 from mlx_vit.tui.screens import HelpScreen, ModelScreen, PromptScreen
 from mlx_vit.tui.widgets import list_folder

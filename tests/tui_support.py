@@ -16,7 +16,7 @@ from PIL import Image
 
 from mlx_vit.classify import Prediction, load
 from mlx_vit.errors import CameraError
-from mlx_vit.preprocess import open_image
+from mlx_vit.images import open_image
 from mlx_vit.tui.app import MlxVitApp
 from mlx_vit.tui.backend import Backend
 

@@ -27,7 +27,7 @@ from textual.widget import Widget
 from textual.widgets import Footer, Header
 
 from mlx_vit.errors import MlxVitError, shown
-from mlx_vit.preprocess import open_image
+from mlx_vit.images import open_image
 from mlx_vit.tui import messages
 from mlx_vit.tui.backend import MAX_TOP_K, Backend, ModelInfo, Superseded, cached_models
 from mlx_vit.tui.screens import HelpScreen, ModelScreen, PromptScreen

@@ -1,0 +1,222 @@
+"""Image file -> 8-bit RGB, the way transformers' `convert_to_rgb` makes it, with bounded time and memory.
+
+Every file is opened only if it is a regular file, checked against a pixel limit before it is decoded, and
+(for progressive JPEGs) against a scan limit, since a decoder's work grows with both. Conversion to RGB runs in
+strips, so that an image costs its decoded size plus a few megabytes, never several copies of itself.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from mlx_vit.errors import ImageError, shown
+from mlx_vit.files import open_regular
+
+# Images of more pixels are refused before they are decoded (--max-pixels raises it). Every model here looks at
+# 224-518 px, so a larger image costs only time and memory: decoding peaks at ~8.5 bytes a pixel for JPEG and
+# PNG and ~16.5 for WebP (Pillow's decoder holds three canvases), ~1.1 GB and ~2.1 GB at this limit
+# (tests/test_images.py bounds them). It is above every camera's photo (100 MP medium format is 102 MP,
+# phones 12-48 MP, their panoramas up to ~65 MP) and below Pillow's bomb threshold of 178,956,970 pixels.
+DEFAULT_MAX_PIXELS = 128_000_000
+
+# A progressive JPEG is decoded in one pass over the whole image per scan. Encoders write about 10 (libjpeg's
+# default script for colour has 10), a crafted file thousands: 3,000 scans of a flat 12 MP image are a 150 kB
+# file that takes 20 s. At most 100 keeps a photo at the pixel limit to a few seconds.
+MAX_JPEG_SCANS = 100
+
+# The formats opened at all; any other file is refused before a decoder sees it. Pillow reads more, some
+# through code we do not want to reach from a folder of photos: EPS, for one, is rendered by running Ghostscript.
+FORMATS = ("JPEG", "PNG", "GIF", "TIFF", "WEBP", "BMP", "DIB", "ICO", "PPM", "TGA", "JPEG2000", "AVIF", "QOI",
+           "PCX", "SGI", "PSD", "HEIF")  # fmt: skip
+
+# Pixels converted to RGB at a time.
+STRIP_PIXELS = 2**20
+
+_pillow_limit = threading.Lock()
+
+
+def checked_limit(limit: Any) -> int:
+    """A positive pixel limit, with Pillow's process-wide bomb check raised (never removed) to allow it."""
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit <= 0:
+        raise ValueError(f"a pixel limit must be a positive integer, got {shown(limit, quote=True)}")
+    # Pillow refuses images over 2 * MAX_IMAGE_PIXELS by itself.
+    with _pillow_limit:
+        if Image.MAX_IMAGE_PIXELS is not None and limit > 2 * Image.MAX_IMAGE_PIXELS:
+            Image.MAX_IMAGE_PIXELS = -(-limit // 2)
+    return limit
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open an image file as 8-bit RGB: first frame, EXIF orientation applied, then `to_rgb`.
+
+    Images of more than `max_pixels` pixels, and progressive JPEGs of more than MAX_JPEG_SCANS scans, are refused
+    before they are decoded. Raises ImageError, one line naming the file, for anything that is not a readable
+    image in one of FORMATS.
+    """
+    path = Path(path)
+    limit = checked_limit(max_pixels)
+    name = shown(path, None)
+    try:
+        with open_regular(path, ImageError) as f:
+            if _is_heif(f.read(64)):
+                _enable_heif(name)
+            f.seek(0)
+            with warnings.catch_warnings():
+                # Pillow warns from half its own threshold; our limit, checked right after, is the rule. And
+                # it warns of corrupt EXIF, which we ignore (the pixels are shown as stored).
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+                image = Image.open(f, formats=_available_formats())
+                _check_pixels(image.size, limit, name)
+                if image.format == "JPEG" and image.info.get("progressive"):
+                    _check_scans(f, name)
+                image.seek(0)  # multi-frame TIFF, animated GIF/WebP/PNG: the first frame
+                image.load()
+                _check_pixels(image.size, limit, name)  # ICO and ICNS pick their size only when loading
+                rgb = to_rgb(_apply_orientation(image))
+            # A plain in-memory image, never the file-backed one (its file closes here).
+            return image.copy() if rgb is image else rgb
+    except ImageError:
+        raise
+    except IsADirectoryError:
+        raise ImageError(f"{name}: is a folder, not an image") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image in a format mlx-vit reads (JPEG, PNG, GIF, TIFF, WebP, ...)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"{name}: refused as a decompression bomb ({shown(str(error), 200)})") from None
+    except MemoryError:
+        raise ImageError(f"{name}: too large to decode in the memory available") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+        raise ImageError(f"{name}: cannot decode image ({shown(str(error) or type(error).__name__, 200)})") from None
+
+
+def _available_formats() -> list[str]:
+    Image.init()  # loads Pillow's plugins the first time; naming a format Pillow lacks is an error
+    return [name for name in FORMATS if name in Image.OPEN]
+
+
+def _check_pixels(size: tuple[int, int], limit: int, name: str) -> None:
+    width, height = size
+    if width * height > limit:
+        raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {limit:,} (a decompression bomb?)")
+
+
+def _check_scans(f, name: str) -> None:
+    """Refuse a progressive JPEG of more than MAX_JPEG_SCANS scans, counted before any is decoded.
+
+    Each scan starts with an SOS marker (FF DA). Entropy-coded data never holds one (an FF there is followed by
+    00 or a restart marker), so counting them over the file counts the scans, plus any of an embedded thumbnail.
+    """
+    with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        scans, at = 0, data.find(b"\xff\xda")
+        while at >= 0:
+            scans += 1
+            if scans > MAX_JPEG_SCANS:
+                raise ImageError(f"{name}: a progressive JPEG of over {MAX_JPEG_SCANS} scans (each one decodes the "
+                                 "whole image again), refused")  # fmt: skip
+            at = data.find(b"\xff\xda", at + 2)
+
+
+# HEIC/HEIF files start with an ISO-BMFF `ftyp` box naming their brands; AVIF shares the box (and mif1).
+_HEVC_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"hevm", b"hevs"}
+_heif_ready = False
+
+
+def _is_heif(head: bytes) -> bool:
+    if len(head) < 16 or head[4:8] != b"ftyp":
+        return False
+    end = min(int.from_bytes(head[:4], "big"), len(head))
+    brands = {head[8:12]} | {head[i : i + 4] for i in range(16, end - 3, 4)}  # major, then compatible brands
+    generic = brands & {b"mif1", b"msf1"} and not brands & {b"avif", b"avis"}
+    return bool(brands & _HEVC_BRANDS or generic)
+
+
+def _enable_heif(name: str) -> None:
+    global _heif_ready
+    if _heif_ready:
+        return
+    try:
+        import pillow_heif
+    except ImportError:
+        raise ImageError(
+            f"{name}: is a HEIC/HEIF image, which needs the optional pillow-heif (pip install 'mlx-vit[heif]')"
+        ) from None
+    pillow_heif.register_heif_opener()
+    _heif_ready = True
+
+
+_TRANSPOSE = {  # EXIF orientation -> the transpose that displays the image upright (as ImageOps.exif_transpose)
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _apply_orientation(image: Image.Image) -> Image.Image:
+    try:
+        orientation = image.getexif().get(0x0112)
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, KeyError, IndexError, TypeError):
+        orientation = None  # unreadable EXIF: show the pixels as stored, as browsers do
+    method = _TRANSPOSE.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(method) if method is not None else image
+
+
+_ALPHA_MODES = {"LA", "PA", "RGBA", "RGBa"}  # not LAB: its "A" band is a colour axis
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode -> 8-bit RGB, STRIP_PIXELS at a time (the result and one strip's temporaries in memory).
+
+    Transparency (an alpha band, or a palette / colour marked transparent) is composited onto white, as
+    transformers' image processors do. 16-bit grayscale is scaled to 8 bits (v / 257, rounded), where Pillow's
+    convert -- and so transformers' convert_to_rgb -- clips every value above 255 to white. CMYK, 1-bit, LAB,
+    YCbCr and the rest convert as Pillow converts them, which is also what transformers does. Every one of these
+    is a per-pixel operation, so converting in strips gives the same pixels.
+    """
+    if image.mode == "RGB":
+        return image
+    rows = max(STRIP_PIXELS // max(image.width, 1), 1)
+    if rows >= image.height:
+        return _strip_to_rgb(image)
+    rgb = Image.new("RGB", image.size)
+    for top in range(0, image.height, rows):
+        rgb.paste(_strip_to_rgb(image.crop((0, top, image.width, min(top + rows, image.height)))), (0, top))
+    return rgb
+
+
+def _strip_to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_to_eight(image)
+    elif image.mode == "La":  # premultiplied, which Pillow cannot convert: on white, each value is v + 255 - alpha
+        values = np.asarray(image).astype(np.int32)
+        gray = np.clip(values[..., 0] + 255 - values[..., 1], 0, 255).astype(np.uint8)
+        return Image.fromarray(gray).convert("RGB")
+    if image.mode in _ALPHA_MODES or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, image).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def _sixteen_to_eight(image: Image.Image) -> Image.Image:
+    values = np.asarray(image).astype(np.uint32)
+    gray = Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):  # a PNG tRNS chunk: pixels of exactly this 16-bit value are transparent
+        alpha = Image.fromarray(np.where(values == transparent, 0, 255).astype(np.uint8))
+        return Image.merge("LA", (gray, alpha))
+    return gray
