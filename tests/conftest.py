@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -20,6 +21,14 @@ def vit_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def deit_folder(tmp_path_factory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("deit"), kind="deit-teacher", seed=1)
+
+
+@pytest.fixture
+def hf_copy(vit_folder, tmp_path) -> Path:
+    """A copy of the session's ViT checkpoint folder, for a test to edit."""
+    folder = tmp_path / "model"
+    shutil.copytree(vit_folder, folder)
+    return folder
 
 
 @pytest.fixture

@@ -334,13 +334,6 @@ def test_safetensors_duplicate_names_and_bad_metadata(tmp_path):
 # 1. Checkpoints: config.json
 
 
-@pytest.fixture
-def hf_copy(vit_folder, tmp_path) -> Path:
-    folder = tmp_path / "model"
-    shutil.copytree(vit_folder, folder)
-    return folder
-
-
 def _edit_config(folder: Path, **changes) -> Path:
     path = folder / "config.json"
     config = json.loads(path.read_text())

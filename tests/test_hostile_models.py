@@ -231,13 +231,6 @@ def test_tensor_views_stay_inside_their_storage_whatever_the_pickle(tmp_path):
 # 2. Crashes by signal: sizes MLX's kernels cannot take are refused before anything runs
 
 
-@pytest.fixture
-def hf_model(vit_folder, tmp_path) -> Path:
-    folder = tmp_path / "model"
-    shutil.copytree(vit_folder, folder)
-    return folder
-
-
 def edit_json(path: Path, **changes) -> Path:
     values = json.loads(path.read_text())
     values.update(changes)
@@ -254,9 +247,9 @@ def edit_json(path: Path, **changes) -> Path:
         (dict(image_size=8192, patch_size=8192, hidden_size=32), "activations"),  # a 200 MB input per image
     ],
 )
-def test_configs_mlx_cannot_run_are_refused_before_anything_runs(hf_model, isolated, changes, needle):
-    edit_json(hf_model / "config.json", **changes)
-    cli_fails("classify", PHOTO, "-m", hf_model, env=isolated, needle=needle)
+def test_configs_mlx_cannot_run_are_refused_before_anything_runs(hf_copy, isolated, changes, needle):
+    edit_json(hf_copy / "config.json", **changes)
+    cli_fails("classify", PHOTO, "-m", hf_copy, env=isolated, needle=needle)
 
 
 def test_attention_in_query_blocks_equals_attention_at_once(monkeypatch):
@@ -453,9 +446,9 @@ def hf_weights(folder: Path, change) -> Path:
          "query/key/value weight shapes"),
     ],
 )  # fmt: skip
-def test_convert_writes_only_what_loads(hf_model, tmp_path, isolated, change, needle):
-    hf_weights(hf_model, change)
-    cli_fails("convert", hf_model, "-o", tmp_path / "out", env=isolated, needle=needle)
+def test_convert_writes_only_what_loads(hf_copy, tmp_path, isolated, change, needle):
+    hf_weights(hf_copy, change)
+    cli_fails("convert", hf_copy, "-o", tmp_path / "out", env=isolated, needle=needle)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
@@ -488,10 +481,10 @@ def test_names_over_255_bytes(vit_folder, tmp_path, isolated):
 # 6. Silent wrong answers
 
 
-def test_two_names_for_one_parameter_are_refused(hf_model, tmp_path, isolated):
+def test_two_names_for_one_parameter_are_refused(hf_copy, tmp_path, isolated):
     """`vit.layernorm.weight` and `layernorm.weight` both: transformers takes one, we must not guess."""
-    hf_weights(hf_model, lambda t: t.update({"layernorm.weight": t["vit.layernorm.weight"] * 0 + 3}))
-    message = cli_fails("convert", hf_model, "-o", tmp_path / "out", env=isolated, needle="are both norm.weight")
+    hf_weights(hf_copy, lambda t: t.update({"layernorm.weight": t["vit.layernorm.weight"] * 0 + 3}))
+    message = cli_fails("convert", hf_copy, "-o", tmp_path / "out", env=isolated, needle="are both norm.weight")
     assert "vit.layernorm.weight" in message and "'layernorm.weight'" in message
 
 
@@ -504,17 +497,17 @@ def test_two_names_for_one_parameter_are_refused(hf_model, tmp_path, isolated):
          "'classifier.bias' holds values beyond float32's range"),
     ],
 )  # fmt: skip
-def test_non_finite_weights_are_refused_by_name(hf_model, tmp_path, isolated, change, needle):
-    hf_weights(hf_model, change)
-    cli_fails("convert", hf_model, "-o", tmp_path / "out", env=isolated, needle=needle)
-    cli_fails("classify", PHOTO, "-m", hf_model, "--format", "json", env=isolated, needle=needle)
+def test_non_finite_weights_are_refused_by_name(hf_copy, tmp_path, isolated, change, needle):
+    hf_weights(hf_copy, change)
+    cli_fails("convert", hf_copy, "-o", tmp_path / "out", env=isolated, needle=needle)
+    cli_fails("classify", PHOTO, "-m", hf_copy, "--format", "json", env=isolated, needle=needle)
 
 
-def test_weights_that_overflow_half_precision_are_refused(hf_model, tmp_path, isolated):
-    hf_weights(hf_model, lambda t: t["classifier.bias"].__setitem__(0, 1e6))  # fine in float32, inf in float16
-    cli_fails("convert", hf_model, "-o", tmp_path / "half", "--dtype", "float16", env=isolated,
+def test_weights_that_overflow_half_precision_are_refused(hf_copy, tmp_path, isolated):
+    hf_weights(hf_copy, lambda t: t["classifier.bias"].__setitem__(0, 1e6))  # fine in float32, inf in float16
+    cli_fails("convert", hf_copy, "-o", tmp_path / "half", "--dtype", "float16", env=isolated,
               needle="'head.bias' holds NaN or infinite values (in float16)")  # fmt: skip
-    assert run_cli("convert", hf_model, "-o", tmp_path / "f32", env=isolated).returncode == 0
+    assert run_cli("convert", hf_copy, "-o", tmp_path / "f32", env=isolated).returncode == 0
 
 
 def test_scores_that_are_not_numbers_are_an_error_never_nan(vit_folder, tmp_path, isolated):
@@ -554,11 +547,11 @@ def test_labels_and_file_names_never_reach_the_terminal_raw(tmp_path, isolated):
     assert {p["label"] for p in lines[0]["predictions"]} == {f"cat{CONTROL}", "dog\r\nerror: fake", "ok\u202e"}
 
 
-def test_shard_names_and_long_values_in_errors(hf_model, isolated):
+def test_shard_names_and_long_values_in_errors(hf_copy, isolated):
     index = {"weight_map": {"vit.layernorm.weight": f"model-00001{CONTROL}.safetensors"}}
-    (hf_model / "model.safetensors").rename(hf_model / "renamed.safetensors")
-    (hf_model / "model.safetensors.index.json").write_text(json.dumps(index))
-    message = cli_fails("classify", PHOTO, "-m", hf_model, env=isolated, needle="is missing")
+    (hf_copy / "model.safetensors").rename(hf_copy / "renamed.safetensors")
+    (hf_copy / "model.safetensors.index.json").write_text(json.dumps(index))
+    message = cli_fails("classify", PHOTO, "-m", hf_copy, env=isolated, needle="is missing")
     assert "\\x1b]0;pwned" in message
 
 
