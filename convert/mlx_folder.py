@@ -144,6 +144,8 @@ def read_mlx_folder(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
             # The very file checked, by its descriptor's name (the path could be swapped for a FIFO meanwhile).
             # Not the file object itself: MLX's loader keeps a Python reader alive on its own I/O threads, whose
             # release during interpreter shutdown took the GIL there and aborted the process (exit 134).
+            # macOS opens /dev/fd/N as a dup, sharing this file's offset: back to the start for MLX.
+            f.seek(0)
             weights = mx.load(f"/dev/fd/{f.fileno()}", format="safetensors")
             mx.eval(list(weights.values()))
         except (RuntimeError, ValueError) as error:

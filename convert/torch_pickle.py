@@ -41,6 +41,7 @@ MAX_OPERATIONS = 1_000_000
 # Tensors (and compressed storages) may add up to at most this many times the file's size: honest checkpoints
 # hold each byte once; tied weights view one storage twice.
 MAX_INFLATION = 2
+_READ_PIECE = 16 * 2**20
 
 STORAGE_DTYPES = {
     "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
@@ -375,9 +376,13 @@ class _Storages:
             if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses: these bytes are extra
                 self.charge(ref.numel * dtype.itemsize)
             array = np.empty(ref.numel, dtype=dtype)  # exactly the declared elements, 1-d
+            into = memoryview(array).cast("B")
             with self.archive.open(info) as f:
-                if f.readinto(memoryview(array).cast("B")) != array.nbytes:
-                    raise _Refused(f"storage {shown(ref.key)!r} is shorter than its directory entry says")
+                # In pieces: a zip member's readinto reads the whole request into a temporary copy first.
+                for start in range(0, len(into), _READ_PIECE):
+                    piece = into[start : start + _READ_PIECE]
+                    if f.readinto(piece) != len(piece):
+                        raise _Refused(f"storage {shown(ref.key)!r} is shorter than its directory entry says")
             self.arrays[ref.key] = array if dtype.isnative else array.astype(dtype.newbyteorder("="))
         return self.arrays[ref.key]
 

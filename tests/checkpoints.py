@@ -118,14 +118,25 @@ def one_line_error(kind, call, *args, names: Path | str | None = None, **kwargs)
     return message
 
 
+_PEAK = """
+import atexit, sys
+
+def _peak_mb():
+    # Linux: VmHWM, this process's own high-water mark. Not ru_maxrss, which after fork and exec starts at the
+    # parent's peak (the kernel carries it over): under pytest every child would seem to take pytest's memory.
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except OSError:
+        import resource  # macOS has no /proc: ru_maxrss, in bytes there
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+atexit.register(lambda: sys.stderr.write(f"\\nPEAK {_peak_mb():.0f}\\n"))
+"""
+
+
 def peak_mb(code: str, timeout: float = 120) -> tuple[subprocess.CompletedProcess, float]:
     """Run Python `code` in a fresh interpreter; (its result, its peak resident memory in MB)."""
-    wrapped = (
-        "import atexit, resource, sys\n"
-        "scale = 1 if sys.platform == 'darwin' else 1024\n"  # ru_maxrss: bytes on macOS, KiB on Linux
-        "atexit.register(lambda: sys.stderr.write("
-        'f"\\nPEAK {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20:.0f}\\n"))\n' + code
-    )
-    done = subprocess.run([sys.executable, "-c", wrapped], capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run([sys.executable, "-c", _PEAK + code], capture_output=True, text=True, timeout=timeout)
     peak = float(done.stderr.rsplit("PEAK ", 1)[1].split()[0])
     return done, peak

@@ -201,6 +201,20 @@ except CheckpointError as error:
     assert peak - baseline_mb() < 100, (peak, baseline_mb())
 
 
+def test_a_large_storage_is_read_in_place(tmp_path):
+    """A 256 MB tensor costs its own 256 MB: read straight into its array, not through a full-size copy."""
+    numel = 2**26
+    path = torch_zip(tmp_path / "big.bin", state_dict(("w", tensor(storage("0", numel), 0, (numel,), (1,)))),
+                     {"0": np.arange(numel, dtype=np.float32).tobytes()})  # fmt: skip
+    code = f"""
+from mlx_vit.convert.torch_pickle import read_torch_bin
+print(float(read_torch_bin({str(path)!r})["w"][12345]))
+"""
+    done, peak = peak_mb(code)
+    assert done.stdout.split() == ["12345.0"], done.stdout + done.stderr[-2000:]
+    assert peak - baseline_mb() < 256 + 64, (peak, baseline_mb())
+
+
 def test_one_storage_fanned_out_into_many_tensors_is_refused(tmp_path):
     """Each tensor a view of the whole storage: 100 copies of it would be 100x the file."""
     numel = 2**18
