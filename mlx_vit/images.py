@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 import threading
 import warnings
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, JpegImagePlugin, UnidentifiedImageError
 
 from mlx_vit.errors import ImageError, shown
 from mlx_vit.files import open_regular
@@ -77,7 +78,7 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
                 image = Image.open(f, formats=_available_formats())
                 _check_pixels(image.size, limit, name)
-                if image.format == "JPEG" and image.info.get("progressive"):
+                if isinstance(image, JpegImagePlugin.JpegImageFile) and image.info.get("progressive"):  # MPO too
                     _check_scans(f, name)
                 image.seek(0)  # multi-frame TIFF, animated GIF/WebP/PNG: the first frame
                 image.load()
@@ -111,19 +112,32 @@ def _check_pixels(size: tuple[int, int], limit: int, name: str) -> None:
 
 
 def _check_scans(f, name: str) -> None:
-    """Refuse a progressive JPEG of more than MAX_JPEG_SCANS scans, counted before any is decoded.
-
-    Each scan starts with an SOS marker (FF DA). Entropy-coded data never holds one (an FF there is followed by
-    00 or a restart marker), so counting them over the file counts the scans, plus any of an embedded thumbnail.
-    """
+    """Refuse a progressive JPEG of more than MAX_JPEG_SCANS scans, counted before any is decoded."""
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        scans, at = 0, data.find(b"\xff\xda")
-        while at >= 0:
-            scans += 1
-            if scans > MAX_JPEG_SCANS:
-                raise ImageError(f"{name}: a progressive JPEG of over {MAX_JPEG_SCANS} scans (each one decodes the "
-                                 "whole image again), refused")  # fmt: skip
-            at = data.find(b"\xff\xda", at + 2)
+        if _count_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+            raise ImageError(f"{name}: a progressive JPEG of over {MAX_JPEG_SCANS} scans (each one decodes the "
+                             "whole image again), refused")  # fmt: skip
+
+
+# A marker: FF, then anything but 00 (a stuffed FF inside entropy-coded data) or FF (fill before a marker).
+_MARKER = re.compile(rb"\xff[^\x00\xff]")
+
+
+def _count_scans(data, limit: int) -> int:
+    """Start-of-scan markers of the first picture, as libjpeg finds them: segments skipped by their length (an
+    EXIF thumbnail inside APP1 is not counted), bytes between markers skipped, up to the first end-of-image (an
+    MPO's later pictures are not decoded). Stops counting past `limit`."""
+    scans, at = 0, 2  # after SOI
+    while scans <= limit and (found := _MARKER.search(data, at)):
+        at, marker = found.start(), data[found.start() + 1]
+        if marker == 0xD9:  # EOI
+            break
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # RSTn and TEM stand alone
+            at += 2
+            continue
+        at += 2 + int.from_bytes(data[at + 2 : at + 4], "big")  # the segment; after an SOS, its data follows
+        scans += marker == 0xDA
+    return scans
 
 
 # HEIC/HEIF files start with an ISO-BMFF `ftyp` box naming their brands; AVIF shares the box (and mif1).

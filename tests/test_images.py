@@ -184,27 +184,35 @@ def test_special_files_are_refused_by_kind_at_once(tmp_path):
     assert "file name too long" in one_line_error(ImageError, open_image, files["long-name.png"])
 
 
-def _flat_progressive_jpeg(path: Path, size: tuple[int, int], scans: int) -> Path:
-    """A progressive JPEG of one flat colour with `scans` scans: its last scan (an AC refinement of a few bytes)
-    repeated, each repeat one more pass of the decoder over the whole image."""
-    raw = _saved(Image.new("RGB", size, (120, 130, 140)), "JPEG", progressive=True)
-    first, end = raw.index(b"\xff\xda"), raw.rindex(b"\xff\xd9")
+def _flat_progressive_jpeg(path: Path, size: tuple[int, int], scans: int, format: str = "JPEG") -> Path:
+    """A progressive JPEG (or MPO, a JPEG with more pictures after it) of one flat colour, its first picture
+    with `scans` scans: its last scan (an AC refinement of a few bytes) repeated, each repeat one more pass
+    of the decoder over the whole image."""
+    more = {"save_all": True, "append_images": [SMALL]} if format == "MPO" else {}
+    raw = _saved(Image.new("RGB", size, (120, 130, 140)), format, progressive=True, **more)
+    first, end = raw.index(b"\xff\xda"), raw.index(b"\xff\xd9")  # the first picture's scans
     own = raw[first:end].split(b"\xff\xda")[1:]
     assert len(own) < scans, len(own)
     path.write_bytes(raw[:end] + (b"\xff\xda" + own[-1]) * (scans - len(own)) + raw[end:])
+    with Image.open(path) as written:
+        assert written.format == format, written.format
     return path
 
 
-def test_progressive_jpeg_scans_are_bounded(tmp_path):
-    ok = _flat_progressive_jpeg(tmp_path / "ok.jpg", (64, 48), MAX_JPEG_SCANS)
+@pytest.mark.parametrize("format", ["JPEG", "MPO"])
+def test_progressive_jpeg_scans_are_bounded(tmp_path, format):
+    ok = _flat_progressive_jpeg(tmp_path / "ok.jpg", (64, 48), MAX_JPEG_SCANS, format)
     assert open_image(ok).getpixel((3, 3)) == pytest.approx((120, 130, 140), abs=2)
     # 12 MP and 3,000 scans: a 150 kB file that took Pillow 20 s to decode; refused before the first scan.
-    bomb = _flat_progressive_jpeg(tmp_path / "scans.jpg", (4000, 3000), 3000)
+    bomb = _flat_progressive_jpeg(tmp_path / "scans.jpg", (4000, 3000), 3000, format)
     assert bomb.stat().st_size < 300_000
     start = time.perf_counter()
     message = one_line_error(ImageError, open_image, bomb, names=bomb)
     assert time.perf_counter() - start < 1
     assert f"a progressive JPEG of over {MAX_JPEG_SCANS} scans" in message
+    # Scans are counted as the decoder finds them: not inside a segment (a comment, an EXIF thumbnail).
+    commented = _write_bytes(tmp_path / "c.jpg", _saved(SMALL, "JPEG", progressive=True, comment=b"\xff\xda" * 500))
+    assert open_image(commented).size == SMALL.size
     baseline = _saved(SMALL, "JPEG")  # not progressive: never counted
     assert b"\xff\xda" in baseline and open_image(_write_bytes(tmp_path / "base.jpg", baseline)).size == SMALL.size
 
