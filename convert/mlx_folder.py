@@ -139,7 +139,11 @@ def read_mlx_folder(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
     if not exists(path):
         raise CheckpointError(f"{shown(path, None)}: missing (an incomplete conversion? convert again with --force)")
     with open_regular(path, CheckpointError) as f:
-        header_of(f, path)  # validates offsets before MLX's loader touches the bytes
+        header, _ = header_of(f, path)  # validates offsets before MLX's loader touches the bytes
+        # Names, shapes and dtypes before a byte is loaded: a sparse file can declare gigabytes of anything.
+        model, packed = _skeleton(config, header, shown(folder, None))
+        stored = {key: (tuple(entry["shape"]), _stored_kind(entry["dtype"])) for key, entry in header.items()}
+        check_tensors(model, packed, stored, shown(folder, None))
         try:
             # The very file checked, by its descriptor's name (the path could be swapped for a FIFO meanwhile).
             # Not the file object itself: MLX's loader keeps a Python reader alive on its own I/O threads, whose
@@ -159,32 +163,9 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: st
     Quantized layers are rebuilt from config["quantization"]. Used before a conversion is written, and on every
     load, so a model that was written can be loaded, and one that loads computes finite numbers.
     """
-    model = ViT(ViTConfig.from_dict(config["model"], f"{source}/config.json"))  # lazy: nothing allocated yet
-    quantization = config.get("quantization") or {}
-    # Layers stay quantized unless to_float32 expanded them (then their scales are gone).
-    layers = {layer for layer in quantization.get("layers", []) if f"{layer}.scales" in weights}
-    if layers:
-        bits, group_size = quantization["bits"], quantization["group_size"]
-        nn.quantize(model, group_size, bits, class_predicate=lambda path, _: path in layers)
-    expected = dict(tree_flatten(model.parameters()))
-    for key in sorted(set(expected) - set(weights))[:1]:
-        raise CheckpointError(f"{source}: the weights lack '{key}', which the model in config.json has")
-    for key in sorted(set(weights) - set(expected))[:1]:
-        raise CheckpointError(f"{source}: tensor '{shown(key, 80)}' is not a parameter of the model in config.json")
-    floats = {}
-    for key, value in weights.items():
-        if value.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{source}: tensor '{key}' has shape {tuple(value.shape)}, the model takes {tuple(expected[key].shape)}"
-            )
-        packed = key.endswith(".weight") and key.removesuffix(".weight") in layers
-        # The quantized kernels would fail mid-batch on a wrong dtype, and integers would compute nonsense.
-        if (value.dtype != mx.uint32) if packed else not mx.issubdtype(value.dtype, mx.floating):
-            wanted = "uint32 (packed quantized weights)" if packed else "a float type"
-            raise CheckpointError(f"{source}: tensor '{key}' is {_dtype_name(value.dtype)}, expected {wanted}")
-        if not packed:
-            floats[key] = value
-    floats = {key: mx.all(mx.isfinite(value)) for key, value in floats.items()}
+    model, packed = _skeleton(config, weights, source)
+    check_tensors(model, packed, {key: (tuple(v.shape), _kind(v.dtype)) for key, v in weights.items()}, source)
+    floats = {key: mx.all(mx.isfinite(value)) for key, value in weights.items() if key not in packed}
     mx.eval(floats)
     for key, finite in floats.items():
         if not finite.item():
@@ -194,6 +175,53 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: st
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
+
+
+def _skeleton(config: dict[str, Any], names, source: str) -> tuple[ViT, set[str]]:
+    """The (lazy, unevaluated) model `config` describes for tensors of these names, and its packed weights."""
+    model = ViT(ViTConfig.from_dict(config["model"], f"{source}/config.json"))  # lazy: nothing allocated yet
+    quantization = config.get("quantization") or {}
+    # Layers stay quantized unless to_float32 expanded them (then their scales are gone).
+    layers = {layer for layer in quantization.get("layers", []) if f"{layer}.scales" in names}
+    if layers:
+        bits, group_size = quantization["bits"], quantization["group_size"]
+        nn.quantize(model, group_size, bits, class_predicate=lambda path, _: path in layers)
+    return model, {f"{layer}.weight" for layer in layers}
+
+
+def check_tensors(model: ViT, packed: set[str], tensors: dict[str, tuple[tuple, str]], source: str) -> None:
+    """CheckpointError unless `tensors` ({name: (shape, "float", "uint32" or another dtype)}) are exactly the
+    model's parameters, in their shapes, packed quantized weights uint32 and every other one a float type."""
+    expected = dict(tree_flatten(model.parameters()))
+    for key in sorted(set(expected) - set(tensors))[:1]:
+        raise CheckpointError(f"{source}: the weights lack '{key}', which the model in config.json has")
+    for key in sorted(set(tensors) - set(expected))[:1]:
+        raise CheckpointError(f"{source}: tensor '{shown(key, 80)}' is not a parameter of the model in config.json")
+    for key, (shape, kind) in tensors.items():
+        if shape != tuple(expected[key].shape):
+            raise CheckpointError(
+                f"{source}: tensor '{key}' has shape {shape}, the model takes {tuple(expected[key].shape)}"
+            )
+        # The quantized kernels would fail mid-batch on a wrong dtype, and integers would compute nonsense.
+        wanted = "uint32" if key in packed else "float"
+        if kind != wanted:
+            wanted = "uint32 (packed quantized weights)" if key in packed else "a float type"
+            raise CheckpointError(f"{source}: tensor '{key}' is {kind}, expected {wanted}")
+
+
+def _kind(dtype: mx.Dtype) -> str:
+    if dtype == mx.uint32:
+        return "uint32"
+    return "float" if mx.issubdtype(dtype, mx.floating) else _dtype_name(dtype)
+
+
+def _stored_kind(dtype: str) -> str:
+    """A safetensors header's dtype, as _kind names MLX's."""
+    if dtype in ("F16", "BF16", "F32", "F64"):
+        return "float"
+    names = {"BOOL": "bool", "U8": "uint8", "U16": "uint16", "U32": "uint32", "U64": "uint64", "I8": "int8",
+             "I16": "int16", "I32": "int32", "I64": "int64"}  # fmt: skip
+    return names.get(dtype, dtype)
 
 
 def _dtype_name(dtype: mx.Dtype) -> str:

@@ -77,7 +77,9 @@ def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{where} has invalid data_offsets {shown(offsets, 80)}")
         begin, end = offsets
         if not 0 <= begin <= end <= data_len:
-            raise CheckpointError(f"{where} lies outside the file (offsets {begin}..{end}, data is {data_len} bytes)")
+            raise CheckpointError(
+                f"{where} lies outside the file (offsets {shown(begin, 40)}..{shown(end, 40)}, data: {data_len} bytes)"
+            )
         if end - begin != math.prod(shape) * itemsize:
             raise CheckpointError(f"{where}: shape {shape} of {dtype} does not match its {end - begin} bytes")
         spans.append((begin, end, key))
@@ -121,7 +123,12 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
         for key, entry in header.items():
             begin, end = entry["data_offsets"]
             dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")
-            array = np.empty(entry["shape"], dtype=dtype)
+            try:
+                array = np.empty(entry["shape"], dtype=dtype)
+            except MemoryError:  # a sparse file's size is not memory: its tensors must fit
+                raise CheckpointError(
+                    f"{shown(path, None)}: tensor '{shown(key, 80)}' of {end - begin:,} bytes does not fit in memory"
+                ) from None
             f.seek(data_start + begin)
             if f.readinto(memoryview(array.reshape(-1)).cast("B")) != end - begin:
                 raise CheckpointError(

@@ -102,6 +102,8 @@ def _rebuild_tensor(storage, offset=None, size=None, stride=None, *rest) -> _Ten
         raise _Refused(f"tensor with {len(size)} dimensions")
     if not all(type(v) is int for v in (offset, *size, *stride)) or offset < 0 or len(size) != len(stride):
         raise _Refused("tensor with an invalid offset, size or stride")
+    if any(v.bit_length() > 62 for v in (offset, *size, *stride)):  # before any arithmetic: a 16 MB int squares slowly
+        raise _Refused("tensor with an offset, size or stride past 2**62")
     if any(n < 0 for n in size) or any(st < 0 for st in stride):
         raise _Refused("tensor with a negative size or stride")
     if 0 not in size:
@@ -133,8 +135,11 @@ _ALLOWED = {
     **{("torch", name): _StorageType(name) for name in STORAGE_DTYPES},
 }
 
-# Dictionary keys and set members are hashed and compared: only flat values, never a (deeply nested) tuple.
-_KEY_TYPES = (str, int, float, bool, bytes, type(None))
+# Dictionary keys and set members are hashed and compared: only flat values, never a (deeply nested) tuple, and
+# only values whose hashes a pickle cannot make collide (str and bytes hashes are keyed per process; an int below
+# 2**61 - 1 is its own hash): keys that all hash alike make each insert scan all the others.
+_KEY_TYPES = (str, int, bool, bytes, type(None))
+_HASH_MODULUS = 2**61 - 1
 _PUSH = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "UNICODE",
          "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"}  # fmt: skip
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
@@ -220,8 +225,8 @@ class _Machine:
 
     def keys(self, items: list) -> list:
         for key in items:
-            if not isinstance(key, _KEY_TYPES):
-                raise _Refused(f"dictionary key or set member of type {type(key).__name__}")
+            if not isinstance(key, _KEY_TYPES) or (type(key) is int and not -_HASH_MODULUS < key < _HASH_MODULUS):
+                raise _Refused(f"dictionary key or set member of type {type(key).__name__} ({shown(key, 40)})")
         return items
 
     def set_items(self, target: dict, items: list) -> None:
@@ -348,7 +353,7 @@ class _Machine:
         # Checked against the archive's directory before reading: a huge numel reads nothing.
         itemsize = np.dtype(STORAGE_DTYPES[storage_type.name]).itemsize
         if numel < 0 or numel * itemsize > info.file_size:
-            raise _Refused(f"storage {shown(key)!r} has {info.file_size} bytes, {numel} elements declared")
+            raise _Refused(f"storage {shown(key)!r} has {info.file_size} bytes, {shown(numel, 40)} elements declared")
         self.storages[key] = ref = _StorageRef(storage_type.name, key, numel)
         return ref
 
@@ -452,6 +457,10 @@ def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def _read_archive(archive: zipfile.ZipFile, name: str, size: int) -> dict[str, np.ndarray]:
+    counts = collections.Counter(archive.namelist())
+    twice = next((member for member, count in counts.items() if count > 1), None)
+    if twice is not None:  # torch reads the first of two same-named members, zipfile the last
+        raise CheckpointError(f"{name}: the archive holds '{shown(twice, 80)}' twice")
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise CheckpointError(f"{name}: expected one data.pkl in the archive, found {len(pickles)}")

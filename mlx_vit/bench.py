@@ -467,8 +467,8 @@ def _serve(spec: dict[str, Any]) -> None:
 
 def to_table(report: BenchReport) -> Any:
     """A rich Table for people: a row per batch size and runtime, the runtimes' details in the caption."""
-    from rich.markup import escape
     from rich.table import Table
+    from rich.text import Text
 
     lines = [f"{name}: {info['version']}, {info['device']}, {info['blas']}, loaded in {info['load_s']:.2f} s"
              for name, info in report.runtimes.items()]  # fmt: skip
@@ -478,8 +478,8 @@ def to_table(report: BenchReport) -> Any:
         lines.append(f"{name}: max |logit difference| from mlx-vit {value}")
     machine = report.machine
     title = shown(f"mlx-vit bench: {report.model}, {report.dtype}, {machine['cpu']} ({machine['cores']} cores)", None)
-    caption = "\n".join(escape(shown(line, None)) for line in lines)  # model names, paths: no markup, no controls
-    table = Table(title=escape(title), title_justify="left", caption=caption, caption_justify="left")
+    caption = Text("\n".join(shown(line, None) for line in lines))  # model names, paths: no markup, no controls
+    table = Table(title=Text(title), title_justify="left", caption=caption, caption_justify="left")
     for name in ("batch", "runtime", "images/s", "p50 ms", "p95 ms", "peak MiB", "mlx-vit speedup"):
         table.add_column(name, justify="left" if name == "runtime" else "right")
     ours = {m.batch_size: m.images_per_s for m in report.results if m.runtime == "mlx-vit"}

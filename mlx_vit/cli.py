@@ -44,11 +44,11 @@ def _fail(message: str) -> None:
     typer.echo(f"error: {shown(message, None)}", err=True)
 
 
-def _cell(value: object) -> str:
-    """Text from a file, a path or a label, for a rich table: neither markup nor control characters act."""
-    from rich.markup import escape
+def _cell(value: object):
+    """Text from a file, a path or a label, for a rich table: no markup, emoji code or control character acts."""
+    from rich.text import Text
 
-    return escape(shown(value, None))
+    return Text(shown(value, None))
 
 
 class _OneLine(logging.Formatter):
@@ -180,7 +180,7 @@ def _print_table(results, model_name: str) -> None:
 
     # File names and labels are data, not markup ("cat [edited].png") and not terminal commands (a label that
     # clears the screen or writes the clipboard).
-    table = Table(title=f"mlx-vit · {_cell(model_name)}", title_justify="left")
+    table = Table(title=_cell(f"mlx-vit · {model_name}"), title_justify="left")
     table.add_column("image")
     table.add_column("#", justify="right")
     table.add_column("label")
@@ -288,7 +288,7 @@ def _live_table(results, stats: _StreamStats, model_name: str) -> None:
 
     def render(result) -> Table:
         frame = result.frame
-        table = Table(title=f"mlx-vit · {_cell(model_name)} · {_cell(stats.name)}", title_justify="left",
+        table = Table(title=_cell(f"mlx-vit · {model_name} · {stats.name}"), title_justify="left",
                       caption=f"frame {frame.index} at {frame.timestamp:.2f} s · {stats.rate():.1f} fps · "
                               f"latency {result.latency_ms:.1f} ms", caption_justify="left")  # fmt: skip
         table.add_column("#", justify="right")

@@ -25,6 +25,9 @@ MAX_PARAMETERS = 4_000_000_000
 MAX_TOKENS = 16_384
 MAX_LAYERS = 1_024
 MAX_SIZE = 2**24  # any one size field; keeps the arithmetic below in float range
+# Classes a head may have: ImageNet-21k has 21,843. Each is a label in config.json (which MAX_JSON_VALUES bounds)
+# and a score per image, so a head of millions costs gigabytes for one photo.
+MAX_LABELS = 2**17
 # Elements of the largest activation of one image (tokens x the widest layer, or the input pixels): 512 MiB in
 # float32. MLX's CPU matmul indexes a batch's matrices with 32-bit offsets and crashes (SIGSEGV) or reads the
 # wrong memory past 2**31 elements, and on the CPU a failed allocation is a SIGSEGV too, never an exception; so
@@ -124,8 +127,9 @@ class ViTConfig:
                 fail(f"{name} must be a positive integer, got {got} (non-square sizes are not supported)")
             if value > MAX_SIZE:
                 fail(f"{name} {shown(value, 40, quote=True)} is over the limit of {MAX_SIZE:,}")
-        if not is_int(self.num_labels) or not 0 <= self.num_labels <= MAX_SIZE:
-            fail(f"num_labels must be an integer from 0 to {MAX_SIZE:,}, got {shown(self.num_labels, 40, quote=True)}")
+        if not is_int(self.num_labels) or not 0 <= self.num_labels <= MAX_LABELS:
+            got = shown(self.num_labels, 40, quote=True)
+            fail(f"num_labels must be an integer from 0 to {MAX_LABELS:,}, got {got}")
         for name in ("qkv_bias", "distillation_token", "distilled_head", "pooler"):
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name} must be true or false, got {shown(getattr(self, name), 40, quote=True)}")

@@ -343,7 +343,8 @@ def test_storage_shorter_than_declared(tmp_path):
         (0, (2, 2), (3, 1), "reaches element 4"),  # a stride that steps past the end
         (0, (5,), (1,), "5 elements from a storage of 4"),
         (0, (2**33,), (0,), "elements from a storage of 4"),  # stride 0: would allocate 32 GiB
-        (2**62, (1,), (1,), "reaches element"),
+        (2**62, (1,), (1,), "past 2**62"),
+        (2**62 - 1, (1,), (1,), "reaches element"),
         (-1, (1,), (1,), "invalid offset"),
         (0, (2,), (-1,), "negative"),
         (0, (-2,), (1,), "negative"),

@@ -16,6 +16,8 @@ import struct
 import subprocess
 import sys
 import threading
+import time
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -27,10 +29,11 @@ from checkpoints import IMAGES, make_checkpoint, one_line_error, peak_mb, run_cl
 
 from mlx_vit import model as model_module
 from mlx_vit.classify import load
-from mlx_vit.convert import convert
+from mlx_vit.convert import Quantize, convert
 from mlx_vit.convert import torch_pickle as tp
 from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
 from mlx_vit.loading import load_model
+from mlx_vit.model import ViTConfig
 
 PHOTO = IMAGES / "chelsea.png"
 CONTROL = "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b31m"  # title, clear screen, clipboard, C1 CSI
@@ -149,7 +152,16 @@ def test_a_pickle_pickletools_cannot_read_is_refused_even_with_a_cached_extensio
 
 @pytest.mark.parametrize(
     "flood",
-    ["empty lists", "empty tuples", "nested marks", "memo at 2^31", "memo gets", "one huge string", "deep tuple key"],
+    [
+        "empty lists",
+        "empty tuples",
+        "nested marks",
+        "memo at 2^31",
+        "memo gets",
+        "one huge string",
+        "deep tuple key",
+        "colliding keys",
+    ],
 )
 def test_pickle_floods_stay_small_and_fast(tmp_path, flood):
     """A pickle of a few MB built to make objects (7 GB and 110 s before) is refused in bounded memory and time."""
@@ -162,6 +174,8 @@ def test_pickle_floods_stay_small_and_fast(tmp_path, flood):
         "memo gets": b"\x80\x02]q\x00(" + b"h\x00" * n + b"e.",
         "one huge string": b"\x80\x02X" + struct.pack("<I", 15 * 2**20) + b"a" * (15 * 2**20) + b".",
         "deep tuple key": b"\x80\x02}" + b")" + b"\x85" * 100_000 + int4(1) + b"s.",  # hashing recursed in C
+        # Integer keys that are all multiples of 2**61 - 1 hash alike: each insert compared with every other.
+        "colliding keys": b"\x80\x02}(" + b"".join(int4(i * (2**61 - 1)) + b"N" for i in range(1, 200_000)) + b"u.",
     }[flood]
     path = torch_zip(tmp_path / "flood.bin", pickled)
     code = f"""
@@ -180,6 +194,48 @@ print(f"SECONDS {{time.monotonic() - start:.2f}}")
     assert str(path) in done.stdout and "SECONDS" in done.stdout, done.stdout
     assert float(done.stdout.split("SECONDS ")[1]) < 10, done.stdout
     assert peak - baseline_mb() < 400, (peak, baseline_mb())
+
+
+def test_huge_integers_in_a_tensor_size_are_refused_before_any_arithmetic(tmp_path):
+    """A 4 MB integer fetched 32 times as a tensor's size: the product of them ran for minutes."""
+    big = b"\x8b" + struct.pack("<I", 4 * 2**20) + b"\x7f" * 4 * 2**20 + b"q\x00" + b"h\x00" * 31
+    rebuild = (b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage("0", 1) + int4(0) + b"(" + big + b"t("
+               + int4(1) * 32 + b"t\x89ccollections\nOrderedDict\n)RtR")  # fmt: skip
+    path = torch_zip(tmp_path / "big-ints.bin", state_dict(("w", rebuild)), {"0": bytes(4)})
+    start = time.monotonic()
+    assert "past 2**62" in one_line_error(CheckpointError, tp.read_torch_bin, path, names=path)
+    assert time.monotonic() - start < 5
+
+
+def test_a_member_stored_twice_is_refused(tmp_path):
+    """torch reads the first of two same-named zip members and zipfile the last: other weights, no error."""
+    pickled = state_dict(("w", tensor(storage("0", 1), 0, (1,), (1,))))
+    path = torch_zip(tmp_path / "twice.bin", pickled, {"0": np.float32(1).tobytes()})
+    with warnings.catch_warnings(), zipfile.ZipFile(path, "a") as archive:
+        warnings.simplefilter("ignore")  # "Duplicate name"
+        archive.writestr("archive/data/0", np.float32(100).tobytes())
+    assert "holds 'archive/data/0' twice" in one_line_error(CheckpointError, tp.read_torch_bin, path, names=path)
+
+
+def test_a_tensor_larger_than_memory_is_one_line(tmp_path):
+    """A sparse safetensors file declaring 40 GB: its size is not memory."""
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10 * 2**30], "data_offsets": [0, 40 * 2**30]}}).encode()
+    path = tmp_path / "model.safetensors"
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 40 * 2**30)
+    code = f"""
+from mlx_vit.convert.safetensors_io import read_safetensors
+from mlx_vit.errors import CheckpointError
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
+try:
+    read_safetensors({str(path)!r})
+except CheckpointError as error:
+    print(str(error))
+"""
+    done, _ = peak_mb(code)
+    assert "does not fit in memory" in done.stdout and "Traceback" not in done.stderr, done.stdout + done.stderr
 
 
 def test_zip_bomb_storage_is_refused_before_it_inflates(tmp_path):
@@ -264,6 +320,14 @@ def edit_json(path: Path, **changes) -> Path:
 def test_configs_mlx_cannot_run_are_refused_before_anything_runs(hf_copy, isolated, changes, needle):
     edit_json(hf_copy / "config.json", **changes)
     cli_fails("classify", PHOTO, "-m", hf_copy, env=isolated, needle=needle)
+
+
+def test_heads_of_millions_of_classes_are_refused():
+    """2**24 classes cost 5.3 GB for one photo, and their labels overflow the JSON reader's limits."""
+    assert "num_labels must be an integer from 0 to 131,072" in one_line_error(
+        ConfigError, ViTConfig.from_dict, {"num_labels": 2**24}, "config.json"
+    )
+    ViTConfig.from_dict({"num_labels": 21_843}, "config.json")  # ImageNet-21k
 
 
 def test_attention_in_query_blocks_equals_attention_at_once(monkeypatch):
@@ -441,6 +505,36 @@ def test_converted_weights_are_checked(vit_folder, tmp_path, isolated, change, n
     assert len(message) < 500, message
 
 
+def test_quantized_weights_are_checked_as_stored_before_the_cpu_expands_them(vit_folder, tmp_path, isolated):
+    """Biases cut to half their groups broadcast when expanded to float32: wrong scores, and no error."""
+    folder = convert(str(vit_folder), tmp_path / "q", quantize=Quantize(bits=4, group_size=32))
+    tensors = safetensors.numpy.load_file(folder / "model.safetensors")
+    biases = next(key for key in tensors if key.endswith(".biases") and tensors[key].shape[1] > 1)
+    save_weights(folder, lambda t: t.update({biases: t[biases][:, :1]}))
+    cli_fails("classify", PHOTO, "-m", folder, env=isolated, needle=f"'{biases}' has shape")
+
+
+def test_a_sparse_weights_file_is_checked_before_it_is_loaded(vit_folder, tmp_path):
+    """A header declaring 8 GB under a name the model lacks (a sparse file): refused before MLX reads a byte."""
+    folder = mlx_model(vit_folder, tmp_path)
+    header = json.dumps({"junk": {"dtype": "F32", "shape": [2**31], "data_offsets": [0, 2**33]}}).encode()
+    with open(folder / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header)
+        f.truncate(8 + len(header) + 2**33)
+    (folder / "manifest.json").unlink()
+    code = f"""
+from mlx_vit.loading import load_model
+from mlx_vit.errors import MlxVitError
+try:
+    load_model({str(folder)!r})
+except MlxVitError as error:
+    print(str(error))
+"""
+    done, peak = peak_mb(code)
+    assert "the weights lack" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert peak - baseline_mb() < 100, (peak, baseline_mb())
+
+
 def hf_weights(folder: Path, change) -> Path:
     tensors = safetensors.numpy.load_file(folder / "model.safetensors")
     change(tensors)
@@ -544,7 +638,7 @@ def test_scores_that_are_not_numbers_are_an_error_never_nan(vit_folder, tmp_path
 
 def test_labels_and_file_names_never_reach_the_terminal_raw(tmp_path, isolated):
     folder = make_checkpoint(tmp_path / "model", num_labels=3)
-    edit_json(folder / "config.json", id2label={"0": f"cat{CONTROL}", "1": "dog\r\nerror: fake", "2": "ok\u202e"})
+    edit_json(folder / "config.json", id2label={"0": f"cat{CONTROL}", "1": "dog\r\nerror: fake", "2": "ok\u202e :cat:"})
     photo = tmp_path / f"photo{CONTROL}.png"
     shutil.copy(PHOTO, photo)
     for fmt in ("table", "jsonl"):
@@ -555,10 +649,11 @@ def test_labels_and_file_names_never_reach_the_terminal_raw(tmp_path, isolated):
             assert not any(ord(c) < 32 and c != "\n" or 0x7F <= ord(c) <= 0x9F for c in stream), repr(stream)
             assert "\u202e" not in stream
         assert "\\x1b]0;pwned\\x07" in done.stderr  # the file name, escaped, in the error line
+        assert ":cat:" in done.stdout and "\U0001f431" not in done.stdout  # nor does rich make emoji of it
         assert sum(line.startswith("error: ") for line in done.stderr.splitlines()) == 1
     lines = [json.loads(line) for line in done.stdout.splitlines()]  # jsonl keeps the exact strings
     assert lines[0]["path"] == str(photo)
-    assert {p["label"] for p in lines[0]["predictions"]} == {f"cat{CONTROL}", "dog\r\nerror: fake", "ok\u202e"}
+    assert {p["label"] for p in lines[0]["predictions"]} == {f"cat{CONTROL}", "dog\r\nerror: fake", "ok\u202e :cat:"}
 
 
 def test_shard_names_and_long_values_in_errors(hf_copy, isolated):
