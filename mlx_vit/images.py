@@ -33,6 +33,9 @@ DEFAULT_MAX_PIXELS = 128_000_000
 # default script for colour has 10), a crafted file thousands: 3,000 scans of a flat 12 MP image are a 150 kB
 # file that takes 20 s. At most 100 keeps a photo at the pixel limit to a few seconds.
 MAX_JPEG_SCANS = 100
+# A JPEG at quality 100 without chroma subsampling takes under 8 bytes a pixel; metadata and MPO's extra
+# pictures fit in the 64 MiB allowed on top.
+MAX_JPEG_BYTES_PER_PIXEL = 16
 
 # The formats opened at all; any other file is refused before a decoder sees it. Pillow reads more, some
 # through code we do not want to reach from a folder of photos: EPS, for one, is rendered by running Ghostscript.
@@ -79,7 +82,7 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                 image = Image.open(f, formats=_available_formats())
                 _check_pixels(image.size, limit, name)
                 if isinstance(image, JpegImagePlugin.JpegImageFile) and image.info.get("progressive"):  # MPO too
-                    _check_scans(f, name)
+                    _check_scans(f, image.size, name)
                 image.seek(0)  # multi-frame TIFF, animated GIF/WebP/PNG: the first frame
                 image.load()
                 _check_pixels(image.size, limit, name)  # ICO and ICNS pick their size only when loading
@@ -111,8 +114,12 @@ def _check_pixels(size: tuple[int, int], limit: int, name: str) -> None:
         raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {limit:,} (a decompression bomb?)")
 
 
-def _check_scans(f, name: str) -> None:
-    """Refuse a progressive JPEG of more than MAX_JPEG_SCANS scans, counted before any is decoded."""
+def _check_scans(f, size: tuple[int, int], name: str) -> None:
+    """Refuse a progressive JPEG of more than MAX_JPEG_SCANS scans, counted before any is decoded, or far larger
+    than its pixels: past its last scan the decoder reads on to the end of the file, looking for the next."""
+    length = os.fstat(f.fileno()).st_size
+    if length > MAX_JPEG_BYTES_PER_PIXEL * size[0] * size[1] + 2**26:
+        raise ImageError(f"{name}: {length:,} bytes is far more than a {size[0]}x{size[1]} progressive JPEG holds")
     with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
         if _count_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
             raise ImageError(f"{name}: a progressive JPEG of over {MAX_JPEG_SCANS} scans (each one decodes the "

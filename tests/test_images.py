@@ -210,6 +210,11 @@ def test_progressive_jpeg_scans_are_bounded(tmp_path, format):
     message = one_line_error(ImageError, open_image, bomb, names=bomb)
     assert time.perf_counter() - start < 1
     assert f"a progressive JPEG of over {MAX_JPEG_SCANS} scans" in message
+    # Without an end marker, libjpeg read on to the end of the file for another scan: 21 GB of a sparse file.
+    endless = _write_bytes(tmp_path / "endless.jpg", _saved(SMALL, "JPEG", progressive=True)[:-2])
+    with open(endless, "r+b") as f:
+        f.truncate(2**31)
+    assert "far more than a 40x30 progressive JPEG holds" in one_line_error(ImageError, open_image, endless)
     # Scans are counted as the decoder finds them: not inside a segment (a comment, an EXIF thumbnail).
     commented = _write_bytes(tmp_path / "c.jpg", _saved(SMALL, "JPEG", progressive=True, comment=b"\xff\xda" * 500))
     assert open_image(commented).size == SMALL.size
