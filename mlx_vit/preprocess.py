@@ -23,6 +23,7 @@ MAX_SIDE = 32_768
 # The largest magnitude preprocessing may give a pixel. ImageNet statistics give at most 2.64, no rescale and no
 # normalization 255: anything much larger is a wrong rescale_factor or image_std, and overflows a float16 model.
 MAX_PIXEL_VALUE = 10_000
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 # Class defaults of transformers' processors, used where a (legacy) preprocessor_config.json leaves keys out.
 # Both default image_mean/image_std to IMAGENET_STANDARD (0.5), DeiT too (not the ImageNet statistics).
@@ -115,6 +116,8 @@ class PreprocessConfig:
             fail(f"rescale_factor must be above 0 and at most 1 (usually 1/255), got {shown(self.rescale_factor)}")
         if self.do_normalize and not all(s > 0 for s in self.image_std):
             fail(f"image_std must be positive, got {shown(self.image_std)}")
+        if any(abs(v) > FLOAT32_MAX for v in (*self.image_mean, *self.image_std)):  # they are applied in float32
+            fail(f"image_mean and image_std must fit float32, got {shown([*self.image_mean, *self.image_std])}")
         largest = self.largest_value()
         if largest > MAX_PIXEL_VALUE:
             fail(f"this preprocessing makes pixel values up to {largest:.3g}, over the limit of {MAX_PIXEL_VALUE:,} "

@@ -435,6 +435,7 @@ def test_config_json_too_large(hf_copy, monkeypatch):
         ({"do_center_crop": True, "crop_size": None}, "crop_size is missing"),
         ({"image_std": 0}, "image_std must be positive, got [0.0, 0.0, 0.0]"),
         ({"image_std": [0.5, -0.5, 0.5]}, "image_std must be positive"),
+        ({"image_std": 1e300}, "image_mean and image_std must fit float32"),
         ({"rescale_factor": 1e300}, "rescale_factor must be above 0 and at most 1 (usually 1/255), got 1e+300"),
         ({"rescale_factor": 0}, "rescale_factor must be above 0"),
         ({"image_std": 1e-9}, "makes pixel values up to 5e+08, over the limit of 10,000 (a wrong rescale_factor"),
