@@ -185,7 +185,11 @@ def _skeleton(config: dict[str, Any], names, source: str) -> tuple[ViT, set[str]
     layers = {layer for layer in quantization.get("layers", []) if f"{layer}.scales" in names}
     if layers:
         bits, group_size = quantization["bits"], quantization["group_size"]
-        nn.quantize(model, group_size, bits, class_predicate=lambda path, _: path in layers)
+        try:
+            nn.quantize(model, group_size, bits, class_predicate=lambda path, _: path in layers)
+        except ValueError as error:  # a layer's width its group size does not divide
+            reason = shown(str(error), 160)
+            raise ConfigError(f"{source}/config.json: the quantization does not fit the model ({reason})") from None
     return model, {f"{layer}.weight" for layer in layers}
 
 

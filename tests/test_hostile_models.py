@@ -514,6 +514,15 @@ def test_quantized_weights_are_checked_as_stored_before_the_cpu_expands_them(vit
     cli_fails("classify", PHOTO, "-m", folder, env=isolated, needle=f"'{biases}' has shape")
 
 
+def test_a_quantization_that_does_not_fit_the_model_is_one_line(vit_folder, tmp_path):
+    """Found by the converted-folder fuzz target: a width its group size does not divide raised in nn.quantize."""
+    folder = convert(str(vit_folder), tmp_path / "q", quantize=Quantize(bits=4, group_size=32))
+    config = json.loads((folder / "config.json").read_text())
+    edit_mlx(folder, model={**config["model"], "hidden_size": 16, "num_attention_heads": 4})
+    message = one_line_error(ConfigError, load_model, str(folder), names=folder / "config.json")
+    assert "the quantization does not fit the model" in message, message
+
+
 def test_a_sparse_weights_file_is_checked_before_it_is_loaded(vit_folder, tmp_path):
     """A header declaring 8 GB under a name the model lacks (a sparse file): refused before MLX reads a byte."""
     folder = mlx_model(vit_folder, tmp_path)
