@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import math
 import os
 import pickletools
 import resource
@@ -690,7 +691,8 @@ def _nudged(data, value):
     if isinstance(value, int):
         return data.draw(st.sampled_from([value + 1, value - 1, value * 2, value // 2, -value, 0, value * 2**40]))
     if isinstance(value, float):
-        return data.draw(st.sampled_from([value * 10, value / 10, -value, 0.0, 1.0, value * 1e300, float(int(value))]))
+        whole = float(int(value)) if math.isfinite(value) else 0.5
+        return data.draw(st.sampled_from([value * 10, value / 10, -value, 0.0, 1.0, value * 1e300, whole]))
     if isinstance(value, str):
         return data.draw(st.sampled_from([value + "x", value[:-1], value.upper(), value + "\n", " " + value, ""]))
     if isinstance(value, list):
