@@ -10,6 +10,7 @@ hundred examples per target (a few seconds each); FUZZ_EXAMPLES=N runs N per tar
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -840,36 +841,35 @@ def _reason(error: Exception, folder: Path) -> str:
     return " ".join([type(error).__name__, *words[:5]])[:60]
 
 
-def _folder_copy(converted, seed: str, tmp_path: Path) -> Path:
+@contextlib.contextmanager
+def _folder_copy(converted, seed: str, tmp_path: Path):
+    """A fresh copy of a seed folder for one example, removed after it (examples share tmp_path)."""
     folder = Path(tempfile.mkdtemp(dir=tmp_path)) / "model"
     shutil.copytree(converted[seed], folder)
-    return folder
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder.parent)
 
 
 @fuzz(300)
 @given(seed=st.sampled_from(_SEEDS), data=st.data())
 def test_fuzz_converted_config(converted, tmp_path, seed, data):
     """config.json edited (every key, nested ones too), the manifest updated, stale or deleted."""
-    folder = _folder_copy(converted, seed, tmp_path)
-    try:
+    with _folder_copy(converted, seed, tmp_path) as folder:
         config = _edit_json(data, json.loads((folder / "config.json").read_text()))
         (folder / "config.json").write_text(json.dumps(config, indent=data.draw(st.sampled_from([None, 2]))))
         _write_manifest(data, folder, edit=False)
         _load_or_refuse(folder, converted["photo"], weights_edited=False)
-    finally:
-        shutil.rmtree(folder.parent)
 
 
 @fuzz(100)
 @given(seed=st.sampled_from(_SEEDS), data=st.data())
 def test_fuzz_converted_manifest(converted, tmp_path, seed, data):
     """manifest.json edited: its files, sizes, digests and source."""
-    folder = _folder_copy(converted, seed, tmp_path)
-    try:
+    with _folder_copy(converted, seed, tmp_path) as folder:
         _write_manifest(data, folder, edit=True)
         _load_or_refuse(folder, converted["photo"], weights_edited=False)
-    finally:
-        shutil.rmtree(folder.parent)
 
 
 @fuzz(300)
@@ -877,9 +877,8 @@ def test_fuzz_converted_manifest(converted, tmp_path, seed, data):
 def test_fuzz_converted_weights(converted, tmp_path, seed, data):
     """model.safetensors edited: its bytes (header or anywhere), or its tensors (dropped, renamed, added, or
     of another dtype, shape or values)."""
-    folder = _folder_copy(converted, seed, tmp_path)
-    path = folder / "model.safetensors"
-    try:
+    with _folder_copy(converted, seed, tmp_path) as folder:
+        path = folder / "model.safetensors"
         how = data.draw(st.sampled_from(["header bytes", "any bytes", "tensors", "tensors"]), label="how")
         if how == "tensors":
             _edit_weights(data, folder)
@@ -889,5 +888,3 @@ def test_fuzz_converted_weights(converted, tmp_path, seed, data):
             path.write_bytes(_mutate(raw[:head], data.draw(_mutations(head), label="bytes")) + raw[head:])
         _write_manifest(data, folder, edit=False)
         _load_or_refuse(folder, converted["photo"], weights_edited=True)
-    finally:
-        shutil.rmtree(folder.parent)
