@@ -663,11 +663,13 @@ _JSON_LEAVES = st.one_of(
     st.sampled_from(["", "gelu", "gelu_new", "relu", "tanh", "float32", "float16", "bfloat16", "affine", "mlx-vit",
                      "vit", "regression", "model.safetensors", "config.json", "\x1b[2J", "\u202e", "x" * 300]),
 )  # fmt: skip
-_JSON_VALUES = st.recursive(
-    _JSON_LEAVES,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
-    max_leaves=6,
-)
+
+
+def _json_containers(inner):
+    return st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+
+
+_JSON_VALUES = st.recursive(_JSON_LEAVES, _json_containers, max_leaves=6)
 _KNOWN_KEYS = ["format", "format_version", "model", "id2label", "preprocessing", "dtype", "quantization",
                "architecture", "problem_type", "source", "files", "size", "sha256", "image_size", "patch_size",
                "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
