@@ -60,6 +60,26 @@ def baseline_mb() -> float:
     return BASELINE_MB
 
 
+def refused_in_child(reader: str, path: Path, setup: str = "", timeout: float = 120):
+    """`reader(path)` (e.g. "mlx_vit.loading.load_model") in a fresh interpreter, after `setup`: (its run, which
+    prints the MlxVitError message if it raised one, the seconds it took, its peak memory in MB over baseline_mb)."""
+    module, name = reader.rsplit(".", 1)
+    code = f"""
+import importlib, time
+from mlx_vit.errors import MlxVitError
+{setup}
+start = time.monotonic()
+try:
+    importlib.import_module({module!r}).{name}({str(path)!r})
+except MlxVitError as error:
+    print(str(error))
+print(f"SECONDS {{time.monotonic() - start:.2f}}")
+"""
+    done, peak = peak_mb(code, timeout)
+    seconds = float(done.stdout.split("SECONDS ")[1]) if "SECONDS " in done.stdout else float("inf")
+    return done, seconds, peak - baseline_mb()
+
+
 # ==========================================================================================================
 # 1. The unpickler: nothing a pickle reaches is mutable; every pickle is parsed whole before anything runs
 
@@ -178,22 +198,11 @@ def test_pickle_floods_stay_small_and_fast(tmp_path, flood):
         "colliding keys": b"\x80\x02}(" + b"".join(int4(i * (2**61 - 1)) + b"N" for i in range(1, 200_000)) + b"u.",
     }[flood]
     path = torch_zip(tmp_path / "flood.bin", pickled)
-    code = f"""
-from mlx_vit.convert.torch_pickle import read_torch_bin
-from mlx_vit.errors import CheckpointError
-import time
-start = time.monotonic()
-try:
-    read_torch_bin({str(path)!r})
-except CheckpointError as error:
-    print(str(error))
-print(f"SECONDS {{time.monotonic() - start:.2f}}")
-"""
-    done, peak = peak_mb(code, timeout=60)
+    done, seconds, extra = refused_in_child("mlx_vit.convert.torch_pickle.read_torch_bin", path, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert str(path) in done.stdout and "SECONDS" in done.stdout, done.stdout
-    assert float(done.stdout.split("SECONDS ")[1]) < 10, done.stdout
-    assert peak - baseline_mb() < 400, (peak, baseline_mb())
+    assert seconds < 10, done.stdout
+    assert extra < 400, (extra, baseline_mb())
 
 
 def test_huge_integers_in_a_tensor_size_are_refused_before_any_arithmetic(tmp_path):
@@ -224,17 +233,8 @@ def test_a_tensor_larger_than_memory_is_one_line(tmp_path):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(header)) + header)
         f.truncate(8 + len(header) + 40 * 2**30)
-    code = f"""
-from mlx_vit.convert.safetensors_io import read_safetensors
-from mlx_vit.errors import CheckpointError
-import resource
-resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))
-try:
-    read_safetensors({str(path)!r})
-except CheckpointError as error:
-    print(str(error))
-"""
-    done, _ = peak_mb(code)
+    limit = "import resource; resource.setrlimit(resource.RLIMIT_AS, (8 * 2**30, 8 * 2**30))"
+    done, _, _ = refused_in_child("mlx_vit.convert.safetensors_io.read_safetensors", path, setup=limit)
     assert "does not fit in memory" in done.stdout and "Traceback" not in done.stderr, done.stdout + done.stderr
 
 
@@ -244,17 +244,9 @@ def test_zip_bomb_storage_is_refused_before_it_inflates(tmp_path):
     path = torch_zip(tmp_path / "bomb.bin", state_dict(("w", tensor(storage("0", numel), 0, (numel,), (1,)))),
                      {"0": bytes(4 * numel)}, compress=zipfile.ZIP_DEFLATED)  # fmt: skip
     assert path.stat().st_size < 1_000_000
-    code = f"""
-from mlx_vit.convert.torch_pickle import read_torch_bin
-from mlx_vit.errors import CheckpointError
-try:
-    read_torch_bin({str(path)!r})
-except CheckpointError as error:
-    print(str(error))
-"""
-    done, peak = peak_mb(code)
+    done, _, extra = refused_in_child("mlx_vit.convert.torch_pickle.read_torch_bin", path)
     assert "more than 2x the file's size" in done.stdout, done.stdout + done.stderr[-2000:]
-    assert peak - baseline_mb() < 100, (peak, baseline_mb())
+    assert extra < 100, (extra, baseline_mb())
 
 
 def test_a_large_storage_is_read_in_place(tmp_path):
@@ -410,17 +402,9 @@ def test_devices_and_sparse_files_as_config_json(vit_folder, tmp_path, isolated)
     with open(sparse / "config.json", "r+b") as f:
         f.truncate(2_500_000_000)
     for folder, needle in ((zero, "character device"), (sparse, "too large for a config file")):
-        code = f"""
-from mlx_vit.loading import load_model
-from mlx_vit.errors import MlxVitError
-try:
-    load_model({str(folder)!r})
-except MlxVitError as error:
-    print(str(error))
-"""
-        done, peak = peak_mb(code, timeout=60)
+        done, _, extra = refused_in_child("mlx_vit.loading.load_model", folder, timeout=60)
         assert needle in done.stdout, done.stdout + done.stderr[-2000:]
-        assert peak - baseline_mb() < 100, (peak, baseline_mb())
+        assert extra < 100, (extra, baseline_mb())
 
 
 # ==========================================================================================================
@@ -531,17 +515,9 @@ def test_a_sparse_weights_file_is_checked_before_it_is_loaded(vit_folder, tmp_pa
         f.write(struct.pack("<Q", len(header)) + header)
         f.truncate(8 + len(header) + 2**33)
     (folder / "manifest.json").unlink()
-    code = f"""
-from mlx_vit.loading import load_model
-from mlx_vit.errors import MlxVitError
-try:
-    load_model({str(folder)!r})
-except MlxVitError as error:
-    print(str(error))
-"""
-    done, peak = peak_mb(code)
+    done, _, extra = refused_in_child("mlx_vit.loading.load_model", folder)
     assert "the weights lack" in done.stdout, done.stdout + done.stderr[-2000:]
-    assert peak - baseline_mb() < 100, (peak, baseline_mb())
+    assert extra < 100, (extra, baseline_mb())
 
 
 def hf_weights(folder: Path, change) -> Path:
