@@ -27,7 +27,7 @@ import pytest
 import torch
 from checkpoints import IMAGES, one_line_error, run_cli
 
-from mlx_vit.convert import hf
+from mlx_vit.convert import hf, pickle_machine
 from mlx_vit.convert import torch_pickle as tp
 from mlx_vit.convert.safetensors_io import read_safetensors
 from mlx_vit.errors import CheckpointError, ConfigError, ModelNotFoundError
@@ -190,7 +190,7 @@ def test_memo_games(tmp_path, unimported):
         b"\x80\x02ctorch\nFloatStorage\nq\x00h\x00)\x81.",  # NEWOBJ on it
     ]):  # fmt: skip
         one_line_error(CheckpointError, tp.read_torch_bin, _torch_zip(tmp_path / f"b{i}.bin", bad))
-    assert not hasattr(tp._rebuild_tensor, "zzz") and tp._rebuild_tensor.__kwdefaults__ is None
+    assert not hasattr(pickle_machine.rebuild_tensor, "zzz") and pickle_machine.rebuild_tensor.__kwdefaults__ is None
     good = tmp_path / "good.bin"
     torch.save({"x": torch.tensor([1.0, -2.0])}, good)
     np.testing.assert_array_equal(tp.read_torch_bin(good)["x"], [1.0, -2.0])
