@@ -91,6 +91,17 @@ def make_checkpoint(folder: Path, kind: str = "vit", seed: int = 0, preprocessor
     return folder
 
 
+def hf_pipeline(folder: Path):
+    """transformers' image-classification pipeline with the PIL image processor, the one mlx-vit reproduces.
+
+    (With torchvision installed, transformers 5 picks its torchvision-backed processor, whose resize differs.)
+    """
+    import transformers
+
+    processor = transformers.AutoImageProcessor.from_pretrained(str(folder), backend="pil")
+    return transformers.pipeline("image-classification", model=str(folder), image_processor=processor, device="cpu")
+
+
 def lay_into_hf_cache(folder: Path, hf_home: Path, repo_id: str, commit: str = "a" * 40) -> Path:
     """Place an HF-layout folder into a Hugging Face cache exactly where the Hub client looks for it."""
     repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"

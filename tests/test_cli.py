@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import transformers
-from checkpoints import IMAGES, lay_into_hf_cache, run_cli
+from checkpoints import IMAGES, hf_pipeline, lay_into_hf_cache, run_cli
 from PIL import Image
 
 from mlx_vit.images import open_image
@@ -35,8 +35,7 @@ def exif_rotated(tmp_path_factory) -> Path:
 
 
 def pipeline_top5(folder: Path, image) -> list[dict]:
-    classifier = transformers.pipeline("image-classification", model=str(folder), device="cpu")
-    return classifier(image, top_k=5)
+    return hf_pipeline(folder)(image, top_k=5)
 
 
 def assert_same(ours: list[dict], theirs: list[dict], label2id: dict[str, int]) -> None:

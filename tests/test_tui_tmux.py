@@ -11,8 +11,7 @@ import sys
 import time
 
 import pytest
-import transformers
-from checkpoints import IMAGES
+from checkpoints import IMAGES, hf_pipeline
 
 from mlx_vit.convert import convert
 
@@ -34,7 +33,7 @@ def wait_for(condition, what: str, timeout: float = 60.0):
 
 def test_tui_in_tmux(vit_folder, tmp_path):
     photo = IMAGES / "chelsea.png"
-    top = transformers.pipeline("image-classification", model=str(vit_folder), device="cpu")(str(photo), top_k=1)[0]
+    top = hf_pipeline(vit_folder)(str(photo), top_k=1)[0]
     model = convert(str(vit_folder), tmp_path / "vit-mlx")
     exit_file = tmp_path / "exit-status"
     env = {"HF_HUB_OFFLINE": "1", "MLX_VIT_CACHE": str(tmp_path / "cache")}
