@@ -1,7 +1,8 @@
-"""The Vision Transformer in MLX: ViT ("An Image is Worth 16x16 Words") and DeiT.
+"""The Vision Transformer in MLX: ViT ("An Image is Worth 16x16 Words"), DeiT, and timm's ViT family options.
 
-Parameter names follow timm's ViT (`patch_embed.proj`, `cls_token`, `pos_embed`, `blocks.N.attn.qkv`, `mlp.fc1`,
-`norm`, `head`), so every checkpoint map is a short rename table. Inputs are NHWC float arrays. No I/O here.
+Parameter names and options follow timm's `VisionTransformer` (`patch_embed.proj`, `cls_token`, `reg_token`,
+`pos_embed`, `norm_pre`, `blocks.N.attn.qkv`, `blocks.N.ls1.gamma`, `mlp.fc1`, `norm`, `attn_pool`, `fc_norm`,
+`head`), so every checkpoint map is a short rename table. Inputs are NHWC float arrays. No I/O here.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ MAX_SIZE = 2**24  # any one size field; keeps the arithmetic below in float rang
 # Classes a head may have: ImageNet-21k has 21,843. Each is a label in config.json (which MAX_JSON_VALUES bounds)
 # and a score per image, so a head of millions costs gigabytes for one photo.
 MAX_LABELS = 2**17
+MAX_REG_TOKENS = 64  # register models use 4 or 8
 # Elements of the largest activation of one image (tokens x the widest layer, or the input pixels): 512 MiB in
 # float32. MLX's CPU matmul indexes a batch's matrices with 32-bit offsets and crashes (SIGSEGV) or reads the
 # wrong memory past 2**31 elements, and on the CPU a failed allocation is a SIGSEGV too, never an exception; so
@@ -62,6 +64,14 @@ class ViTConfig:
     # transformers' ViTPooler (dense + activation on the class token); not used for classification.
     pooler: bool = False
     pooler_act: str = "tanh"
+    # timm's VisionTransformer options, by its names. The tokens are [class], [distillation], [registers], patches.
+    class_token: bool = True
+    reg_tokens: int = 0
+    no_embed_class: bool = False  # pos_embed covers the patches only, added before the prefix tokens are joined
+    pre_norm: bool = False  # a LayerNorm after the embeddings (CLIP); the patch projection then has no bias
+    global_pool: str = "token"  # see POOLS
+    fc_norm: bool = False  # the final LayerNorm after pooling instead of before
+    init_values: float | None = None  # layer scale (ls1/ls2) in every block where set
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "config.json") -> ViTConfig:
@@ -79,7 +89,12 @@ class ViTConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return 2 if self.distillation_token else 1
+        return int(self.class_token) + int(self.distillation_token) + self.reg_tokens
+
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features the head reads."""
+        return 2 * self.hidden_size if self.global_pool == "token_avg" else self.hidden_size
 
     def activation_elements(self) -> int:
         """Elements of one image's largest activation: the input pixels, or tokens x the widest layer."""
@@ -99,8 +114,9 @@ class ViTConfig:
     def num_parameters(self) -> int:
         d, f, L = self.hidden_size, self.intermediate_size, self.num_hidden_layers
         block = 4 * d * d + 2 * d * f + 9 * d + f
-        embed = (self.patch_size**2 * self.num_channels + 1) * d + (self.num_patches + 2) * d
-        return L * block + embed + (d + 1) * self.num_labels * 2
+        embed = (self.patch_size**2 * self.num_channels + 1) * d + (self.num_patches + self.num_prefix_tokens) * d
+        pool = 4 * d * d + 2 * d * f if self.global_pool == "map" else 0
+        return L * block + embed + pool + (self.num_features + 1) * self.num_labels * 2
 
     def validate(self, source: str = "config.json") -> None:
         """Raise ConfigError unless every field has a usable type and size; checks only arithmetic, so it
@@ -130,7 +146,8 @@ class ViTConfig:
         if not is_int(self.num_labels) or not 0 <= self.num_labels <= MAX_LABELS:
             got = shown(self.num_labels, 40, quote=True)
             fail(f"num_labels must be an integer from 0 to {MAX_LABELS:,}, got {got}")
-        for name in ("qkv_bias", "distillation_token", "distilled_head", "pooler"):
+        for name in ("qkv_bias", "distillation_token", "distilled_head", "pooler", "class_token", "no_embed_class",
+                     "pre_norm", "fc_norm"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 fail(f"{name} must be true or false, got {shown(getattr(self, name), 40, quote=True)}")
         if self.image_size % self.patch_size:
@@ -147,6 +164,19 @@ class ViTConfig:
             fail(f"layer_norm_eps must be a small positive number, got {shown(eps, 40, quote=True)}")
         if self.distilled_head and not self.distillation_token:
             fail("a distilled head needs a distillation token")
+        if not is_int(self.reg_tokens) or not 0 <= self.reg_tokens <= MAX_REG_TOKENS:
+            got = shown(self.reg_tokens, 40, quote=True)
+            fail(f"reg_tokens must be an integer from 0 to {MAX_REG_TOKENS}, got {got}")
+        if not isinstance(self.global_pool, str) or self.global_pool not in POOLS:
+            pool = shown(self.global_pool, 40, quote=True)
+            fail(f"global_pool {pool} is not supported (supported: {', '.join(repr(p) for p in POOLS)})")
+        if not self.class_token and (self.global_pool in ("token", "token_avg") or self.distillation_token):
+            fail(f"global_pool {self.global_pool!r} and a distillation token need the class token")
+        if self.distillation_token and self.reg_tokens:
+            fail("a distillation token and register tokens together are not a known layout")
+        init = self.init_values
+        if init is not None and not (_is_number(init) and math.isfinite(init)):
+            fail(f"init_values must be a number or null, got {shown(init, 40, quote=True)}")
         if self.num_hidden_layers > MAX_LAYERS:
             fail(f"num_hidden_layers {self.num_hidden_layers} is over the limit of {MAX_LAYERS}")
         if self.num_patches + self.num_prefix_tokens > MAX_TOKENS:
@@ -160,6 +190,15 @@ class ViTConfig:
                  "too many tokens for its heads and layers")  # fmt: skip
         if self.num_parameters() > MAX_PARAMETERS:
             fail(f"describes a model of ~{self.num_parameters() / 1e9:,.0f}B parameters; refusing to allocate it")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# timm's pooling of the final tokens into the features the head reads; "token_avg" is transformers'
+# Dinov2ForImageClassification (the class token next to the mean of the patch tokens).
+POOLS = ("token", "avg", "map", "", "token_avg")
 
 
 def _gelu_tanh(x: mx.array) -> mx.array:
@@ -234,17 +273,29 @@ ACTIVATIONS = {
 class PatchEmbed(nn.Module):
     """Non-overlapping patches -> tokens. A stride-p conv is a matmul over flattened patches, so we do that."""
 
-    def __init__(self, patch_size: int, num_channels: int, hidden_size: int):
+    def __init__(self, patch_size: int, num_channels: int, hidden_size: int, bias: bool = True):
         super().__init__()
         self.patch_size = patch_size
         # Weight columns are ordered (row in patch, column in patch, channel), i.e. a conv kernel in NHWC order.
-        self.proj = nn.Linear(patch_size * patch_size * num_channels, hidden_size)
+        self.proj = nn.Linear(patch_size * patch_size * num_channels, hidden_size, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:
         B, H, W, C = x.shape
         p = self.patch_size
         x = x.reshape(B, H // p, p, W // p, p, C).transpose(0, 1, 3, 2, 4, 5)  # (B, H/p, W/p, p, p, C)
         return self.proj(x.reshape(B, (H // p) * (W // p), p * p * C))  # (B, N, D)
+
+
+def attend(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale) v for (B, heads, queries, head_dim) queries and (B, heads, T, head_dim) k, v."""
+    if _use_cpu_kernels(q):
+        # The CPU has no fused attention kernel (mx.fast's falls back to separate ops with a libm exp), so:
+        # scores, the softmax's exp, the weighted sum. Dividing by the row sums after `@ v` touches
+        # T * head_dim values per row instead of T * T.
+        scores = q @ k.swapaxes(-1, -2)  # (B, heads, queries, T)
+        weights = _exp_cpu(scores, scores.max(axis=-1, keepdims=True), scale)
+        return (weights @ v) / weights.sum(axis=-1, keepdims=True)
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
 class Attention(nn.Module):
@@ -262,25 +313,14 @@ class Attention(nn.Module):
         q, k, v = (t.squeeze(0) for t in mx.split(qkv, 3))
         rows = max(1, ATTENTION_BLOCK // (B * self.num_heads * T))
         if rows >= T:
-            x = self.attend(q, k, v)
+            x = attend(q, k, v, self.scale)
         else:  # each query's softmax is its own: blocks of queries give exactly the same result
             blocks = []
             for start in range(0, T, rows):
-                blocks.append(self.attend(q[:, :, start : start + rows], k, v))
+                blocks.append(attend(q[:, :, start : start + rows], k, v, self.scale))
                 mx.eval(blocks[-1])  # lazily, MLX would hold several blocks' scores at once
             x = mx.concatenate(blocks, axis=2)
         return self.proj(x.transpose(0, 2, 1, 3).reshape(B, T, D))
-
-    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        """softmax(q k^T * scale) v for (B, heads, queries, head_dim) queries and (B, heads, T, head_dim) k, v."""
-        if _use_cpu_kernels(q):
-            # The CPU has no fused attention kernel (mx.fast's falls back to separate ops with a libm exp), so:
-            # scores, the softmax's exp, the weighted sum. Dividing by the row sums after `@ v` touches
-            # T * head_dim values per row instead of T * T.
-            scores = q @ k.swapaxes(-1, -2)  # (B, heads, queries, T)
-            weights = _exp_cpu(scores, scores.max(axis=-1, keepdims=True), self.scale)
-            return (weights @ v) / weights.sum(axis=-1, keepdims=True)
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class MLP(nn.Module):
@@ -294,8 +334,19 @@ class MLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class LayerScale(nn.Module):
+    """A learned per-channel scale on a residual branch (CaiT, DeiT III, DINOv2)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = mx.ones((dim,))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x * self.gamma
+
+
 class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm transformer block: x + attn(norm1(x)), then x + mlp(norm2(x)), each branch layer-scaled if set."""
 
     def __init__(self, config: ViTConfig):
         super().__init__()
@@ -304,10 +355,41 @@ class Block(nn.Module):
         self.attn = Attention(d, config.num_attention_heads, config.qkv_bias)
         self.norm2 = nn.LayerNorm(d, eps=eps)
         self.mlp = MLP(d, config.intermediate_size, config.hidden_act)
+        if config.init_values is not None:
+            self.ls1 = LayerScale(d)
+            self.ls2 = LayerScale(d)
 
     def __call__(self, x: mx.array) -> mx.array:
+        if "ls1" in self:
+            x = x + self.ls1(self.attn(self.norm1(x)))
+            return x + self.ls2(self.mlp(self.norm2(x)))
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
+
+
+class AttentionPool(nn.Module):
+    """timm's AttentionPoolLatent (SigLIP's "map" head): one learned query attends over the tokens, then an MLP."""
+
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        d = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.latent = mx.zeros((1, 1, d))
+        self.q = nn.Linear(d, d, bias=config.qkv_bias)
+        self.kv = nn.Linear(d, 2 * d, bias=config.qkv_bias)
+        self.proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.mlp = MLP(d, config.intermediate_size, config.hidden_act)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, T, D = x.shape
+        h = self.num_heads
+        q = self.q(self.latent).reshape(1, 1, h, D // h).transpose(0, 2, 1, 3)  # (1, heads, 1, head_dim)
+        kv = self.kv(x).reshape(B, T, 2, h, D // h).transpose(2, 0, 3, 1, 4)  # (2, B, heads, T, head_dim)
+        k, v = (t.squeeze(0) for t in mx.split(kv, 2))
+        x = attend(mx.broadcast_to(q, (B, h, 1, D // h)), k, v, (D // h) ** -0.5)
+        x = self.proj(x.transpose(0, 2, 1, 3).reshape(B, D))  # (B, D)
+        return x + self.mlp(self.norm(x))
 
 
 class Pooler(nn.Module):
@@ -324,18 +406,29 @@ class ViT(nn.Module):
     def __init__(self, config: ViTConfig):
         super().__init__()
         self.config = config
-        d = config.hidden_size
-        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, d)
-        self.cls_token = mx.zeros((1, 1, d))
+        d, eps = config.hidden_size, config.layer_norm_eps
+        self.patch_embed = PatchEmbed(config.patch_size, config.num_channels, d, bias=not config.pre_norm)
+        if config.class_token:
+            self.cls_token = mx.zeros((1, 1, d))
         if config.distillation_token:
             self.dist_token = mx.zeros((1, 1, d))
-        self.pos_embed = mx.zeros((1, config.num_prefix_tokens + config.num_patches, d))
+        if config.reg_tokens:
+            self.reg_token = mx.zeros((1, config.reg_tokens, d))
+        embedded = 0 if config.no_embed_class else config.num_prefix_tokens
+        self.pos_embed = mx.zeros((1, embedded + config.num_patches, d))
+        if config.pre_norm:
+            self.norm_pre = nn.LayerNorm(d, eps=eps)
         self.blocks = [Block(config) for _ in range(config.num_hidden_layers)]
-        self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        if config.fc_norm:
+            self.fc_norm = nn.LayerNorm(config.num_features, eps=eps)
+        else:
+            self.norm = nn.LayerNorm(d, eps=eps)
+        if config.global_pool == "map":
+            self.attn_pool = AttentionPool(config)
         if config.pooler:
             self.pooler = Pooler(d, config.pooler_act)
         if config.num_labels > 0:
-            self.head = nn.Linear(d, config.num_labels)
+            self.head = nn.Linear(config.num_features, config.num_labels)
             if config.distilled_head:
                 self.head_dist = nn.Linear(d, config.num_labels)
 
@@ -346,18 +439,39 @@ class ViT(nn.Module):
             raise ValueError(f"expected {size}x{size} inputs, got {pixels.shape[1]}x{pixels.shape[2]}")
         x = self.patch_embed(pixels)
         B = x.shape[0]
-        prefix = [self.cls_token] + ([self.dist_token] if self.config.distillation_token else [])
-        prefix = [mx.broadcast_to(t, (B, 1, t.shape[-1])) for t in prefix]
-        x = mx.concatenate([*prefix, x], axis=1) + self.pos_embed
+        names = ("cls_token", "dist_token", "reg_token")
+        prefix = [mx.broadcast_to(self[n], (B, *self[n].shape[1:])) for n in names if n in self]
+        if self.config.no_embed_class:  # DeiT III, DINOv2 with registers, big_vision: patches only
+            x = mx.concatenate([*prefix, x + self.pos_embed], axis=1)
+        else:
+            x = mx.concatenate([*prefix, x], axis=1) + self.pos_embed
+        if "norm_pre" in self:
+            x = self.norm_pre(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x)
+        return x if self.config.fc_norm else self.norm(x)
+
+    def pool(self, tokens: mx.array) -> mx.array:
+        """(B, T, D) tokens -> (B, num_features) features, by global_pool; with no pooling the tokens themselves."""
+        pool, patches = self.config.global_pool, tokens[:, self.config.num_prefix_tokens :]
+        if pool == "token":
+            return tokens[:, 0]
+        if pool == "avg":
+            return patches.mean(axis=1)
+        if pool == "map":
+            return self.attn_pool(patches)
+        if pool == "token_avg":
+            return mx.concatenate([tokens[:, 0], patches.mean(axis=1)], axis=-1)
+        return tokens
 
     def forward_head(self, tokens: mx.array) -> mx.array:
-        """Tokens -> logits (B, num_labels); with no head, the class token's features."""
+        """Tokens -> logits (B, num_labels); with no head, the pooled features."""
+        x = self.pool(tokens)
+        if self.config.fc_norm:
+            x = self.fc_norm(x)
         if self.config.num_labels == 0:
-            return tokens[:, 0]
-        logits = self.head(tokens[:, 0])
+            return x
+        logits = self.head(x)
         if self.config.distilled_head:
             logits = (logits + self.head_dist(tokens[:, 1])) / 2
         return logits
