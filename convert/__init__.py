@@ -1,7 +1,7 @@
-"""Convert Hugging Face ViT / DeiT checkpoints into mlx-vit model folders (see `mlx_folder` for their layout).
+"""Convert ViT checkpoints (transformers, timm, JAX .npz: see `checkpoint`) into mlx-vit model folders.
 
 `convert_folder` reads a checkpoint into MLX weights and an mlx-vit config; `convert` builds the model from them
-(so what is written can be loaded) and writes the folder.
+(so what is written can be loaded) and writes the folder (see `mlx_folder` for its layout).
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from mlx_vit.errors import MlxVitError, shown
-from mlx_vit.files import is_dir
+from mlx_vit.files import exists, is_dir
 from mlx_vit.hub import download
 
-from .hf import read_hf_checkpoint
+from .checkpoint import read_checkpoint
 from .mlx_folder import (
     FORMAT,
     FORMAT_VERSION,
+    at_image_size,
     build_model,
     check_config,
     check_target,
@@ -46,15 +47,15 @@ class Quantize:
             raise MlxVitError(f"--q-group-size must be one of {sizes}, got {self.group_size}")
 
 
-def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | None = None,
-                   dtype: str = "float32") -> tuple[dict, dict[str, Any]]:  # fmt: skip
-    """Read an HF-layout folder into (MLX weights, MLX config.json contents)."""
+def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | None = None, dtype: str = "float32",
+                   arch: str | None = None, image_size: int | None = None) -> tuple[dict, dict[str, Any]]:  # fmt: skip
+    """Read a checkpoint (folder or file, any format in checkpoint.FORMATS) into (MLX weights, config.json)."""
     from mlx_vit.quantize import DTYPES, cast_weights, quantize_weights
 
     if dtype not in DTYPES:
         raise MlxVitError(f"--dtype must be one of {', '.join(DTYPES)}, got {shown(dtype, 40, quote=True)}")
-    model_config, weights, metadata = read_hf_checkpoint(folder)
-    quantization = None
+    checkpoint = read_checkpoint(folder, arch)
+    weights, quantization = checkpoint.weights, None
     if quantize:
         weights, quantization = quantize_weights(weights, quantize.bits, quantize.group_size, dtype)
         for layer in quantization["skipped"]:
@@ -64,31 +65,42 @@ def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | No
     config = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "model": model_config.to_dict(),
-        **metadata,
+        "model": checkpoint.config.to_dict(),
+        "architecture": checkpoint.architecture,
+        "id2label": checkpoint.id2label,
+        "problem_type": checkpoint.extra.get("problem_type"),
+        "preprocessing": checkpoint.preprocessing,
+        "pos_embed_resample": checkpoint.resample,
         "dtype": dtype,
         "quantization": quantization,
         "source": source,
     }
-    check_config(config, str(folder / "config.json"))  # what load_model will check, checked before writing
+    config = at_image_size(config, image_size, shown(folder, None))
+    check_config(config, shown(folder, None))  # what load_model will check, checked before writing
     return weights, config
 
 
 def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, revision: str | None = None,
-            quantize: Quantize | None = None, dtype: str = "float32") -> Path:  # fmt: skip
-    """Convert a Hub repo id or an HF-layout folder into an MLX model folder; returns the folder."""
+            quantize: Quantize | None = None, dtype: str = "float32", arch: str | None = None,
+            image_size: int | None = None) -> Path:  # fmt: skip
+    """Convert a Hub repo id, a checkpoint folder or a bare weight file (with `arch`) into an MLX model folder.
+
+    `image_size` runs the model at another square input size: its position embeddings are resampled at load
+    time the way the checkpoint's reference does, and its preprocessing scaled to match. Returns the folder.
+    """
     folder = Path(src).expanduser()
-    if is_dir(folder):
+    if is_dir(folder) or exists(folder):
         source: dict[str, Any] = {"path": str(folder.resolve())}
     else:
         folder = download(src, revision)
         source = {"repo": src, "revision": folder.name}
-    target = Path(mlx_path) if mlx_path else Path(f"{Path(src).expanduser().resolve().name or 'model'}-mlx")
+    named = Path(src).expanduser().resolve()
+    target = Path(mlx_path) if mlx_path else Path(f"{(named.name if is_dir(named) else named.stem) or 'model'}-mlx")
     check_target(target, force)  # fail before the slow part
     if target.resolve() == folder.resolve():
         raise MlxVitError(f"{shown(target, None)}: is the checkpoint being converted; choose another output folder")
     log.info("converting %s", shown(src, None))
-    weights, config = convert_folder(folder, source, quantize, dtype)
+    weights, config = convert_folder(folder, source, quantize, dtype, arch, image_size)
     build_model(config, weights, str(folder))  # what is written must load: names, shapes, dtypes, finite values
     q = config["quantization"]
     if q:

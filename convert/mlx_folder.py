@@ -3,7 +3,9 @@
     config.json        {"format": "mlx-vit", "format_version": 1, "model": {...ViTConfig...}, "architecture": ...,
                         "id2label": {"0": ...}, "problem_type": ..., "preprocessing": {...}, "dtype": "float32",
                         "quantization": null or {"bits", "group_size", "mode", "layers", "skipped"},
-                        "source": {"repo": ..., "revision": ...} or {"path": ...}}
+                        "source": {"repo": ..., "revision": ...} or {"path": ...},
+                        "image_size": N (only where the model runs at another size than its weights'),
+                        "pos_embed_resample": {"interpolation": ..., "antialias": ...} (how, then)}
     manifest.json      {"format": "mlx-vit", "files": {NAME: {"size": ..., "sha256": ...}}, "source": ...}
     model.safetensors  the weights, with the MLX model's names and layouts
 
@@ -26,6 +28,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
@@ -34,6 +37,8 @@ from mlx_vit.model import ViT, ViTConfig
 from mlx_vit.preprocess import PreprocessConfig
 from mlx_vit.quantize import check_stored_format
 
+from .common import TRANSFORMERS_RESAMPLE
+from .pos_embed import resample_pos_embed
 from .safetensors_io import header_of
 
 FORMAT = "mlx-vit"
@@ -43,7 +48,8 @@ WEIGHTS = "model.safetensors"
 STALE_SECONDS = 3600
 PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
 _REQUIRED = {"format", "format_version", "model", "id2label", "preprocessing", "dtype", "quantization"}
-_OPTIONAL = {"architecture", "problem_type", "source"}
+_OPTIONAL = {"architecture", "problem_type", "source", "image_size", "pos_embed_resample"}
+INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 def is_mlx_folder(folder: Path) -> bool:
@@ -76,9 +82,15 @@ def check_config(config: dict[str, Any], source: str) -> tuple[ViTConfig, Prepro
     names = {f.name for f in fields(ViTConfig)}
     if set(values) - names:
         fail(f"model has unknown key '{shown(sorted(set(values) - names)[0], 60)}'")
-    model = ViTConfig.from_dict(values, source)
+    ViTConfig.from_dict(values, source)  # the model the weights are for
+    model = runtime_config(config, source)  # the model that runs: position embeddings resampled to image_size
     preprocessing = PreprocessConfig.from_dict(config["preprocessing"], source)
     check_input_size(preprocessing, model, source)
+    resample = config.get("pos_embed_resample", TRANSFORMERS_RESAMPLE)
+    if not (isinstance(resample, dict) and set(resample) == {"interpolation", "antialias"}
+            and resample["interpolation"] in INTERPOLATIONS and isinstance(resample["antialias"], bool)):  # fmt: skip
+        fail(f"pos_embed_resample must be {{\"interpolation\": one of {', '.join(INTERPOLATIONS)}, "
+             "\"antialias\": true or false}")  # fmt: skip
     id2label = config["id2label"]
     expected = [str(i) for i in range(model.num_labels)]
     if not (isinstance(id2label, dict) and all(isinstance(v, str) for v in id2label.values())):
@@ -94,6 +106,36 @@ def check_config(config: dict[str, Any], source: str) -> tuple[ViTConfig, Prepro
             fail(f"{key} must be a string")
     check_stored_format(config, source)
     return model, preprocessing
+
+
+def runtime_config(config: dict[str, Any], source: str) -> ViTConfig:
+    """The model config.json runs: its `model` at its `image_size` (by default the size the weights are for)."""
+    model = ViTConfig.from_dict(config["model"], source)
+    size = config.get("image_size", model.image_size)
+    if size == model.image_size:
+        return model
+    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % model.patch_size:
+        raise ConfigError(f"{source}: image_size must be a positive multiple of the patch size "
+                          f"{model.patch_size}, got {shown(size, 40, quote=True)}")  # fmt: skip
+    return ViTConfig.from_dict({**model.to_dict(), "image_size": size}, source)
+
+
+def at_image_size(config: dict[str, Any], size: int | None, source: str) -> dict[str, Any]:
+    """config.json for running its model at `size` (--image-size): preprocessing scaled as its reference scales
+    it. Without a size, the size the preprocessing makes (DINOv2's 224 crop of a 518-px model), if it differs."""
+    preprocessing = PreprocessConfig.from_dict(config["preprocessing"], source)
+    native = config["model"]["image_size"]
+    if size is None:
+        fixed = preprocessing.fixed_size()
+        if not fixed or fixed[0] != fixed[1] or fixed[0] == native:
+            return config
+        size = fixed[0]
+    else:
+        preprocessing = preprocessing.at_size(size)
+    config = {**config, "image_size": size, "preprocessing": preprocessing.to_dict()}
+    if size == native:
+        del config["image_size"]
+    return config
 
 
 def check_input_size(preprocessing: PreprocessConfig, model: ViTConfig, source: str) -> None:
@@ -172,14 +214,30 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: st
             raise CheckpointError(
                 f"{source}: tensor '{key}' holds NaN or infinite values (in {_dtype_name(weights[key].dtype)})"
             )
+    runtime = runtime_config(config, f"{source}/config.json")
+    if runtime != model.config:  # another input size: the position table resampled once, here
+        weights = {**weights, "pos_embed": _resampled(weights["pos_embed"], model.config, runtime, config)}
+        model, _ = _skeleton(config, weights, source, runtime)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
 
 
-def _skeleton(config: dict[str, Any], names, source: str) -> tuple[ViT, set[str]]:
-    """The (lazy, unevaluated) model `config` describes for tensors of these names, and its packed weights."""
-    model = ViT(ViTConfig.from_dict(config["model"], f"{source}/config.json"))  # lazy: nothing allocated yet
+def _resampled(pos_embed: mx.array, stored: ViTConfig, runtime: ViTConfig, config: dict[str, Any]) -> mx.array:
+    """The position table for `stored`'s grid resampled to `runtime`'s, as the checkpoint's reference does."""
+    grid = runtime.image_size // runtime.patch_size
+    prefix = 0 if stored.no_embed_class else stored.num_prefix_tokens
+    old = stored.image_size // stored.patch_size
+    resample = config.get("pos_embed_resample", TRANSFORMERS_RESAMPLE)
+    table = np.array(pos_embed.astype(mx.float32))
+    table = resample_pos_embed(table, (grid, grid), prefix, old_grid=(old, old), **resample)
+    return mx.array(table).astype(pos_embed.dtype)
+
+
+def _skeleton(config: dict[str, Any], names, source: str, model_config: ViTConfig | None = None):
+    """The (lazy, unevaluated) model `config` describes (or `model_config`) for tensors of these names, and its
+    packed weights."""
+    model = ViT(model_config or ViTConfig.from_dict(config["model"], f"{source}/config.json"))  # nothing allocated
     quantization = config.get("quantization") or {}
     # Layers stay quantized unless to_float32 expanded them (then their scales are gone).
     layers = {layer for layer in quantization.get("layers", []) if f"{layer}.scales" in names}

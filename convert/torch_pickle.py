@@ -131,11 +131,16 @@ def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{name}: malformed PyTorch checkpoint ({reason})") from None
 
 
-def _read_archive(archive: zipfile.ZipFile, name: str, size: int) -> dict[str, np.ndarray]:
+def check_members(archive: zipfile.ZipFile, name: str) -> None:
+    """Refuse an archive holding one member name twice: torch and numpy read the first, zipfile the last."""
     counts = collections.Counter(archive.namelist())
     twice = next((member for member, count in counts.items() if count > 1), None)
-    if twice is not None:  # torch reads the first of two same-named members, zipfile the last
+    if twice is not None:
         raise CheckpointError(f"{name}: the archive holds '{shown(twice, 80)}' twice")
+
+
+def _read_archive(archive: zipfile.ZipFile, name: str, size: int) -> dict[str, np.ndarray]:
+    check_members(archive, name)
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
     if len(pickles) != 1:
         raise CheckpointError(f"{name}: expected one data.pkl in the archive, found {len(pickles)}")

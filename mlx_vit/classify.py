@@ -199,9 +199,11 @@ def _not_finite(path: str | os.PathLike) -> str:
             "overflow float32?)")  # fmt: skip
 
 
-def load(model: str = DEFAULT_MODEL, revision: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Classifier:
-    """Load a classifier from an MLX folder, an HF-layout folder or a Hub repo id."""
+def load(model: str = DEFAULT_MODEL, revision: str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+         image_size: int | None = None, arch: str | None = None) -> Classifier:  # fmt: skip
+    """Load a classifier from an MLX folder, a checkpoint folder, a weight file named by `arch` (a timm name) or
+    a Hub repo id; `image_size` runs it at another square input size."""
     start = time.perf_counter()
-    classifier = Classifier(load_model(model, revision), max_pixels)
+    classifier = Classifier(load_model(model, revision, image_size, arch), max_pixels)
     log.debug("loaded %s in %.2f s", classifier.name, time.perf_counter() - start)
     return classifier

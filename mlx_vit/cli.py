@@ -101,6 +101,19 @@ def main_options(
     logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
+# Shared by classify and convert.
+ImageSize = Annotated[
+    int | None,
+    typer.Option("--image-size", min=1, help="Run at N x N pixels: position embeddings resampled as the checkpoint's "
+                 "reference does, preprocessing scaled to match.", show_default=False),
+]  # fmt: skip
+Arch = Annotated[
+    str | None,
+    typer.Option("--arch", help="A bare .pth/.safetensors/.npz file's timm architecture, NAME[.TAG] (e.g. "
+                 "vit_base_patch16_224.augreg2_in21k_ft_in1k): its layout and preprocessing.", show_default=False),
+]  # fmt: skip
+
+
 @app.command()
 def classify(
     images: Annotated[
@@ -110,7 +123,7 @@ def classify(
         ),
     ] = None,
     model: Annotated[
-        str, typer.Option("-m", "--model", help="MLX folder, Hugging Face folder, or Hub repo id.")
+        str, typer.Option("-m", "--model", help="MLX folder, checkpoint folder or file, or Hub repo id.")
     ] = DEFAULT_MODEL,
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Predictions per image.")] = 5,
     format: Annotated[Format, typer.Option("--format", help="table, json (one array), jsonl (a line each).")] = (
@@ -132,6 +145,8 @@ def classify(
     fps: Annotated[
         float | None, typer.Option("--fps", min=0.01, help="--camera: classify at most F frames per second.")
     ] = None,
+    image_size: ImageSize = None,
+    arch: Arch = None,
 ) -> None:
     """Classify images, or camera/video frames with --camera. Exit code 0 when all were classified, 1 when any
     failed (the rest still are)."""
@@ -142,13 +157,14 @@ def classify(
             raise typer.BadParameter("--camera takes one camera index or video file", param_hint="--camera")
         if format is Format.json:
             raise typer.BadParameter("--camera prints table or jsonl (one line per frame)", param_hint="--format")
-        _classify_camera(str(images[0]) if images else "0", _run(load, model, revision), top_k, format, frames, fps)
+        classifier = _run(load, model, revision, image_size=image_size, arch=arch)
+        _classify_camera(str(images[0]) if images else "0", classifier, top_k, format, frames, fps)
         return
     if not images:
         raise typer.BadParameter("give image files to classify (or --camera)", param_hint="IMAGES")
     if frames is not None or fps is not None:
         raise typer.BadParameter("--frames and --fps go with --camera", param_hint="--frames/--fps")
-    classifier = _run(load, model, revision, max_pixels)
+    classifier = _run(load, model, revision, max_pixels, image_size, arch)
     results = []
     _run(_classify_into, results, classifier, images, top_k, batch_size, format)
     if format is Format.json:
@@ -307,7 +323,9 @@ def _live_table(results, stats: _StreamStats, model_name: str) -> None:
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="Hub repo id (e.g. google/vit-base-patch16-224) or an HF folder.")],
+    src: Annotated[
+        str, typer.Argument(help="Hub repo id (e.g. google/vit-base-patch16-224), a checkpoint folder, or a file.")
+    ],
     mlx_path: Annotated[
         Path | None, typer.Option("-o", "--mlx-path", help="Output folder [default: ./NAME-mlx].")
     ] = None,
@@ -323,8 +341,11 @@ def convert(
     dtype: Annotated[DType, typer.Option("--dtype", help="Type of the tensors that are not quantized.")] = (
         DType.float32
     ),
+    image_size: ImageSize = None,
+    arch: Arch = None,
 ) -> None:
-    """Convert a ViT/DeiT checkpoint (safetensors or pytorch_model.bin, read without running code) to MLX."""
+    """Convert a ViT checkpoint to MLX: transformers ViT/DeiT/DINOv2, timm (Hub folder, or a .pth/.safetensors
+    file with --arch) or a JAX .npz with --arch. Weights are read without running code."""
     from mlx_vit.convert import Quantize
     from mlx_vit.convert import convert as convert_checkpoint
 
@@ -337,8 +358,9 @@ def convert(
     elif q_bits is not None or q_group_size is not None:
         raise typer.BadParameter("--q-bits and --q-group-size go with -q/--quantize", param_hint="-q")
     folder = _run(
-        convert_checkpoint, src, mlx_path, force=force, revision=revision, quantize=options, dtype=dtype.value
-    )
+        convert_checkpoint, src, mlx_path, force=force, revision=revision, quantize=options, dtype=dtype.value,
+        arch=arch, image_size=image_size,
+    )  # fmt: skip
     size = sum(p.stat().st_size for p in folder.iterdir())
     amount = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
     typer.echo(f"wrote {shown(str(folder), None)} ({amount})")
@@ -348,7 +370,7 @@ def convert(
 def tui(
     path: Annotated[Path, typer.Argument(help="An image (classified at start) or a folder to browse.")] = Path("."),
     model: Annotated[
-        str, typer.Option("-m", "--model", help="MLX folder, Hugging Face folder, or Hub repo id.")
+        str, typer.Option("-m", "--model", help="MLX folder, checkpoint folder or file, or Hub repo id.")
     ] = DEFAULT_MODEL,
     top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=20, help="Predictions shown.")] = 5,
     camera: Annotated[

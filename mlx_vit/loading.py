@@ -15,7 +15,7 @@ from typing import Any
 import mlx.core as mx
 
 from mlx_vit.convert import FORMAT, convert_folder, is_mlx_folder, write_mlx_folder
-from mlx_vit.convert.mlx_folder import build_model, read_mlx_folder
+from mlx_vit.convert.mlx_folder import at_image_size, build_model, check_config, read_mlx_folder
 from mlx_vit.errors import CheckpointError, ModelNotFoundError, shown
 from mlx_vit.files import exists, is_dir, read_json
 from mlx_vit.hub import download
@@ -47,8 +47,11 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
-def load_mlx_folder(folder: Path) -> LoadedModel:
+def load_mlx_folder(folder: Path, image_size: int | None = None) -> LoadedModel:
     config, weights = read_mlx_folder(folder)
+    if image_size is not None:
+        config = at_image_size(config, image_size, shown(folder / "config.json", None))
+        check_config(config, shown(folder / "config.json", None))
     dtype = config["dtype"]
     if on_cpu() and (config["quantization"] or dtype != "float32"):
         # MLX's CPU quantized/half matmuls are scalar loops, ~15-30x slower than float32 with a real BLAS.
@@ -69,23 +72,30 @@ def describe(config: dict[str, Any]) -> str:
     return f"{q['bits']}-bit (group {q['group_size']})" if q else config.get("dtype", "float32")
 
 
-def load_hf_folder(folder: Path, source: dict[str, Any]) -> LoadedModel:
-    weights, config = convert_folder(folder, source)
-    model = build_model(config, weights, shown(folder, None))
-    return LoadedModel(model, config, str(folder))
+def load_checkpoint(path: Path, image_size: int | None = None, arch: str | None = None) -> LoadedModel:
+    """A checkpoint folder or bare weight file of any supported format, converted in memory."""
+    weights, config = convert_folder(path, {"path": str(path.resolve())}, arch=arch, image_size=image_size)
+    model = build_model(config, weights, shown(path, None))
+    return LoadedModel(model, config, str(path))
 
 
-def load_model(name: str = DEFAULT_MODEL, revision: str | None = None) -> LoadedModel:
-    """Load a model by folder or Hub id (see the module docstring)."""
+def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_size: int | None = None,
+               arch: str | None = None) -> LoadedModel:  # fmt: skip
+    """Load a model by folder, weight file (with `arch`, a timm name) or Hub id (see the module docstring).
+
+    `image_size` runs it at another square input size (position embeddings resampled once, here).
+    """
     folder = Path(name).expanduser()
     if is_dir(folder):
         if not exists(folder / "config.json"):
             raise ModelNotFoundError(f"{shown(folder, None)}: folder has no config.json (not a model folder)")
         if read_json(folder / "config.json").get("format") == FORMAT:
-            return load_mlx_folder(folder)
-        return load_hf_folder(folder, {"path": str(folder.resolve())})
+            if arch is not None:
+                raise ModelNotFoundError(f"{shown(folder, None)}: --arch is for bare weight files")
+            return load_mlx_folder(folder, image_size)
+        return load_checkpoint(folder, image_size, arch)
     if exists(folder):
-        raise ModelNotFoundError(f"{shown(folder, None)}: is a file; pass a model folder or a Hub repo id")
+        return load_checkpoint(folder, image_size, arch)
     if name.startswith((".", "/", "~")) or os.sep in name.strip(os.sep).replace("/", "", 1):
         raise ModelNotFoundError(f"{shown(name, None)}: no such folder")
     snapshot = download(name, revision)
@@ -95,6 +105,6 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None) -> Loaded
         weights, config = convert_folder(snapshot, {"repo": name, "revision": snapshot.name})
         build_model(config, weights, str(snapshot))
         write_mlx_folder(converted, weights, config, force=True)
-    loaded = load_mlx_folder(converted)
+    loaded = load_mlx_folder(converted, image_size)
     loaded.name = name
     return loaded

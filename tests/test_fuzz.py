@@ -40,9 +40,9 @@ from PIL import Image
 
 from mlx_vit.classify import Classifier
 from mlx_vit.convert import Quantize, convert
-from mlx_vit.convert.hf import check_config
 from mlx_vit.convert.safetensors_io import read_header, read_safetensors
 from mlx_vit.convert.torch_pickle import MAX_PICKLE_BYTES, read_torch_bin
+from mlx_vit.convert.transformers_vit import check_config
 from mlx_vit.errors import CheckpointError, ConfigError, ImageError, MlxVitError
 from mlx_vit.images import open_image
 from mlx_vit.loading import load_model

@@ -1,0 +1,196 @@
+"""What every checkpoint format shares: the `Checkpoint` a reader returns, weight files, renames and layout fixes.
+
+A format module (transformers_vit, transformers_dinov2, timm_vit, jax_npz) has a `detect`, one rename table and
+one layout fix, built from the helpers here; `checkpoint.read_checkpoint` picks the module.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlx_vit.errors import CheckpointError, ConfigError, shown
+from mlx_vit.files import exists, read_json
+from mlx_vit.model import ViTConfig
+from mlx_vit.preprocess import PreprocessConfig
+
+from .safetensors_io import read_safetensors
+from .torch_pickle import read_torch_bin
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")  # fmt: skip
+# How each reference resamples position embeddings to another grid (pos_embed.resample_pos_embed's arguments).
+TIMM_RESAMPLE = {"interpolation": "bicubic", "antialias": True}  # checkpoint_filter_fn
+JAX_RESAMPLE = {"interpolation": "bilinear", "antialias": False}  # _load_weights
+TRANSFORMERS_RESAMPLE = {"interpolation": "bicubic", "antialias": False}  # interpolate_pos_encoding
+
+
+@dataclass
+class Source:
+    """What a reader is given: a folder or a file, its config.json (folders), and the user's --arch."""
+
+    path: Path
+    arch: str | None = None
+    config: dict[str, Any] | None = None  # a folder's config.json, read once
+
+    @property
+    def name(self) -> str:
+        return shown(self.path, None)
+
+    @property
+    def is_folder(self) -> bool:
+        return self.config is not None
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint in the MLX model's names and layouts, at the grid its position embeddings were trained at."""
+
+    config: ViTConfig
+    weights: dict[str, np.ndarray]
+    preprocessing: dict[str, Any]  # PreprocessConfig.to_dict()
+    id2label: dict[str, str]
+    architecture: str
+    resample: dict[str, Any]  # how its reference resamples pos_embed (TIMM_RESAMPLE, ...)
+    extra: dict[str, Any] = field(default_factory=dict)  # more config.json keys (problem_type)
+
+
+def read_weights(folder: Path) -> dict[str, np.ndarray]:
+    """All tensors of an HF-layout folder: safetensors preferred, then pytorch_model.bin; shards followed."""
+    for name in WEIGHT_FILES:
+        path = folder / name
+        if not exists(path):
+            continue
+        if name.endswith(".index.json"):
+            weight_map = read_json(path, CheckpointError).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise CheckpointError(f"{shown(path, None)}: has no weight_map")
+            values = list(weight_map.values())
+            if any(not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") or not s for s in values):
+                raise CheckpointError(f"{shown(path, None)}: shard names must be plain file names in the same folder")
+            files = [folder / s for s in sorted(set(values))]
+        else:
+            files = [path]
+        tensors: dict[str, np.ndarray] = {}
+        for file in files:
+            if not exists(file):
+                raise CheckpointError(f"{shown(file, None)}: shard listed in {name} is missing")
+            for key, value in read_weight_file(file).items():
+                if key in tensors:  # two shards holding one tensor: which would transformers take?
+                    raise CheckpointError(f"{shown(file, None)}: tensor '{shown(key, 80)}' is in another shard too")
+                tensors[key] = value
+        return tensors
+    raise CheckpointError(f"{shown(folder, None)}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+
+
+def read_weight_file(path: Path) -> dict[str, np.ndarray]:
+    """One .safetensors file, or one torch.save()d state dict (.bin, .pth, .pt)."""
+    return read_safetensors(path) if path.name.endswith(".safetensors") else read_torch_bin(path)
+
+
+def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:
+    """Refuse NaN and infinite weights, and float64 values float32 cannot hold, naming the tensor."""
+    limit = float(np.finfo(np.float32).max)
+    for key, value in tensors.items():
+        if value.dtype.kind != "f" or value.size == 0:
+            continue
+        if not np.isfinite(value).all():
+            raise CheckpointError(f"{source}: tensor '{shown(key, 80)}' holds NaN or infinite values")
+        if value.dtype == np.float64 and np.abs(value).max() > limit:
+            raise CheckpointError(f"{source}: tensor '{shown(key, 80)}' holds values beyond float32's range")
+
+
+def rename(tensors: dict[str, np.ndarray], renames: list[tuple[str, str]], ignored: re.Pattern | None,
+           source: str, kind: str, prefix: str = "") -> dict[str, np.ndarray]:  # fmt: skip
+    """Checkpoint names -> the MLX model's, by the first matching (regex, replacement) after an optional `prefix`
+    (a regex: a task model's `vit.`); unmatched names are refused."""
+    mapped: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    for key, value in tensors.items():
+        if ignored is not None and ignored.fullmatch(key):
+            continue
+        for pattern, replacement in renames:
+            new, count = re.subn(f"^(?:{prefix})?{pattern}" if prefix else f"^{pattern}", replacement, key)
+            if count:
+                break
+        else:
+            raise CheckpointError(f"{source}: unexpected tensor '{shown(key, 80)}' for a {kind} checkpoint")
+        if new in mapped:  # `vit.x` and `x`: the reference would load one of them; guessing which is a wrong answer
+            raise CheckpointError(f"{source}: tensors '{shown(origin[new], 80)}' and '{shown(key, 80)}' are both {new}")
+        mapped[new], origin[new] = value, key
+    return mapped
+
+
+def fuse_qkv(mapped: dict[str, np.ndarray], config: ViTConfig, source: str) -> None:
+    """blocks.N.attn.{q,k,v}.{weight,bias} -> blocks.N.attn.qkv.*, one matmul; shapes checked first."""
+    d = config.hidden_size
+    for i in range(config.num_hidden_layers):
+        prefix = f"blocks.{i}.attn."
+        for kind, shape in (("weight", (d, d)), ("bias", (d,))):
+            parts = [mapped.pop(f"{prefix}{q}.{kind}", None) for q in "qkv"]
+            if all(part is not None for part in parts):
+                if any(part.shape != shape for part in parts):
+                    shapes = [part.shape for part in parts]
+                    raise CheckpointError(f"{source}: layer {i} query/key/value {kind} shapes {shapes} are not {shape}")
+                mapped[f"{prefix}qkv.{kind}"] = np.concatenate(parts, axis=0)
+            elif any(part is not None for part in parts):
+                raise CheckpointError(f"{source}: layer {i} has only some of query/key/value {kind}")
+
+
+def conv_to_linear(mapped: dict[str, np.ndarray], config: ViTConfig, source: str) -> None:
+    """The (D, C, p, p) patch convolution -> (D, p*p*C), a linear layer over flattened NHWC patches."""
+    if "patch_embed.proj.weight" not in mapped:
+        return
+    d, c, p = config.hidden_size, config.num_channels, config.patch_size
+    w = mapped["patch_embed.proj.weight"]
+    if w.shape != (d, c, p, p):
+        raise CheckpointError(f"{source}: patch projection has shape {w.shape}, the config makes {(d, c, p, p)}")
+    mapped["patch_embed.proj.weight"] = w.transpose(0, 2, 3, 1).reshape(d, -1)
+
+
+def head_classes(tensors: dict[str, np.ndarray], key: str | None, source: str) -> int:
+    """Classes of the head whose weight is `tensors[key]` (0 for none), checked to be a matrix."""
+    head = tensors.get(key) if key else None
+    if head is None:
+        return 0
+    if head.ndim != 2:
+        raise CheckpointError(f"{source}: classifier weight has shape {head.shape}, expected 2 dimensions")
+    return int(head.shape[0])
+
+
+def numbered_labels(num_labels: int, names: dict[int, str] | None = None, fallback: str = "class {}") -> dict:
+    """{"0": name, ...} for every class; `fallback` names those `names` lacks."""
+    names = names or {}
+    return {str(i): names.get(i, fallback.format(i)) for i in range(num_labels)}
+
+
+def hf_sizes(hf: dict[str, Any]) -> dict[str, Any]:
+    """A transformers config.json's values, with [n, n] sizes (which transformers accepts) as n."""
+    values = dict(hf)
+    for key in ("image_size", "patch_size"):
+        value = values.get(key)
+        if isinstance(value, list) and len(value) == 2 and value[0] == value[1] and type(value[0]) is int:
+            values[key] = value[0]
+    return values
+
+
+def hf_labels(hf: dict[str, Any], num_labels: int, source: str = "config.json") -> dict[str, str]:
+    """{"0": name, ...} for every class, as in config.json; transformers' LABEL_i where the file names none."""
+    id2label = hf.get("id2label") or {}
+    try:
+        table = {int(k): str(v) for k, v in id2label.items()}
+    except (AttributeError, ValueError, TypeError):
+        raise ConfigError(f"{source}: id2label must map class ids to names") from None
+    return numbered_labels(num_labels, table, "LABEL_{}")
+
+
+def hf_preprocessing(folder: Path, model_type: str, image_size: int) -> dict[str, Any]:
+    """The folder's preprocessor_config.json as transformers' PIL image processor reads it."""
+    processor_file = folder / "preprocessor_config.json"
+    # Without a preprocessor config transformers has no processor at all; class defaults at the model's size.
+    processor = read_json(processor_file) if exists(processor_file) else {"size": image_size}
+    return PreprocessConfig.from_hf(processor, model_type, shown(processor_file, None)).to_dict()

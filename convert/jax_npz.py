@@ -1,0 +1,194 @@
+"""The ViT paper's JAX/Flax `.npz` files (ViT-B_16.npz, the augreg files, big_vision's): named with --arch.
+
+The names are those timm's `_load_weights` reads: `embedding/kernel` (an HWIO convolution), `cls`,
+`Transformer/posembed_input/pos_embedding` (big_vision: `pos_embedding`), `Transformer/encoderblock_N/...`
+(big_vision may stack all blocks in one `Transformer/encoderblock/...` with the layer first), `MAPHead_0/...`,
+`head/kernel`. The layout fix transposes kernels to (out, in) and joins the per-head query/key/value kernels
+into one qkv matrix. Arrays are read with allow_pickle=False: an object array is refused, never unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import zipfile
+
+import numpy as np
+
+from mlx_vit.errors import CheckpointError, MlxVitError, shown
+from mlx_vit.files import open_regular
+from mlx_vit.model import ViTConfig
+from mlx_vit.preprocess import PreprocessConfig
+
+from . import timm_vit
+from .common import JAX_RESAMPLE, Checkpoint, Source, check_finite
+from .torch_pickle import MAX_INFLATION, check_members
+
+NAME = "JAX .npz"
+LOOKS_FOR = {"file": "an .npz with --arch"}  # by source kind
+PREFIXES = ("", "opt/target/", "params/", "params/img/")
+IGNORED = ("pre_logits/",)  # the old representation layer, which timm drops too
+
+
+def detect(source: Source) -> bool:
+    return not source.is_folder and source.path.suffix == ".npz"
+
+
+def read_npz(path) -> dict[str, np.ndarray]:
+    """Every float array of an .npz, each member's header checked before its data is read."""
+    name = shown(path, None)
+    arrays: dict[str, np.ndarray] = {}
+    with open_regular(path, CheckpointError) as file:
+        size = file.seek(0, io.SEEK_END)
+        try:
+            with zipfile.ZipFile(file) as archive:
+                check_members(archive, name)
+                if sum(info.file_size for info in archive.infolist()) > MAX_INFLATION * size:
+                    raise CheckpointError(f"{name}: its arrays would be over {MAX_INFLATION}x the file's size")
+                for info in archive.infolist():
+                    key = info.filename.removesuffix(".npy")
+                    with archive.open(info) as member:
+                        arrays[key] = _read_array(member, info.file_size, f"{name}: array '{shown(key, 80)}'")
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+            reason = shown(f"{type(error).__name__}: {error}", 200)
+            raise CheckpointError(f"{name}: not a readable .npz archive ({reason})") from None
+    return arrays
+
+
+def _read_array(member, size: int, name: str) -> np.ndarray:
+    """One .npy member: its header (bounded by numpy) checked, then exactly the bytes it declares."""
+    version = np.lib.format.read_magic(member)
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
+        raise CheckpointError(f"{name}: .npy format version {version} is not supported")
+    shape, fortran, dtype = readers[version](member)
+    if dtype.hasobject:
+        raise CheckpointError(f"{name} holds Python objects (refused: loading them would run pickle)")
+    if dtype.kind != "f":
+        hint = " (bfloat16 as raw bytes? re-save it as float32)" if dtype.kind == "V" else ""
+        raise CheckpointError(f"{name} is {dtype}, not a float array{hint}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > size:
+        raise CheckpointError(f"{name}: its header declares more data than the archive member holds")
+    data = member.read(nbytes)
+    if len(data) != nbytes:
+        raise CheckpointError(f"{name}: truncated ({len(data)} of {nbytes} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+class _Names:
+    """The archive's arrays under its prefix, each taken once and shape-checked."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], prefix: str, source: str):
+        self.arrays, self.prefix, self.source, self.taken = arrays, prefix, source, set()
+
+    def has(self, key: str) -> bool:
+        return self.prefix + key in self.arrays
+
+    def take(self, key: str, shape: tuple[int, ...], index: int | None = None) -> np.ndarray:
+        full = self.prefix + key
+        if full not in self.arrays:
+            raise CheckpointError(f"{self.source}: has no array '{shown(full, 80)}', which --arch's model needs")
+        self.taken.add(full)
+        value = self.arrays[full] if index is None else self.arrays[full][index]
+        if value.shape != shape:
+            raise CheckpointError(f"{self.source}: array '{shown(full, 80)}' has shape {value.shape}, the "
+                                  f"architecture makes {shape}")  # fmt: skip
+        return value
+
+    def unused(self) -> list[str]:
+        return [k for k in self.arrays if k.startswith(self.prefix) and k not in self.taken
+                and not k[len(self.prefix):].startswith(IGNORED)]  # fmt: skip
+
+
+def _attention(w: _Names, at: str, d: int, heads: int, parts: tuple[str, ...], index) -> tuple[np.ndarray, ...]:
+    """Flax per-head (D, heads, head_dim) kernels -> one (len(parts) * D, D) matrix and its bias."""
+    kernels = [w.take(f"{at}{p}/kernel", (d, heads, d // heads), index).reshape(d, d).T for p in parts]
+    biases = [w.take(f"{at}{p}/bias", (heads, d // heads), index).reshape(d) for p in parts]
+    return np.concatenate(kernels), np.concatenate(biases)
+
+
+def map_weights(w: _Names, config: ViTConfig, big_vision: bool) -> dict[str, np.ndarray]:
+    """The layout fix: Flax kernels (in, out) -> (out, in); HWIO patches -> (D, p*p*C) over NHWC patches."""
+    d, f, p, c, h = (config.hidden_size, config.intermediate_size, config.patch_size, config.num_channels,
+                     config.num_attention_heads)  # fmt: skip
+    out = {
+        "patch_embed.proj.weight": w.take("embedding/kernel", (p, p, c, d)).transpose(3, 0, 1, 2).reshape(d, -1),
+        "patch_embed.proj.bias": w.take("embedding/bias", (d,)),
+    }
+    if config.class_token:
+        out["cls_token"] = w.take("cls", (1, 1, d))
+    tokens = config.num_patches + (0 if config.no_embed_class else config.num_prefix_tokens)
+    out["pos_embed"] = w.take("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding",
+                              (1, tokens, d))  # fmt: skip
+    norm = "fc_norm" if config.fc_norm else "norm"
+    out[f"{norm}.weight"] = w.take("Transformer/encoder_norm/scale", (d,))
+    out[f"{norm}.bias"] = w.take("Transformer/encoder_norm/bias", (d,))
+    if config.num_labels:
+        out["head.weight"] = w.take("head/kernel", (d, config.num_labels)).T
+        out["head.bias"] = w.take("head/bias", (config.num_labels,))
+    if config.global_pool == "map":
+        at = "MAPHead_0/"
+        out["attn_pool.latent"] = w.take(f"{at}probe", (1, 1, d))
+        mha = f"{at}MultiHeadDotProductAttention_0/"
+        out["attn_pool.q.weight"], out["attn_pool.q.bias"] = _attention(w, mha, d, h, ("query",), None)
+        out["attn_pool.kv.weight"], out["attn_pool.kv.bias"] = _attention(w, mha, d, h, ("key", "value"), None)
+        out["attn_pool.proj.weight"] = w.take(f"{mha}out/kernel", (h, d // h, d)).reshape(d, d).T
+        out["attn_pool.proj.bias"] = w.take(f"{mha}out/bias", (d,))
+        _layer_norm_mlp(w, out, at, "LayerNorm_0", "MlpBlock_0", "attn_pool.norm", "attn_pool.mlp", d, f, None)
+    stacked = w.has("Transformer/encoderblock/LayerNorm_0/scale")
+    mha_sub, mlp_sub, ln2_sub = (0, 0, 1) if big_vision else (1, 3, 2)
+    for i in range(config.num_hidden_layers):
+        at, index = ("Transformer/encoderblock/", i) if stacked else (f"Transformer/encoderblock_{i}/", None)
+        mha, block = f"{at}MultiHeadDotProductAttention_{mha_sub}/", f"blocks.{i}."
+        out[f"{block}norm1.weight"] = w.take(f"{at}LayerNorm_0/scale", (d,), index)
+        out[f"{block}norm1.bias"] = w.take(f"{at}LayerNorm_0/bias", (d,), index)
+        out[f"{block}attn.qkv.weight"], out[f"{block}attn.qkv.bias"] = _attention(
+            w, mha, d, h, ("query", "key", "value"), index
+        )
+        out[f"{block}attn.proj.weight"] = w.take(f"{mha}out/kernel", (h, d // h, d), index).reshape(d, d).T
+        out[f"{block}attn.proj.bias"] = w.take(f"{mha}out/bias", (d,), index)
+        _layer_norm_mlp(w, out, at, f"LayerNorm_{ln2_sub}", f"MlpBlock_{mlp_sub}", f"{block}norm2", f"{block}mlp",
+                        d, f, index)  # fmt: skip
+    return {key: np.ascontiguousarray(value) for key, value in out.items()}
+
+
+def _layer_norm_mlp(w: _Names, out: dict, at: str, ln: str, mlp: str, norm: str, fc: str, d: int, f: int, index):
+    out[f"{norm}.weight"] = w.take(f"{at}{ln}/scale", (d,), index)
+    out[f"{norm}.bias"] = w.take(f"{at}{ln}/bias", (d,), index)
+    out[f"{fc}.fc1.weight"] = w.take(f"{at}{mlp}/Dense_0/kernel", (d, f), index).T
+    out[f"{fc}.fc1.bias"] = w.take(f"{at}{mlp}/Dense_0/bias", (f,), index)
+    out[f"{fc}.fc2.weight"] = w.take(f"{at}{mlp}/Dense_1/kernel", (f, d), index).T
+    out[f"{fc}.fc2.bias"] = w.take(f"{at}{mlp}/Dense_1/bias", (d,), index)
+
+
+def read(source: Source) -> Checkpoint:
+    if source.arch is None:
+        raise MlxVitError(f"{source.name}: a JAX .npz names no architecture; pass --arch TIMM_NAME[.TAG] "
+                          "(for example --arch vit_base_patch16_224.augreg_in21k_ft_in1k)")  # fmt: skip
+    name, pretrained = timm_vit.resolve_arch(source.arch)
+    cls, kwargs = timm_vit.architecture_kwargs(name, pretrained.get("kwargs", {}), source.name)
+    timm_vit.vit_config(cls, kwargs, 0, source.name)  # an unsupported architecture before the file is read
+    arrays = read_npz(source.path)
+    check_finite(arrays, source.name)
+    prefix = next((p for p in PREFIXES if p + "embedding/kernel" in arrays), None)
+    if prefix is None:
+        raise CheckpointError(f"{source.name}: has no embedding/kernel; not a ViT .npz checkpoint")
+    big_vision = prefix.startswith("params/") or prefix + "pos_embedding" in arrays
+    big_vision = big_vision or prefix + "Transformer/encoderblock/LayerNorm_0/scale" in arrays
+    head = arrays.get(prefix + "head/bias")
+    config = timm_vit.vit_config(cls, kwargs, 0 if head is None else int(head.shape[-1]), source.name)
+    names = _Names(arrays, prefix, source.name)
+    weights = map_weights(names, config, big_vision)
+    if names.unused():
+        raise CheckpointError(f"{source.name}: array '{shown(names.unused()[0], 80)}' is not one a "
+                              f"{name} reads")  # fmt: skip
+    data = {**pretrained, "input_size": [config.num_channels, config.image_size, config.image_size]}
+    return Checkpoint(
+        config=config,
+        weights=weights,
+        preprocessing=PreprocessConfig.from_timm(data, source.name).to_dict(),
+        id2label=timm_vit.labels(pretrained, config.num_labels, source.name),
+        architecture=f"timm:{name}",
+        resample=JAX_RESAMPLE,
+    )

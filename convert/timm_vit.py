@@ -1,0 +1,250 @@
+"""timm's ViT family: a Hub folder (config.json with `architecture`), or a bare state dict named with --arch.
+
+timm's names are the MLX model's, so the rename table only refuses what the model does not have; the layout fix
+turns the patch convolution into a linear layer. The architecture is the timm name's constructor arguments, from
+the table shipped in mlx_vit/data/timm_vit.json (scripts/timm_table.py), with config.json's `model_args` on top;
+preprocessing is the checkpoint's `pretrained_cfg` with timm's eval-transform semantics.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from functools import cache
+from importlib import resources
+from typing import Any
+
+import numpy as np
+
+from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
+from mlx_vit.model import ViTConfig
+from mlx_vit.preprocess import PreprocessConfig
+
+from .common import (
+    TIMM_RESAMPLE,
+    Checkpoint,
+    Source,
+    check_finite,
+    conv_to_linear,
+    head_classes,
+    numbered_labels,
+    read_weight_file,
+    read_weights,
+    rename,
+)
+
+NAME = "timm"
+LOOKS_FOR = {
+    "folder": "config.json with an architecture",
+    "file": "a .pth/.bin/.safetensors with --arch",
+}  # by source kind
+SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+
+RENAMES = [
+    (r"(cls_token|dist_token|reg_token|pos_embed)$", r"\1"),
+    (r"(patch_embed\.proj|norm_pre|norm|fc_norm|head|head_dist)\.(weight|bias)$", r"\1.\2"),
+    (r"blocks\.(\d+)\.(norm[12]|attn\.qkv|attn\.proj|mlp\.fc[12])\.(weight|bias)$", r"blocks.\1.\2.\3"),
+    (r"blocks\.(\d+)\.(ls[12])\.gamma$", r"blocks.\1.\2.gamma"),
+    (r"blocks\.(\d+)\.gamma_([12])$", r"blocks.\1.ls\2.gamma"),  # DeiT III's original names
+    (r"attn_pool\.latent$", "attn_pool.latent"),
+    (r"attn_pool\.(q|kv|proj|norm|mlp\.fc[12])\.(weight|bias)$", r"attn_pool.\1.\2"),
+]
+IGNORED = re.compile(r"pre_logits\..*")  # timm drops the old representation layer too
+
+# Constructor arguments mlx-vit's model implements, and the only values it implements for the others.
+ACTIVATIONS = {"gelu": "gelu", "quick_gelu": "quick_gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+POOLS = ("token", "avg", "map", "")
+REQUIRED = {
+    "qk_norm": False, "scale_attn_norm": False, "scale_mlp_norm": False, "proj_bias": True, "pos_embed": "learn",
+    "final_norm": True, "pool_include_prefix": False, "dynamic_img_pad": False, "embed_norm_layer": None,
+    "block_fn": "Block", "mlp_layer": "Mlp", "attn_layer": "Attention", "embed_layer": "PatchEmbed",
+}  # fmt: skip
+IGNORED_ARGS = {"dynamic_img_size", "drop_rate", "pos_drop_rate", "patch_drop_rate", "proj_drop_rate", "in_chans",
+                "attn_drop_rate", "drop_path_rate", "weight_init", "fix_init", "device", "dtype", "img_size",
+                "patch_size", "num_classes", "global_pool", "embed_dim", "depth", "num_heads", "mlp_ratio",
+                "qkv_bias", "init_values", "class_token", "no_embed_class", "reg_tokens", "pre_norm", "fc_norm",
+                "norm_layer", "act_layer"}  # fmt: skip
+
+
+@cache
+def table() -> dict[str, Any]:
+    """The shipped table of timm's ViT architectures and pretrained configs."""
+    return json.loads(resources.files("mlx_vit").joinpath("data/timm_vit.json").read_text())
+
+
+@cache
+def imagenet_labels() -> tuple[str, ...]:
+    return tuple(resources.files("mlx_vit").joinpath("data/imagenet1k.txt").read_text().splitlines())
+
+
+def detect(source: Source) -> bool:
+    if source.is_folder:
+        return "architecture" in source.config and "model_type" not in source.config
+    return source.path.suffix in SUFFIXES
+
+
+def architecture_kwargs(name: str, overrides: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
+    """(class, constructor arguments) of a timm architecture, `overrides` (a tag's, then model_args) applied."""
+    entry = table()["architectures"].get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, table()["architectures"], n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        reason = table()["skipped"].get(name)
+        why = f": {reason}" if reason else ""
+        raise ConfigError(f"{source}: {shown(name, 80, quote=True)} is not a timm ViT architecture mlx-vit knows"
+                          f"{why}{hint}")  # fmt: skip
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{source}: model_args must be an object")
+    cls = entry["class"]
+    return cls, {**table()["defaults"][cls], **entry["kwargs"], **overrides}
+
+
+def _square(value: Any, key: str, source: str) -> int:
+    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
+        value = value[0]
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(f"{source}: {key} {shown(value, 40, quote=True)} is not supported (square sizes only)")
+    return value
+
+
+def _layer(value: Any) -> tuple[Any, dict]:
+    """A serialized layer ("gelu", or {"name": "layernorm", "eps": 1e-6}) -> (name, arguments)."""
+    if isinstance(value, dict):
+        return value.get("name"), {k: v for k, v in value.items() if k != "name"}
+    return value, {}
+
+
+def vit_config(cls: str, kwargs: dict[str, Any], num_labels: int, source: str) -> ViTConfig:
+    """ViTConfig for timm's constructor arguments; refuses every option the MLX model does not implement."""
+    for key, wanted in REQUIRED.items():
+        if key in kwargs and _layer(kwargs[key])[0] != wanted and kwargs[key] != wanted:
+            raise ConfigError(f"{source}: {key}={shown(kwargs[key], 60)} is not supported by mlx-vit's ViT")
+    unknown = sorted(set(kwargs) - set(REQUIRED) - IGNORED_ARGS)
+    if unknown:
+        raise ConfigError(f"{source}: timm argument '{shown(unknown[0], 40)}' is not supported by mlx-vit's ViT")
+    act, act_args = _layer(kwargs.get("act_layer") or "gelu")
+    if act not in ACTIVATIONS or act_args:
+        raise ConfigError(f"{source}: act_layer {shown(kwargs.get('act_layer'), 60)} is not supported")
+    norm, norm_args = _layer(kwargs.get("norm_layer") or {"name": "layernorm", "eps": 1e-6})
+    if norm != "layernorm" or set(norm_args) - {"eps"}:
+        raise ConfigError(f"{source}: norm_layer {shown(kwargs.get('norm_layer'), 60)} is not supported")
+    pool = kwargs.get("global_pool", "token")
+    if pool not in POOLS:
+        raise ConfigError(f"{source}: global_pool {shown(pool, 40, quote=True)} is not supported")
+    fc_norm = kwargs.get("fc_norm")
+    embed_dim, mlp_ratio = kwargs.get("embed_dim"), kwargs.get("mlp_ratio")
+    if not (isinstance(embed_dim, int) and isinstance(mlp_ratio, (int, float)) and 0 < mlp_ratio <= 64):
+        raise ConfigError(f"{source}: embed_dim and mlp_ratio must be numbers, got {shown([embed_dim, mlp_ratio])}")
+    distilled = cls == "VisionTransformerDistilled"
+    return ViTConfig.from_dict(
+        {
+            "image_size": _square(kwargs.get("img_size"), "img_size", source),
+            "patch_size": _square(kwargs.get("patch_size"), "patch_size", source),
+            "num_channels": kwargs.get("in_chans", 3),
+            "hidden_size": embed_dim,
+            "num_hidden_layers": kwargs.get("depth"),
+            "num_attention_heads": kwargs.get("num_heads"),
+            "intermediate_size": int(embed_dim * mlp_ratio),  # as timm's Block sizes its MLP
+            "hidden_act": ACTIVATIONS[act],
+            "layer_norm_eps": norm_args.get("eps", 1e-5),  # a bare torch LayerNorm's default
+            "qkv_bias": kwargs.get("qkv_bias", True),
+            "num_labels": num_labels,
+            "distillation_token": distilled,
+            "distilled_head": distilled and num_labels > 0,
+            "class_token": kwargs.get("class_token", True),
+            "reg_tokens": kwargs.get("reg_tokens", 0),
+            "no_embed_class": kwargs.get("no_embed_class", False),
+            "pre_norm": kwargs.get("pre_norm", False),
+            "global_pool": pool,
+            "fc_norm": pool == "avg" if fc_norm is None else fc_norm,
+            "init_values": kwargs.get("init_values"),
+        },
+        source,
+    )
+
+
+def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) -> dict[str, np.ndarray]:
+    """timm's state dict -> the MLX model's layouts; an attention pool the config does not use is dropped, as
+    timm's non-strict load for SigLIP does."""
+    if config.global_pool != "map":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("attn_pool.")}
+    mapped = rename(tensors, RENAMES, IGNORED, source, "timm ViT")
+    conv_to_linear(mapped, config, source)
+    return mapped
+
+
+def resolve_arch(arch: str) -> tuple[str, dict[str, Any]]:
+    """--arch NAME[.TAG] -> (architecture, pretrained config of that tag, or of the architecture's default tag)."""
+    name, _, tag = arch.partition(".")
+    architectures = table()["architectures"]
+    if name in architectures:
+        tag = tag or architectures[name].get("default_tag") or ""
+    pretrained = table()["pretrained"].get(f"{name}.{tag}")
+    if pretrained is None and tag and name in architectures:
+        tags = sorted(k.partition(".")[2] for k in table()["pretrained"] if k.partition(".")[0] == name)
+        raise MlxVitError(f"--arch {shown(arch, 80)}: timm has no tag {shown(tag, 60, quote=True)} for {name} "
+                          f"(tags: {', '.join(tags) or 'none'})")  # fmt: skip
+    return name, pretrained or {}
+
+
+def _pretrained_cfg(config: dict[str, Any], source: str) -> dict[str, Any]:
+    """config.json's pretrained_cfg with its top-level overrides, as timm's hub loader reads them."""
+    pretrained = config.get("pretrained_cfg", config)  # old single-dict files hold it at the top level
+    if not isinstance(pretrained, dict):
+        raise ConfigError(f"{source}: pretrained_cfg must be an object")
+    pretrained = dict(pretrained)
+    for key in ("num_classes", "label_names", "label_descriptions"):
+        if key in config:
+            pretrained[key] = config[key]
+    if "labels" in pretrained and "label_names" not in pretrained:
+        pretrained["label_names"] = pretrained["labels"]
+    return pretrained
+
+
+def labels(pretrained: dict[str, Any], num_labels: int, source: str) -> dict[str, str]:
+    """Names from the checkpoint (descriptions first), ImageNet-1k's for 1000 classes, else `class N`."""
+    for key in ("label_descriptions", "label_names"):
+        names = pretrained.get(key)
+        if isinstance(names, dict):
+            names = [names.get(k) for k in sorted(names, key=lambda k: (len(k), k))]
+        if names is not None:
+            if not (isinstance(names, list) and len(names) == num_labels and all(isinstance(n, str) for n in names)):
+                raise ConfigError(f"{source}: {key} must be {num_labels} names, one for each class")
+            return numbered_labels(num_labels, dict(enumerate(names)))
+    if num_labels == 1000:
+        return numbered_labels(num_labels, dict(enumerate(imagenet_labels())))
+    return numbered_labels(num_labels)
+
+
+def read(source: Source) -> Checkpoint:
+    if source.is_folder:
+        config_file = shown(source.path / "config.json", None)
+        name, overrides = source.config["architecture"], source.config.get("model_args") or {}
+        pretrained = _pretrained_cfg(source.config, config_file)
+    else:
+        config_file = source.name
+        if source.arch is None:
+            raise MlxVitError(f"{source.name}: a bare weight file names no architecture; pass --arch TIMM_NAME[.TAG] "
+                              "(for example --arch vit_base_patch16_224.augreg2_in21k_ft_in1k)")  # fmt: skip
+        name, pretrained = resolve_arch(source.arch)
+        overrides = pretrained.get("kwargs", {})  # a tag's own constructor arguments (its num_classes)
+    if not isinstance(name, str):
+        raise ConfigError(f"{config_file}: architecture must be a timm model name")
+    cls, kwargs = architecture_kwargs(name, overrides, config_file)
+    classes = pretrained.get("num_classes", kwargs.get("num_classes", 1000))
+    vit_config(cls, kwargs, classes if isinstance(classes, int) else 0, config_file)  # sizes before any weight
+    tensors = read_weights(source.path) if source.is_folder else read_weight_file(source.path)
+    check_finite(tensors, source.name)
+    config = vit_config(cls, kwargs, head_classes(tensors, "head.weight", source.name), config_file)
+    data = {**pretrained, "input_size": [config.num_channels, config.image_size, config.image_size]}
+    if config.num_labels == 0 and "head.weight" not in tensors and isinstance(classes, int) and classes > 0:
+        raise CheckpointError(f"{source.name}: has no head.weight, but its config has {classes} classes")
+    return Checkpoint(
+        config=config,
+        weights=map_weights(tensors, config, source.name),
+        preprocessing=PreprocessConfig.from_timm(data, config_file).to_dict(),
+        id2label=labels(pretrained, config.num_labels, config_file),
+        architecture=f"timm:{name}",
+        resample=TIMM_RESAMPLE,
+    )

@@ -1,0 +1,249 @@
+"""Every checkpoint format through the one seam, against its own reference on the repo's photos.
+
+Each checkpoint is built here with seeded weights (seed 1: not the ones the readers were developed on), saved the
+way its library saves it, converted by mlx-vit and compared with timm or transformers: logits within 1e-4 in
+float32, and the same top-5 class ids with probabilities within 1e-4.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("timm")
+import timm_checkpoints as tc  # noqa: E402
+from checkpoints import IMAGES, PHOTOS, lay_into_hf_cache, make_checkpoint, one_line_error, run_cli  # noqa: E402
+
+from mlx_vit.classify import Classifier, load, softmax  # noqa: E402
+from mlx_vit.convert import convert  # noqa: E402
+from mlx_vit.convert.checkpoint import read_checkpoint  # noqa: E402
+from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError  # noqa: E402
+from mlx_vit.loading import load_model  # noqa: E402
+
+TOLERANCE = 1e-4
+SEED = 1
+SMALL_TIMM = "test_vit.r160_in1k"  # a real timm architecture small enough to build at its own sizes
+SMALL_TIMM_ARGS = dict(embed_dim=64, depth=6, num_heads=2, img_size=160, mlp_ratio=3)
+
+
+def assert_matches(classifier: Classifier, reference: np.ndarray, photos=PHOTOS) -> None:
+    """Logits and top-5 (ids and probabilities) equal to the reference's on every photo."""
+    ours = classifier.logits(classifier.pixels(photos))
+    assert ours.shape == reference.shape
+    assert np.abs(ours - reference).max() < TOLERANCE
+    for predictions, ref in zip(classifier.classify(photos, top_k=5), softmax(reference), strict=True):
+        top = np.argsort(-ref, kind="stable")[:5]
+        assert [p.class_id for p in predictions] == top.tolist()
+        assert np.abs(np.array([p.score for p in predictions]) - ref[top]).max() < TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def timm_models():
+    return {key: tc.make_timm(key, seed=SEED) for key in tc.VARIANTS}
+
+
+@pytest.mark.parametrize("key", list(tc.VARIANTS))
+def test_timm_hub_folder_matches_timm(key, timm_models, tmp_path):
+    model = timm_models[key]
+    folder = tc.save_timm_hub(model, tmp_path / key)
+    out = convert(str(folder), tmp_path / f"{key}-mlx")
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == f"timm:{model.pretrained_cfg['architecture']}"
+    assert_matches(load(str(out)), tc.timm_logits(model, PHOTOS))
+
+
+def test_bare_files_need_and_take_arch(tmp_path):
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    reference = tc.timm_logits(model, PHOTOS)
+    for path in (
+        tc.save_timm_pth(model, tmp_path / "w.pth"),
+        tc.save_timm_safetensors(model, tmp_path / "w.safetensors"),
+    ):
+        message = one_line_error(MlxVitError, read_checkpoint, path, names=path)
+        assert "pass --arch TIMM_NAME[.TAG]" in message
+        assert_matches(load(str(path), arch=SMALL_TIMM), reference)
+    labels = load(str(path), arch=SMALL_TIMM).labels
+    assert labels[3] == "class 3"  # 10 classes, no names: not ImageNet's
+
+
+def test_arch_tag_gives_that_tags_preprocessing(tmp_path):
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    path = tc.save_timm_pth(model, tmp_path / "w.pth")
+    checkpoint = read_checkpoint(path, arch=SMALL_TIMM)
+    assert checkpoint.preprocessing["crop_pct"] == model.pretrained_cfg["crop_pct"]
+    message = one_line_error(MlxVitError, read_checkpoint, path, "test_vit.no_such_tag")
+    assert "tags: r160_in1k" in message
+    message = one_line_error(ConfigError, read_checkpoint, path, "vit_base_patch16_244")
+    assert "did you mean vit_base_patch16_224" in message
+
+
+@pytest.mark.parametrize("style", ["vit", "big_vision"])
+def test_jax_npz_matches_timm_load_weights(style, tmp_path):
+    """An .npz in the layout timm's _load_weights reads (the helper proves it by loading it back into timm)."""
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    path = tc.save_npz(model, tmp_path / "ViT.npz", style=style)
+    assert_matches(load(str(path), arch=SMALL_TIMM), tc.timm_logits(model, PHOTOS))
+
+
+def test_siglip_npz_with_attention_pool(timm_models, tmp_path):
+    model = timm_models["siglip-map"]
+    path = tc.save_npz(model, tmp_path / "siglip.npz", style="big_vision")
+    arch = "vit_base_patch16_siglip_224"
+    # The tiny model's sizes are not the architecture's: refused by shape, naming the array.
+    message = one_line_error(CheckpointError, read_checkpoint, path, arch, names=path)
+    assert "embedding/kernel" in message and "architecture makes" in message
+
+
+def test_npz_cli_convert_and_classify(tmp_path, isolated):
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    path = tc.save_npz(model, tmp_path / "ViT-T.npz")
+    done = run_cli("convert", path, "--arch", SMALL_TIMM, "-o", tmp_path / "out", env=isolated)
+    assert done.returncode == 0, done.stderr
+    photos = PHOTOS[:3]
+    done = run_cli("classify", *photos, "-m", tmp_path / "out", "--format", "json", env=isolated)
+    assert done.returncode == 0, done.stderr
+    reference = softmax(tc.timm_logits(model, photos))
+    for result, ref in zip(json.loads(done.stdout), reference, strict=True):
+        assert [p["class_id"] for p in result["predictions"]] == np.argsort(-ref)[:5].tolist()
+        assert np.abs([p["score"] - ref[p["class_id"]] for p in result["predictions"]]).max() < TOLERANCE
+    done = run_cli("convert", path, "-o", tmp_path / "again", env=isolated)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and "pass --arch" in errors[0]
+
+
+def test_npz_object_arrays_are_refused_not_unpickled(tmp_path):
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    path = tc.save_npz(model, tmp_path / "bad.npz", extra={"head/bias": np.array([print], dtype=object)})
+    message = one_line_error(CheckpointError, read_checkpoint, path, SMALL_TIMM, names=path)
+    assert "holds Python objects" in message
+
+
+@pytest.mark.parametrize("kind", ["npz", "pth", "hub"])
+def test_nan_weights_are_refused_in_every_format(kind, tmp_path):
+    import torch
+
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    with torch.no_grad():
+        model.head.weight[3, 5] = float("nan")
+    if kind == "npz":
+        path = tc.save_npz(model, tmp_path / "w.npz")
+    elif kind == "pth":
+        path = tc.save_timm_pth(model, tmp_path / "w.pth")
+    else:
+        path = tc.save_timm_hub(model, tmp_path / "hub")
+    arch = None if kind == "hub" else SMALL_TIMM
+    message = one_line_error(CheckpointError, read_checkpoint, path, arch)
+    assert "holds NaN or infinite values" in message and "head" in message
+
+
+def test_unsupported_timm_architecture_is_named(tmp_path):
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    path = tc.save_timm_pth(model, tmp_path / "w.pth")
+    message = one_line_error(ConfigError, read_checkpoint, path, "aimv2_huge_patch14_224")
+    assert "is not supported by mlx-vit's ViT" in message
+    message = one_line_error(ConfigError, read_checkpoint, path, "vit_base_patch16_rope_reg1_gap_256")
+    assert "not a timm ViT architecture mlx-vit knows" in message
+
+
+def test_unknown_files_and_folders_name_the_formats(tmp_path):
+    path = tmp_path / "weights.ckpt"
+    path.write_bytes(b"\0" * 64)
+    message = one_line_error(CheckpointError, read_checkpoint, path, names=path)
+    assert "timm (a .pth/.bin/.safetensors with --arch)" in message and "JAX (an .npz with --arch)" not in message
+    assert "an .npz with --arch" in message
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "bert"}')
+    message = one_line_error(ConfigError, read_checkpoint, folder)
+    assert "model_type 'bert' is not supported" in message and "dinov2" in message and "architecture" in message
+
+
+def test_224_model_at_384(timm_models, tmp_path):
+    """--image-size at convert time, at classify time and in the API: timm's resample_abs_pos_embed."""
+    model = timm_models["vit"]
+    folder = tc.save_timm_hub(model, tmp_path / "hub")
+    big = tc.timm_at_size(model, 384)
+    reference = tc.timm_logits(big, PHOTOS, img_size=384)
+    assert_matches(load(str(folder), image_size=384), reference)
+    out = convert(str(folder), tmp_path / "at384", image_size=384)
+    assert json.loads((out / "config.json").read_text())["image_size"] == 384
+    assert_matches(load(str(out)), reference)
+    native = convert(str(folder), tmp_path / "native")
+    assert_matches(load(str(native), image_size=384), reference)  # resampled from the stored 224 table
+
+
+def test_transformers_vit_at_384(tmp_path):
+    """transformers' interpolate_pos_encoding, and its processor at the new size."""
+    import torch
+    import transformers
+
+    folder = make_checkpoint(tmp_path / "vit", seed=SEED, image_size=32, patch_size=8)
+    processor = transformers.AutoImageProcessor.from_pretrained(
+        str(folder), backend="pil", size={"height": 48, "width": 48}
+    )
+    model = transformers.ViTForImageClassification.from_pretrained(str(folder)).eval()
+    from mlx_vit.images import open_image
+
+    pixels = processor([open_image(p) for p in PHOTOS], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        reference = model(pixel_values=pixels, interpolate_pos_encoding=True).logits.numpy()
+    assert_matches(load(str(folder), image_size=48), reference)
+
+
+@pytest.mark.parametrize("kind", ["model", "classifier", "registers", "registers-classifier"])
+@pytest.mark.parametrize("size", [None, 518])
+def test_transformers_dinov2(kind, size, tmp_path):
+    """Dinov2 at its processor's 224 crop (the 518-px table interpolated as transformers does) and at 518."""
+    folder = tc.make_dinov2(tmp_path / kind, kind=kind, seed=SEED)
+    reference = tc.dinov2_logits(folder, PHOTOS, size=size, backend="pil")
+    loaded = load_model(str(folder), image_size=size)
+    assert loaded.model.config.image_size == (size or 224)
+    classifier = Classifier(loaded)
+    if kind.endswith("classifier"):
+        assert_matches(classifier, reference)
+    else:  # a feature extractor: the pooled class token, as transformers' pooler_output
+        ours = classifier.logits(classifier.pixels(PHOTOS))
+        assert np.abs(ours - reference).max() < TOLERANCE
+
+
+def test_dinov2_converted_at_224_runs_at_518_from_the_native_table(tmp_path):
+    folder = tc.make_dinov2(tmp_path / "dinov2", kind="registers-classifier", seed=SEED)
+    out = convert(str(folder), tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["image_size"] == 518 and config["image_size"] == 224
+    assert_matches(load(str(out), image_size=518), tc.dinov2_logits(folder, PHOTOS, size=518, backend="pil"))
+
+
+def test_timm_hub_id_through_the_hf_cache(timm_models, tmp_path, isolated):
+    model = timm_models["reg-gap"]
+    folder = tc.save_timm_hub(model, tmp_path / "hub")
+    hf_home = Path(isolated["HF_HOME"])
+    lay_into_hf_cache(folder, hf_home, "timm/vit_medium_patch16_reg4_gap_256.sbb_in1k")
+    done = run_cli("classify", IMAGES / "chelsea.png", "-m", "timm/vit_medium_patch16_reg4_gap_256.sbb_in1k",
+                   "--format", "json", env=isolated)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    top = json.loads(done.stdout)[0]["predictions"][0]
+    reference = softmax(tc.timm_logits(model, IMAGES / "chelsea.png"))
+    assert top["class_id"] == int(np.argmax(reference)) and abs(top["score"] - reference.max()) < TOLERANCE
+
+
+def test_imagenet_names_for_1000_classes(tmp_path):
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **{**SMALL_TIMM_ARGS, "num_classes": 1000})
+    labels = load(str(tc.save_timm_pth(model, tmp_path / "w.pth")), arch=SMALL_TIMM).labels
+    assert labels[0] == "tench, Tinca tinca" and len(labels) == 1000
+
+
+def test_quantized_attention_pool_model(timm_models, tmp_path):
+    from mlx_vit.convert import Quantize
+
+    model = timm_models["siglip-map"]
+    folder = tc.save_timm_hub(model, tmp_path / "hub")
+    out = convert(str(folder), tmp_path / "q8", quantize=Quantize(8, 32))
+    layers = json.loads((out / "config.json").read_text())["quantization"]["layers"]
+    # The blocks' linears only: the attention pool is part of the head, which stays in float like the head
+    assert "blocks.0.attn.qkv" in layers and not any(layer.startswith("attn_pool") for layer in layers)
+    ours = load(str(out)).logits(load(str(out)).pixels(PHOTOS[:2]))
+    assert np.abs(ours - tc.timm_logits(model, PHOTOS[:2])).max() < 0.05  # 8-bit weights: close, not equal
