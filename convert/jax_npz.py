@@ -64,16 +64,17 @@ def _read_array(member, size: int, name: str) -> np.ndarray:
     shape, fortran, dtype = readers[version](member)
     if dtype.hasobject:
         raise CheckpointError(f"{name} holds Python objects (refused: loading them would run pickle)")
-    if dtype.kind != "f":
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
         hint = " (bfloat16 as raw bytes? re-save it as float32)" if dtype.kind == "V" else ""
-        raise CheckpointError(f"{name} is {dtype}, not a float array{hint}")
+        raise CheckpointError(f"{name} is {dtype}, not a float16, float32 or float64 array{hint}")
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes > size:
         raise CheckpointError(f"{name}: its header declares more data than the archive member holds")
     data = member.read(nbytes)
     if len(data) != nbytes:
         raise CheckpointError(f"{name}: truncated ({len(data)} of {nbytes} bytes)")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    array = np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+    return array.astype(dtype.newbyteorder("="), copy=False)  # big-endian files too
 
 
 class _Names:
@@ -90,7 +91,12 @@ class _Names:
         if full not in self.arrays:
             raise CheckpointError(f"{self.source}: has no array '{shown(full, 80)}', which --arch's model needs")
         self.taken.add(full)
-        value = self.arrays[full] if index is None else self.arrays[full][index]
+        value = self.arrays[full]
+        if index is not None:  # big_vision's stacked blocks: the layer first
+            if value.ndim == 0 or value.shape[0] <= index:
+                raise CheckpointError(f"{self.source}: array '{shown(full, 80)}' has shape {value.shape}, not one "
+                                      f"row per block")  # fmt: skip
+            value = value[index]
         if value.shape != shape:
             raise CheckpointError(f"{self.source}: array '{shown(full, 80)}' has shape {value.shape}, the "
                                   f"architecture makes {shape}")  # fmt: skip

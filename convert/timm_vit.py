@@ -124,7 +124,7 @@ def vit_config(cls: str, kwargs: dict[str, Any], num_labels: int, source: str) -
     if unknown:
         raise ConfigError(f"{source}: timm argument '{shown(unknown[0], 40)}' is not supported by mlx-vit's ViT")
     act, act_args = _layer(kwargs.get("act_layer") or "gelu")
-    if act not in ACTIVATIONS or act_args:
+    if not isinstance(act, str) or act not in ACTIVATIONS or act_args:
         raise ConfigError(f"{source}: act_layer {shown(kwargs.get('act_layer'), 60)} is not supported")
     norm, norm_args = _layer(kwargs.get("norm_layer") or {"name": "layernorm", "eps": 1e-6})
     if norm != "layernorm" or set(norm_args) - {"eps"}:
@@ -220,7 +220,8 @@ def labels(pretrained: dict[str, Any], num_labels: int, source: str) -> dict[str
 def read(source: Source) -> Checkpoint:
     if source.is_folder:
         config_file = shown(source.path / "config.json", None)
-        name, overrides = source.config["architecture"], source.config.get("model_args") or {}
+        name, overrides = source.config["architecture"], source.config.get("model_args")
+        overrides = {} if overrides is None else overrides
         pretrained = _pretrained_cfg(source.config, config_file)
     else:
         config_file = source.name

@@ -247,3 +247,146 @@ def test_quantized_attention_pool_model(timm_models, tmp_path):
     assert "blocks.0.attn.qkv" in layers and not any(layer.startswith("attn_pool") for layer in layers)
     ours = load(str(out)).logits(load(str(out)).pixels(PHOTOS[:2]))
     assert np.abs(ours - tc.timm_logits(model, PHOTOS[:2])).max() < 0.05  # 8-bit weights: close, not equal
+
+
+# -- hostile input in the new formats: one line naming the file, never a traceback ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_timm():
+    return tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+
+
+def _npz(path: Path, arrays: dict, compress: bool = False) -> Path:
+    with open(path, "wb") as f:
+        (np.savez_compressed if compress else np.savez)(f, **arrays)
+    return path
+
+
+def _raw_npy(shape: tuple, dtype: str, data: bytes) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buffer.getvalue() + data
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["int array", "bfloat16 bytes", "float128", "shape beyond its bytes", "zip bomb", "member twice", "not a zip",
+     "stacked blocks wrong", "missing array", "unexpected array", "wrong shape"],
+)  # fmt: skip
+def test_hostile_npz_is_one_line(case, small_timm, tmp_path):
+    import zipfile
+
+    path = tmp_path / "w.npz"
+    arrays = tc.npz_arrays(small_timm)
+    needle = {
+        "int array": "not a float16, float32 or float64 array",
+        "bfloat16 bytes": "bfloat16 as raw bytes",
+        "float128": "not a float16, float32 or float64 array",
+        "shape beyond its bytes": "declares more data",
+        "zip bomb": "over 2x the file's size",
+        "member twice": "twice",
+        "not a zip": "not a readable .npz archive",
+        "stacked blocks wrong": "not one row per block",
+        "missing array": "has no array 'Transformer/encoder_norm/scale'",
+        "unexpected array": "is not one a test_vit reads",
+        "wrong shape": "has shape (3,), the architecture makes (64,)",
+    }[case]
+    if case == "int array":
+        _npz(path, {**arrays, "cls": arrays["cls"].astype(np.int32)})
+    elif case == "bfloat16 bytes":
+        _npz(path, {**arrays, "cls": arrays["cls"].astype(np.float32).view("V4")})
+    elif case == "float128":
+        _npz(path, {**arrays, "cls": arrays["cls"].astype(np.longdouble)})
+    elif case == "shape beyond its bytes":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("cls.npy", _raw_npy((1 << 40,), "<f4", b"\0" * 64))
+    elif case == "zip bomb":
+        with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
+            z.writestr("cls.npy", _raw_npy((1 << 24,), "<f4", b"\0" * (4 << 24)))
+    elif case == "member twice":
+        _npz(path, arrays)
+        with zipfile.ZipFile(path, "a") as z, pytest.warns(UserWarning):
+            z.writestr("cls.npy", _raw_npy((1, 1, 64), "<f4", b"\0" * 256))
+    elif case == "not a zip":
+        path.write_bytes(b"PK\x03\x04" + b"\xff" * 100)
+    elif case == "stacked blocks wrong":
+        stacked = tc.npz_arrays(small_timm, style="big_vision")
+        stacked["params/img/Transformer/encoderblock/LayerNorm_0/scale"] = np.ones((2, 64), np.float32)  # 6 blocks
+        _npz(path, stacked)
+    elif case == "missing array":
+        _npz(path, {k: v for k, v in arrays.items() if k != "Transformer/encoder_norm/scale"})
+    elif case == "unexpected array":
+        _npz(path, {**arrays, "Transformer/extra/kernel": np.ones(3, np.float32)})
+    elif case == "wrong shape":
+        _npz(path, {**arrays, "Transformer/encoder_norm/scale": np.ones(3, np.float32)})
+    message = one_line_error(CheckpointError, read_checkpoint, path, SMALL_TIMM, names=path)
+    assert needle in message, message
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"architecture": 5}, "architecture must be a timm model name"),
+        ({"architecture": "vit_nope_patch16_224"}, "not a timm ViT architecture"),
+        ({"model_args": []}, "model_args must be an object"),
+        ({"model_args": {"img_size": "big"}}, "img_size 'big' is not supported"),
+        ({"model_args": {"img_size": [224, 160]}}, "square sizes only"),
+        ({"model_args": {"depth": 10**9}}, "num_hidden_layers"),
+        ({"model_args": {"embed_dim": True}}, "hidden_size must be a positive integer, got True"),
+        ({"model_args": {"mlp_ratio": "4"}}, "embed_dim and mlp_ratio must be numbers"),
+        ({"model_args": {"act_layer": ["gelu"]}}, "act_layer"),
+        ({"model_args": {"norm_layer": "rmsnorm"}}, "norm_layer"),
+        ({"model_args": {"global_pool": "avgmax"}}, "global_pool 'avgmax' is not supported"),
+        ({"model_args": {"qk_norm": True}}, "qk_norm=True is not supported"),
+        ({"model_args": {"secret_option": 1}}, "'secret_option' is not supported"),
+        ({"pretrained_cfg": "x"}, "pretrained_cfg must be an object"),
+        ({"pretrained_cfg": {"crop_pct": "x", "input_size": [3, 224, 224]}}, "crop_pct"),
+        ({"label_names": ["a", "b"]}, "label_names must be 10 names"),
+    ],
+)
+def test_hostile_timm_config_is_one_line(change, needle, timm_models, tmp_path):
+    folder = tc.save_timm_hub(timm_models["vit"], tmp_path / "hub")
+    config = json.loads((folder / "config.json").read_text())
+    for key, value in change.items():
+        if key == "model_args":
+            config["model_args"] = {**config["model_args"], **value} if isinstance(value, dict) else value
+        else:
+            config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    message = one_line_error((ConfigError, CheckpointError), read_checkpoint, folder)
+    assert needle in message, message
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        ({"image_size": True}, "image_size must be a positive multiple of the patch size"),
+        ({"image_size": -16}, "image_size must be a positive multiple"),
+        ({"image_size": 17}, "image_size must be a positive multiple"),
+        ({"image_size": "224"}, "image_size must be a positive multiple"),
+        ({"image_size": 16 * 4096}, "tokens"),
+        ({"pos_embed_resample": {"interpolation": "nearest", "antialias": False}}, "pos_embed_resample must be"),
+        ({"pos_embed_resample": "bicubic"}, "pos_embed_resample must be"),
+        ({"pos_embed_resample": {"interpolation": "bicubic", "antialias": 1}}, "pos_embed_resample must be"),
+    ],
+)
+def test_hostile_converted_folder_sizes_are_one_line(change, needle, timm_models, tmp_path):
+    folder = tc.save_timm_hub(timm_models["vit"], tmp_path / "hub")
+    out = convert(str(folder), tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    config.update(change)
+    (out / "config.json").write_text(json.dumps(config))
+    message = one_line_error(ConfigError, load_model, str(out), names=out)
+    assert needle in message, message
+
+
+def test_image_size_out_of_range_is_one_line(timm_models, tmp_path, isolated):
+    folder = tc.save_timm_hub(timm_models["vit"], tmp_path / "hub")
+    out = convert(str(folder), tmp_path / "out")
+    for size, needle in ((100, "multiple of the patch size 16"), (8192, "tokens"), (10**9, "--image-size")):
+        done = run_cli("classify", IMAGES / "chelsea.png", "-m", out, "--image-size", str(size), env=isolated)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode == 1 and len(errors) == 1 and needle in errors[0], done.stderr
