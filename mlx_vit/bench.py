@@ -10,7 +10,8 @@ resident memory after a batch size is that batch size's peak.
 transformers model that every runtime loads, so the report also gives each runtime's largest logit difference
 from mlx-vit; without it mlx-vit uses MLX's own random initialization.
 
-Nothing here imports torch, transformers or onnxruntime except the worker of that runtime.
+Nothing here imports torch, transformers, timm or onnxruntime except the worker of that runtime (the reference
+model it loads is bench_reference's).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_vit.bench_reference import reference_model
 from mlx_vit.errors import MlxVitError, ModelNotFoundError, shown
 
 RUNTIMES = ("mlx-vit", "torch", "onnxruntime")
@@ -131,6 +133,8 @@ def run_bench(model: str = DEFAULT_BENCH_MODEL, batch_sizes: Sequence[int] = (1,
             for name in ["mlx-vit", *others]:
                 workers[name] = _Worker(name, {**spec, "dtype": dtype, "scratch": scratch})
                 report.runtimes[name] = workers[name].info
+                if name == "mlx-vit":  # every runtime at the size mlx-vit runs it at (a DINOv2's 224 crop)
+                    spec.update(image_size=workers[name].info["image_size"], channels=workers[name].info["channels"])
             reference = np.array(workers["mlx-vit"].call({"op": "check"})["logits"])
             for name in others:
                 logits = np.array(workers[name].call({"op": "check"})["logits"])
@@ -290,7 +294,8 @@ class _MlxRunner(_Runner):
         self.image_size, self.channels = self.model.config.image_size, self.model.config.num_channels
         blas = blas_info()
         return {"version": f"mlx-vit {mlx_vit.__version__}, mlx {mx.__version__}", "device": str(mx.default_device()),
-                "blas": blas.name + (f" ({blas.path})" if blas.path else "")}  # fmt: skip
+                "blas": blas.name + (f" ({blas.path})" if blas.path else ""), "image_size": self.image_size,
+                "channels": self.channels}  # fmt: skip
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:
         return pixels
@@ -308,11 +313,10 @@ class _TorchRunner(_Runner):
         import torch
 
         self.torch = torch
-        self.model, same = _transformers_model(self.spec)
+        self.model, same = reference_model(self.spec["name"], self.spec["image_size"])
         self.dtype = getattr(torch, self.spec["dtype"])
         self.model.to(self.dtype)
-        config = self.model.config
-        self.image_size, self.channels = config.image_size, config.num_channels
+        self.image_size, self.channels = self.spec["image_size"], self.spec["channels"]
         blas = "MKL" if torch.backends.mkl.is_available() else "its own BLAS"
         blas += f", oneDNN {torch.backends.mkldnn.is_available()}, {torch.get_num_threads()} threads"
         return {"version": f"torch {torch.__version__}", "device": "cpu", "same_weights": same, "blas": blas}
@@ -322,7 +326,7 @@ class _TorchRunner(_Runner):
 
     def forward(self, pixels: Any) -> np.ndarray:
         with self.torch.inference_mode():
-            return _logits(self.model(pixel_values=pixels)).float().numpy()
+            return self.model(pixels).float().numpy()
 
     def memory(self) -> float:
         return _peak_rss_mb()
@@ -333,13 +337,12 @@ class _OrtRunner(_Runner):
         import onnxruntime
         import torch
 
-        model, same = _transformers_model(self.spec)
-        config = model.config
-        self.image_size, self.channels = config.image_size, config.num_channels
+        model, same = reference_model(self.spec["name"], self.spec["image_size"])
+        self.image_size, self.channels = self.spec["image_size"], self.spec["channels"]
         path = Path(self.spec["scratch"]) / "model.onnx"
         example = torch.from_numpy(self.pixels(1).transpose(0, 3, 1, 2).copy())
         # The TorchScript exporter, opset 17: what the transformers docs use, no extra exporter packages.
-        torch.onnx.export(_logits_only(model), (example,), str(path), input_names=["pixel_values"],
+        torch.onnx.export(model, (example,), str(path), input_names=["pixel_values"],
                           output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
                           opset_version=17, dynamo=False)  # fmt: skip
         del model
@@ -355,65 +358,6 @@ class _OrtRunner(_Runner):
 
     def memory(self) -> float:
         return _peak_rss_mb()
-
-
-def _transformers_model(spec: dict[str, Any]) -> tuple[Any, bool]:
-    """(transformers model in eval mode, whether its weights are the ones mlx-vit loads)."""
-    import transformers
-
-    folder, same = _hf_folder(spec["name"])
-    if folder is not None:
-        config = json.loads((folder / "config.json").read_text())
-        architecture = getattr(transformers, (config.get("architectures") or ["AutoModelForImageClassification"])[0])
-        return architecture.from_pretrained(folder).eval(), same
-    # An mlx-vit folder whose source is gone: the same architecture with random weights, for timing only.
-    config = json.loads((Path(spec["name"]) / "config.json").read_text())
-    fields = {k: v for k, v in config["model"].items() if k not in ("distillation_token", "distilled_head", "pooler",
-                                                                     "pooler_act")}  # fmt: skip
-    architecture = config.get("architecture", "ViTForImageClassification")
-    config_class = transformers.DeiTConfig if architecture.startswith("DeiT") else transformers.ViTConfig
-    return getattr(transformers, architecture)(config_class(**fields)).eval(), False
-
-
-def _hf_folder(name: str) -> tuple[Path | None, bool]:
-    """An HF-layout folder holding `name`'s weights, and whether they are the weights mlx-vit uses."""
-    folder = Path(name).expanduser()
-    if folder.is_dir():
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("format") != "mlx-vit":
-            return folder, True
-        source = config.get("source") or {}
-        if source.get("path") and (Path(source["path"]) / "config.json").is_file():
-            return Path(source["path"]), True
-        if source.get("repo"):
-            try:
-                from mlx_vit.hub import download
-
-                return download(source["repo"], source.get("revision")), True
-            except MlxVitError:
-                pass
-        return None, False
-    from mlx_vit.hub import download
-
-    return download(name), True
-
-
-def _logits(output: Any) -> Any:
-    return output.logits if hasattr(output, "logits") else output.last_hidden_state[:, 0]
-
-
-def _logits_only(model: Any) -> Any:
-    import torch
-
-    class LogitsOnly(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, pixel_values):
-            return _logits(self.model(pixel_values=pixel_values))
-
-    return LogitsOnly().eval()
 
 
 def _peak_rss_mb() -> float:

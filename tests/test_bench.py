@@ -40,6 +40,29 @@ def test_json_report_against_torch(tmp_path):
         assert row["peak_memory_mb"] > 10
 
 
+@pytest.mark.parametrize("kind", ["timm-map", "npz", "dinov2"])
+def test_reference_for_every_format(kind, tmp_path):
+    """timm models against timm (an .npz through _load_weights), DINOv2 at its 224 crop against transformers."""
+    pytest.importorskip("timm")
+    import timm_checkpoints as tc
+
+    from mlx_vit.convert import convert
+
+    if kind == "timm-map":
+        model = str(tc.save_timm_hub(tc.make_timm("siglip-map"), tmp_path / "hub"))
+    elif kind == "npz":
+        small = tc.make_timm("test_vit.r160_in1k", embed_dim=64, depth=6, num_heads=2, img_size=160, mlp_ratio=3)
+        model = str(convert(str(tc.save_npz(small, tmp_path / "w.npz")), tmp_path / "out", arch="test_vit"))
+    else:
+        model = str(tc.make_dinov2(tmp_path / "dinov2", kind="registers-classifier"))
+    done = bench("-m", model, "--batch-sizes", "1", "--runs", "1", "--warmup", "0", "--compare", "torch",
+                 "--format", "json")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["max_abs_logit_diff"]["torch"] < 1e-4
+    assert report["runtimes"]["torch"]["same_weights"]
+
+
 def test_errors_are_one_line(tmp_path):
     done = bench("-m", "random:vit-huge-patch99")
     assert done.returncode == 1 and done.stderr.startswith("error: random:vit-huge-patch99: unknown preset")
