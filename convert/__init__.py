@@ -75,6 +75,8 @@ def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | No
         "quantization": quantization,
         "source": source,
     }
+    if checkpoint.image_size not in (None, checkpoint.config.image_size):  # DINOv2: a 518-px table, 224-px crops
+        config["image_size"] = checkpoint.image_size
     config = at_image_size(config, image_size, shown(folder, None))
     check_config(config, shown(folder, None))  # what load_model will check, checked before writing
     return weights, config

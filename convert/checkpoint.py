@@ -20,6 +20,8 @@ FORMATS = (transformers_vit, transformers_dinov2, timm_vit, jax_npz)
 
 def open_source(path: Path, arch: str | None = None) -> Source:
     """A folder (with its config.json read) or a file; --arch is for bare weight files only."""
+    if arch is not None and not isinstance(arch, str):
+        raise MlxVitError(f"--arch must be a timm model name, got {shown(arch, 60, quote=True)}")
     if is_dir(path):
         if not exists(path / "config.json"):
             raise CheckpointError(f"{shown(path, None)}: folder has no config.json (not a checkpoint folder)")

@@ -57,6 +57,7 @@ class Checkpoint:
     architecture: str
     resample: dict[str, Any]  # how its reference resamples pos_embed (TIMM_RESAMPLE, ...)
     extra: dict[str, Any] = field(default_factory=dict)  # more config.json keys (problem_type)
+    image_size: int | None = None  # the size its reference runs it at, where not the table's (DINOv2's crop)
 
 
 def read_weights(folder: Path) -> dict[str, np.ndarray]:
@@ -168,14 +169,48 @@ def numbered_labels(num_labels: int, names: dict[int, str] | None = None, fallba
     return {str(i): names.get(i, fallback.format(i)) for i in range(num_labels)}
 
 
+def mlp_width(width: Any, ratio: Any, source: str, names: str) -> int:
+    """int(width * mlp_ratio), as timm and transformers size the MLP; refused unless both are numbers."""
+    if not (type(width) is int and type(ratio) in (int, float) and 0 < ratio <= 64):
+        raise ConfigError(f"{source}: {names} must be numbers, got {shown([width, ratio])}")
+    return int(width * ratio)
+
+
+def square(value: Any) -> Any:
+    """n for [n, n] (transformers and timm both accept a size as a pair), anything else as it is."""
+    if isinstance(value, list) and len(value) == 2 and value[0] == value[1] and type(value[0]) is int:
+        return value[0]
+    return value
+
+
 def hf_sizes(hf: dict[str, Any]) -> dict[str, Any]:
     """A transformers config.json's values, with [n, n] sizes (which transformers accepts) as n."""
     values = dict(hf)
     for key in ("image_size", "patch_size"):
-        value = values.get(key)
-        if isinstance(value, list) and len(value) == 2 and value[0] == value[1] and type(value[0]) is int:
-            values[key] = value[0]
+        if key in values:
+            values[key] = square(values[key])
     return values
+
+
+def hf_architecture(hf: dict[str, Any], supported, default: str, source: str) -> str:
+    """config.json's first architecture (transformers' class for it), `default` where it names none."""
+    architectures = hf.get("architectures") or []
+    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
+        raise ConfigError(f"{source}: architectures must be a list of class names")
+    architecture = architectures[0] if architectures else default
+    if architecture not in supported:
+        raise ConfigError(f"{source}: architecture {shown(architecture, 60, quote=True)} is not supported "
+                          f"(supported: {', '.join(supported)})")  # fmt: skip
+    return architecture
+
+
+def hf_layout(tensors: dict[str, np.ndarray], renames: list, ignored: re.Pattern, prefix: str, config: ViTConfig,
+              source: str, kind: str) -> dict[str, np.ndarray]:  # fmt: skip
+    """The transformers models' layout fix: renamed, q/k/v fused into qkv, the patch convolution as a linear."""
+    mapped = rename(tensors, renames, ignored, source, kind, prefix=prefix)
+    fuse_qkv(mapped, config, source)
+    conv_to_linear(mapped, config, source)
+    return mapped
 
 
 def hf_labels(hf: dict[str, Any], num_labels: int, source: str = "config.json") -> dict[str, str]:

@@ -15,14 +15,13 @@ import zipfile
 
 import numpy as np
 
-from mlx_vit.errors import CheckpointError, MlxVitError, shown
+from mlx_vit.errors import CheckpointError, shown
 from mlx_vit.files import open_regular
 from mlx_vit.model import ViTConfig
-from mlx_vit.preprocess import PreprocessConfig
 
 from . import timm_vit
 from .common import JAX_RESAMPLE, Checkpoint, Source, check_finite
-from .torch_pickle import MAX_INFLATION, check_members
+from .torch_pickle import ARCHIVE_ERRORS, MAX_INFLATION, check_members
 
 NAME = "JAX .npz"
 LOOKS_FOR = {"file": "an .npz with --arch"}  # by source kind
@@ -47,9 +46,11 @@ def read_npz(path) -> dict[str, np.ndarray]:
                     raise CheckpointError(f"{name}: its arrays would be over {MAX_INFLATION}x the file's size")
                 for info in archive.infolist():
                     key = info.filename.removesuffix(".npy")
+                    if key in arrays:  # `cls` and `cls.npy`: numpy would read one, this loop the other
+                        raise CheckpointError(f"{name}: the archive holds array '{shown(key, 80)}' twice")
                     with archive.open(info) as member:
                         arrays[key] = _read_array(member, info.file_size, f"{name}: array '{shown(key, 80)}'")
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        except ARCHIVE_ERRORS as error:
             reason = shown(f"{type(error).__name__}: {error}", 200)
             raise CheckpointError(f"{name}: not a readable .npz archive ({reason})") from None
     return arrays
@@ -62,6 +63,8 @@ def _read_array(member, size: int, name: str) -> np.ndarray:
     if version not in readers:
         raise CheckpointError(f"{name}: .npy format version {version} is not supported")
     shape, fortran, dtype = readers[version](member)
+    if not all(type(side) is int and side >= 0 for side in shape):
+        raise CheckpointError(f"{name}: its header's shape {shown(shape, 60)} is not a shape")
     if dtype.hasobject:
         raise CheckpointError(f"{name} holds Python objects (refused: loading them would run pickle)")
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):
@@ -80,8 +83,9 @@ def _read_array(member, size: int, name: str) -> np.ndarray:
 class _Names:
     """The archive's arrays under its prefix, each taken once and shape-checked."""
 
-    def __init__(self, arrays: dict[str, np.ndarray], prefix: str, source: str):
+    def __init__(self, arrays: dict[str, np.ndarray], prefix: str, source: str, depth: int):
         self.arrays, self.prefix, self.source, self.taken = arrays, prefix, source, set()
+        self.depth = depth  # blocks stacked in one array have this many rows
 
     def has(self, key: str) -> bool:
         return self.prefix + key in self.arrays
@@ -93,7 +97,7 @@ class _Names:
         self.taken.add(full)
         value = self.arrays[full]
         if index is not None:  # big_vision's stacked blocks: the layer first
-            if value.ndim == 0 or value.shape[0] <= index:
+            if value.ndim == 0 or value.shape[0] != self.depth:
                 raise CheckpointError(f"{self.source}: array '{shown(full, 80)}' has shape {value.shape}, not one "
                                       f"row per block")  # fmt: skip
             value = value[index]
@@ -127,9 +131,8 @@ def map_weights(w: _Names, config: ViTConfig, big_vision: bool) -> dict[str, np.
     tokens = config.num_patches + (0 if config.no_embed_class else config.num_prefix_tokens)
     out["pos_embed"] = w.take("pos_embedding" if big_vision else "Transformer/posembed_input/pos_embedding",
                               (1, tokens, d))  # fmt: skip
-    norm = "fc_norm" if config.fc_norm else "norm"
-    out[f"{norm}.weight"] = w.take("Transformer/encoder_norm/scale", (d,))
-    out[f"{norm}.bias"] = w.take("Transformer/encoder_norm/bias", (d,))
+    out["norm.weight"] = w.take("Transformer/encoder_norm/scale", (d,))
+    out["norm.bias"] = w.take("Transformer/encoder_norm/bias", (d,))
     if config.num_labels:
         out["head.weight"] = w.take("head/kernel", (d, config.num_labels)).T
         out["head.bias"] = w.take("head/bias", (config.num_labels,))
@@ -169,12 +172,7 @@ def _layer_norm_mlp(w: _Names, out: dict, at: str, ln: str, mlp: str, norm: str,
 
 
 def read(source: Source) -> Checkpoint:
-    if source.arch is None:
-        raise MlxVitError(f"{source.name}: a JAX .npz names no architecture; pass --arch TIMM_NAME[.TAG] "
-                          "(for example --arch vit_base_patch16_224.augreg_in21k_ft_in1k)")  # fmt: skip
-    name, pretrained = timm_vit.resolve_arch(source.arch)
-    cls, kwargs = timm_vit.architecture_kwargs(name, pretrained.get("kwargs", {}), source.name)
-    timm_vit.vit_config(cls, kwargs, 0, source.name)  # an unsupported architecture before the file is read
+    name, pretrained, cls, kwargs = timm_vit.bare_architecture(source, "a JAX .npz")
     arrays = read_npz(source.path)
     check_finite(arrays, source.name)
     prefix = next((p for p in PREFIXES if p + "embedding/kernel" in arrays), None)
@@ -183,18 +181,15 @@ def read(source: Source) -> Checkpoint:
     big_vision = prefix.startswith("params/") or prefix + "pos_embedding" in arrays
     big_vision = big_vision or prefix + "Transformer/encoderblock/LayerNorm_0/scale" in arrays
     head = arrays.get(prefix + "head/bias")
-    config = timm_vit.vit_config(cls, kwargs, 0 if head is None else int(head.shape[-1]), source.name)
-    names = _Names(arrays, prefix, source.name)
+    if head is not None and head.ndim != 1:
+        raise CheckpointError(f"{source.name}: array 'head/bias' has shape {head.shape}, expected 1 dimension")
+    config = timm_vit.vit_config(cls, kwargs, 0 if head is None else int(head.shape[0]), source.name)
+    if config.fc_norm:  # _load_weights loads encoder_norm into `norm` only: which the file means is a guess
+        raise CheckpointError(f"{source.name}: {name} normalizes after pooling (fc_norm), which timm does not load "
+                              "from an .npz")  # fmt: skip
+    names = _Names(arrays, prefix, source.name, config.num_hidden_layers)
     weights = map_weights(names, config, big_vision)
     if names.unused():
         raise CheckpointError(f"{source.name}: array '{shown(names.unused()[0], 80)}' is not one a "
                               f"{name} reads")  # fmt: skip
-    data = {**pretrained, "input_size": [config.num_channels, config.image_size, config.image_size]}
-    return Checkpoint(
-        config=config,
-        weights=weights,
-        preprocessing=PreprocessConfig.from_timm(data, source.name).to_dict(),
-        id2label=timm_vit.labels(pretrained, config.num_labels, source.name),
-        architecture=f"timm:{name}",
-        resample=JAX_RESAMPLE,
-    )
+    return timm_vit.checkpoint(name, config, weights, pretrained, JAX_RESAMPLE, source.name)

@@ -38,7 +38,7 @@ from mlx_vit.preprocess import PreprocessConfig
 from mlx_vit.quantize import check_stored_format
 
 from .common import TRANSFORMERS_RESAMPLE
-from .pos_embed import resample_pos_embed
+from .pos_embed import INTERPOLATIONS, resample_pos_embed
 from .safetensors_io import header_of
 
 FORMAT = "mlx-vit"
@@ -49,7 +49,6 @@ STALE_SECONDS = 3600
 PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
 _REQUIRED = {"format", "format_version", "model", "id2label", "preprocessing", "dtype", "quantization"}
 _OPTIONAL = {"architecture", "problem_type", "source", "image_size", "pos_embed_resample"}
-INTERPOLATIONS = ("bicubic", "bilinear")
 
 
 def is_mlx_folder(folder: Path) -> bool:
@@ -121,19 +120,13 @@ def runtime_config(config: dict[str, Any], source: str) -> ViTConfig:
 
 
 def at_image_size(config: dict[str, Any], size: int | None, source: str) -> dict[str, Any]:
-    """config.json for running its model at `size` (--image-size): preprocessing scaled as its reference scales
-    it. Without a size, the size the preprocessing makes (DINOv2's 224 crop of a 518-px model), if it differs."""
-    preprocessing = PreprocessConfig.from_dict(config["preprocessing"], source)
-    native = config["model"]["image_size"]
+    """config.json for running its model at `size` (--image-size; None: as it is), the preprocessing scaled as
+    the checkpoint's reference scales it."""
     if size is None:
-        fixed = preprocessing.fixed_size()
-        if not fixed or fixed[0] != fixed[1] or fixed[0] == native:
-            return config
-        size = fixed[0]
-    else:
-        preprocessing = preprocessing.at_size(size)
+        return config
+    preprocessing = PreprocessConfig.from_dict(config["preprocessing"], source).at_size(size)
     config = {**config, "image_size": size, "preprocessing": preprocessing.to_dict()}
-    if size == native:
+    if size == config["model"]["image_size"]:
         del config["image_size"]
     return config
 

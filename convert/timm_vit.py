@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
+from mlx_vit.errors import ConfigError, MlxVitError, shown
 from mlx_vit.model import ViTConfig
 from mlx_vit.preprocess import PreprocessConfig
 
@@ -28,16 +28,18 @@ from .common import (
     check_finite,
     conv_to_linear,
     head_classes,
+    mlp_width,
     numbered_labels,
     read_weight_file,
     read_weights,
     rename,
+    square,
 )
 
 NAME = "timm"
 LOOKS_FOR = {
     "folder": "config.json with an architecture",
-    "file": "a .pth/.bin/.safetensors with --arch",
+    "file": "a .pth/.pt/.bin/.safetensors with --arch",
 }  # by source kind
 SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
 
@@ -101,9 +103,8 @@ def architecture_kwargs(name: str, overrides: dict[str, Any], source: str) -> tu
 
 
 def _square(value: Any, key: str, source: str) -> int:
-    if isinstance(value, list) and len(value) == 2 and value[0] == value[1]:
-        value = value[0]
-    if not isinstance(value, int) or isinstance(value, bool):
+    value = square(value)
+    if type(value) is not int:
         raise ConfigError(f"{source}: {key} {shown(value, 40, quote=True)} is not supported (square sizes only)")
     return value
 
@@ -118,7 +119,7 @@ def _layer(value: Any) -> tuple[Any, dict]:
 def vit_config(cls: str, kwargs: dict[str, Any], num_labels: int, source: str) -> ViTConfig:
     """ViTConfig for timm's constructor arguments; refuses every option the MLX model does not implement."""
     for key, wanted in REQUIRED.items():
-        if key in kwargs and _layer(kwargs[key])[0] != wanted and kwargs[key] != wanted:
+        if key in kwargs and kwargs[key] != wanted and _layer(kwargs[key]) != (wanted, {}):
             raise ConfigError(f"{source}: {key}={shown(kwargs[key], 60)} is not supported by mlx-vit's ViT")
     unknown = sorted(set(kwargs) - set(REQUIRED) - IGNORED_ARGS)
     if unknown:
@@ -132,10 +133,7 @@ def vit_config(cls: str, kwargs: dict[str, Any], num_labels: int, source: str) -
     pool = kwargs.get("global_pool", "token")
     if pool not in POOLS:
         raise ConfigError(f"{source}: global_pool {shown(pool, 40, quote=True)} is not supported")
-    fc_norm = kwargs.get("fc_norm")
-    embed_dim, mlp_ratio = kwargs.get("embed_dim"), kwargs.get("mlp_ratio")
-    if not (isinstance(embed_dim, int) and isinstance(mlp_ratio, (int, float)) and 0 < mlp_ratio <= 64):
-        raise ConfigError(f"{source}: embed_dim and mlp_ratio must be numbers, got {shown([embed_dim, mlp_ratio])}")
+    fc_norm, embed_dim = kwargs.get("fc_norm"), kwargs.get("embed_dim")
     distilled = cls == "VisionTransformerDistilled"
     return ViTConfig.from_dict(
         {
@@ -145,9 +143,9 @@ def vit_config(cls: str, kwargs: dict[str, Any], num_labels: int, source: str) -
             "hidden_size": embed_dim,
             "num_hidden_layers": kwargs.get("depth"),
             "num_attention_heads": kwargs.get("num_heads"),
-            "intermediate_size": int(embed_dim * mlp_ratio),  # as timm's Block sizes its MLP
+            "intermediate_size": mlp_width(embed_dim, kwargs.get("mlp_ratio"), source, "embed_dim and mlp_ratio"),
             "hidden_act": ACTIVATIONS[act],
-            "layer_norm_eps": norm_args.get("eps", 1e-5),  # a bare torch LayerNorm's default
+            "layer_norm_eps": norm_args.get("eps", 1e-6),  # timm's LayerNorm (the registry's "layernorm")
             "qkv_bias": kwargs.get("qkv_bias", True),
             "num_labels": num_labels,
             "distillation_token": distilled,
@@ -217,35 +215,55 @@ def labels(pretrained: dict[str, Any], num_labels: int, source: str) -> dict[str
     return numbered_labels(num_labels)
 
 
+def bare_architecture(source: Source, kind: str) -> tuple[str, dict[str, Any], str, dict[str, Any]]:
+    """--arch's (name, pretrained config, class, constructor arguments) for a bare weight file; an architecture
+    mlx-vit cannot run is refused before the file is read."""
+    if source.arch is None:
+        raise MlxVitError(f"{source.name}: {kind} names no architecture; pass --arch TIMM_NAME[.TAG] "
+                          "(for example --arch vit_base_patch16_224.augreg2_in21k_ft_in1k)")  # fmt: skip
+    name, pretrained = resolve_arch(source.arch)
+    cls, kwargs = architecture_kwargs(name, pretrained.get("kwargs", {}), source.name)  # a tag's num_classes
+    vit_config(cls, kwargs, 0, source.name)
+    return name, pretrained, cls, kwargs
+
+
+def checkpoint(name: str, config: ViTConfig, weights: dict[str, np.ndarray], pretrained: dict[str, Any],
+               resample: dict[str, Any], source: str) -> Checkpoint:  # fmt: skip
+    """A timm architecture's Checkpoint: timm's preprocessing for `pretrained`'s tag at the model's size."""
+    data = {**pretrained, "input_size": [config.num_channels, config.image_size, config.image_size]}
+    return Checkpoint(
+        config=config,
+        weights=weights,
+        preprocessing=PreprocessConfig.from_timm(data, source).to_dict(),
+        id2label=labels(pretrained, config.num_labels, source),
+        architecture=f"timm:{name}",
+        resample=resample,
+    )
+
+
 def read(source: Source) -> Checkpoint:
     if source.is_folder:
         config_file = shown(source.path / "config.json", None)
         name, overrides = source.config["architecture"], source.config.get("model_args")
-        overrides = {} if overrides is None else overrides
+        if not isinstance(name, str):
+            raise ConfigError(f"{config_file}: architecture must be a timm model name")
         pretrained = _pretrained_cfg(source.config, config_file)
+        cls, kwargs = architecture_kwargs(name, {} if overrides is None else overrides, config_file)
+        classes = pretrained.get("num_classes", kwargs.get("num_classes", 1000))
+        vit_config(cls, kwargs, classes if isinstance(classes, int) else 0, config_file)  # sizes before any weight
+        tensors = read_weights(source.path)
     else:
         config_file = source.name
-        if source.arch is None:
-            raise MlxVitError(f"{source.name}: a bare weight file names no architecture; pass --arch TIMM_NAME[.TAG] "
-                              "(for example --arch vit_base_patch16_224.augreg2_in21k_ft_in1k)")  # fmt: skip
-        name, pretrained = resolve_arch(source.arch)
-        overrides = pretrained.get("kwargs", {})  # a tag's own constructor arguments (its num_classes)
-    if not isinstance(name, str):
-        raise ConfigError(f"{config_file}: architecture must be a timm model name")
-    cls, kwargs = architecture_kwargs(name, overrides, config_file)
-    classes = pretrained.get("num_classes", kwargs.get("num_classes", 1000))
-    vit_config(cls, kwargs, classes if isinstance(classes, int) else 0, config_file)  # sizes before any weight
-    tensors = read_weights(source.path) if source.is_folder else read_weight_file(source.path)
+        name, pretrained, cls, kwargs = bare_architecture(source, "a bare weight file")
+        tensors = read_weight_file(source.path)
     check_finite(tensors, source.name)
+    tensors = _without_module_prefix(tensors)
     config = vit_config(cls, kwargs, head_classes(tensors, "head.weight", source.name), config_file)
-    data = {**pretrained, "input_size": [config.num_channels, config.image_size, config.image_size]}
-    if config.num_labels == 0 and "head.weight" not in tensors and isinstance(classes, int) and classes > 0:
-        raise CheckpointError(f"{source.name}: has no head.weight, but its config has {classes} classes")
-    return Checkpoint(
-        config=config,
-        weights=map_weights(tensors, config, source.name),
-        preprocessing=PreprocessConfig.from_timm(data, config_file).to_dict(),
-        id2label=labels(pretrained, config.num_labels, config_file),
-        architecture=f"timm:{name}",
-        resample=TIMM_RESAMPLE,
-    )
+    return checkpoint(name, config, map_weights(tensors, config, source.name), pretrained, TIMM_RESAMPLE, config_file)
+
+
+def _without_module_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A state dict saved from DataParallel has every name under `module.`; timm's loader strips it too."""
+    if tensors and all(key.startswith("module.") for key in tensors):
+        return {key.removeprefix("module."): value for key, value in tensors.items()}
+    return tensors

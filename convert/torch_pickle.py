@@ -31,6 +31,11 @@ MAX_PICKLE_BYTES = 16 * 2**20
 # hold each byte once; tied weights view one storage twice.
 MAX_INFLATION = 2
 _READ_PIECE = 16 * 2**20
+# What reading a crafted zip archive can raise: besides malformed structures, encrypted members, unsupported or
+# corrupt compression. Every reader of a zip (this one, jax_npz) turns these into one line.
+ARCHIVE_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
+                  RecursionError, MemoryError, OverflowError, RuntimeError, OSError, zlib.error, lzma.LZMAError,
+                  NotImplementedError)  # fmt: skip
 
 
 class _Storages:
@@ -97,8 +102,9 @@ def _read_member(archive: zipfile.ZipFile, member: str, limit: int, name: str) -
 
 
 def _state_dict(state: object) -> dict[str, Tensor] | None:
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
+    for key in ("model", "state_dict"):  # a training checkpoint's weights (DeiT's releases hold {"model": ...})
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
     if isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         return state
     return None
@@ -124,9 +130,7 @@ def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
                 return _read_archive(archive, name, size)
         except Refused as error:
             raise CheckpointError(f"{name}: unsafe or malformed pickle: {error}") from None
-        except (zipfile.BadZipFile, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
-                RecursionError, MemoryError, OverflowError,  # then: encrypted, unsupported or corrupt compression
-                RuntimeError, OSError, zlib.error, lzma.LZMAError, NotImplementedError) as error:  # fmt: skip
+        except ARCHIVE_ERRORS as error:
             reason = shown(f"{type(error).__name__}: {error}", 200)
             raise CheckpointError(f"{name}: malformed PyTorch checkpoint ({reason})") from None
 

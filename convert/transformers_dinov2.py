@@ -18,20 +18,21 @@ import numpy as np
 
 from mlx_vit.errors import ConfigError, shown
 from mlx_vit.model import ViTConfig
+from mlx_vit.preprocess import PreprocessConfig
 
 from .common import (
     TRANSFORMERS_RESAMPLE,
     Checkpoint,
     Source,
     check_finite,
-    conv_to_linear,
-    fuse_qkv,
     head_classes,
+    hf_architecture,
     hf_labels,
+    hf_layout,
     hf_preprocessing,
     hf_sizes,
+    mlp_width,
     read_weights,
-    rename,
 )
 
 NAME = "transformers DINOv2"
@@ -57,6 +58,12 @@ RENAMES = [
 ]
 IGNORED = re.compile(r"(?:dinov2\.|dinov2_with_registers\.)?embeddings\.mask_token")
 PREFIX = r"dinov2\.|dinov2_with_registers\."
+# transformers' config defaults, for keys a config.json leaves out
+DEFAULTS = {
+    "dinov2": {"hidden_size": 768, "mlp_ratio": 4, "image_size": 224, "patch_size": 14, "num_register_tokens": 0},
+    "dinov2_with_registers": {"hidden_size": 768, "mlp_ratio": 4, "image_size": 224, "patch_size": 16,
+                              "num_register_tokens": 4},
+}  # fmt: skip
 
 
 def detect(source: Source) -> bool:
@@ -66,15 +73,10 @@ def detect(source: Source) -> bool:
 def model_config(hf: dict, num_labels: int, source: str) -> ViTConfig:
     if hf.get("use_swiglu_ffn"):
         raise ConfigError(f"{source}: DINOv2 with a SwiGLU MLP (ViT-g/14) is not supported")
-    values = hf_sizes(hf)
-    width, ratio = values.get("hidden_size", 768), values.get("mlp_ratio", 4)
-    if not (isinstance(width, int) and isinstance(ratio, (int, float)) and 0 < ratio <= 64):
-        raise ConfigError(f"{source}: hidden_size and mlp_ratio must be numbers, got {shown([width, ratio])}")
-    registers = values.get("num_register_tokens", 0) if hf.get("model_type") == "dinov2_with_registers" else 0
+    values = {**DEFAULTS[hf["model_type"]], **hf_sizes(hf)}
+    registers = values["num_register_tokens"]
     values.update(
-        image_size=values.get("image_size", 518),
-        patch_size=values.get("patch_size", 14),
-        intermediate_size=int(width * ratio),
+        intermediate_size=mlp_width(values["hidden_size"], values["mlp_ratio"], source, "hidden_size and mlp_ratio"),
         layer_norm_eps=values.get("layer_norm_eps", 1e-6),
         num_labels=num_labels,
         reg_tokens=registers,
@@ -85,23 +87,9 @@ def model_config(hf: dict, num_labels: int, source: str) -> ViTConfig:
     return ViTConfig.from_dict(values, source)
 
 
-def _architecture(hf: dict, source: str) -> str:
-    architectures = hf.get("architectures") or []
-    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
-        raise ConfigError(f"{source}: architectures must be a list of class names")
-    registers = "WithRegisters" if hf["model_type"] == "dinov2_with_registers" else ""
-    architecture = architectures[0] if architectures else f"Dinov2{registers}Model"
-    if architecture not in ARCHITECTURES:
-        raise ConfigError(f"{source}: architecture {shown(architecture, 60, quote=True)} is not supported "
-                          f"(supported: {', '.join(ARCHITECTURES)})")  # fmt: skip
-    return architecture
-
-
 def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) -> dict[str, np.ndarray]:
     """transformers' DINOv2 names and layouts -> the MLX model's."""
-    mapped = rename(tensors, RENAMES, IGNORED, source, "DINOv2", prefix=PREFIX)
-    fuse_qkv(mapped, config, source)
-    conv_to_linear(mapped, config, source)
+    mapped = hf_layout(tensors, RENAMES, IGNORED, PREFIX, config, source, "DINOv2")
     if config.no_embed_class and "pos_embed" in mapped and "cls_token" in mapped:
         pos = mapped["pos_embed"]  # (1, 1 + patches, D): the class token's position, then the patches'
         mapped["cls_token"] = mapped["cls_token"] + pos[:, :1]
@@ -111,17 +99,21 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
 
 def read(source: Source) -> Checkpoint:
     hf, config_file = source.config, shown(source.path / "config.json", None)
-    architecture = _architecture(hf, config_file)
+    registers = "WithRegisters" if hf["model_type"] == "dinov2_with_registers" else ""
+    architecture = hf_architecture(hf, ARCHITECTURES, f"Dinov2{registers}Model", config_file)
     id2label = hf.get("id2label")
     model_config(hf, len(id2label) if isinstance(id2label, dict) else 0, config_file)  # sizes before any weight
     tensors = read_weights(source.path)
     check_finite(tensors, source.name)
     head = next((k for k in tensors if re.fullmatch(r"(?:dinov2\.)?classifier\.weight", k)), None)
     config = model_config(hf, head_classes(tensors, head, source.name), config_file)
+    preprocessing = hf_preprocessing(source.path, "dinov2", config.image_size)
+    crop = PreprocessConfig.from_dict(preprocessing).fixed_size()
     return Checkpoint(
         config=config,
         weights=map_weights(tensors, config, source.name),
-        preprocessing=hf_preprocessing(source.path, "dinov2", config.image_size),
+        preprocessing=preprocessing,
+        image_size=crop[0] if crop and crop[0] == crop[1] else None,  # transformers interpolates to the input
         id2label=hf_labels(hf, config.num_labels, config_file),
         architecture=architecture,
         # Dinov2WithRegisters interpolates with antialiasing, Dinov2 without

@@ -20,15 +20,14 @@ from .common import (
     Checkpoint,
     Source,
     check_finite,
-    conv_to_linear,
-    fuse_qkv,
     head_classes,
+    hf_architecture,
     hf_labels,
+    hf_layout,
     hf_preprocessing,
     hf_sizes,
     read_weights,
 )
-from .common import rename as apply_renames
 
 NAME = "transformers ViT/DeiT"
 LOOKS_FOR = {"folder": "model_type vit, deit"}  # by source kind
@@ -74,15 +73,8 @@ def _architecture(hf: dict[str, Any], source: str) -> str:
         raise ConfigError(
             f"{source}: model_type {shown(model_type, 40, quote=True)} is not supported (supported: vit, deit)"
         )
-    architectures = hf.get("architectures") or []
-    if not (isinstance(architectures, list) and all(isinstance(a, str) for a in architectures)):
-        raise ConfigError(f"{source}: architectures must be a list of class names")
     default = "DeiTForImageClassificationWithTeacher" if model_type == "deit" else "ViTForImageClassification"
-    architecture = architectures[0] if architectures else default
-    if architecture not in ARCHITECTURES:
-        raise ConfigError(f"{source}: architecture {shown(architecture, 60, quote=True)} is not supported "
-                          f"(supported: {', '.join(ARCHITECTURES)})")  # fmt: skip
-    return architecture
+    return hf_architecture(hf, ARCHITECTURES, default, source)
 
 
 def check_config(hf: dict[str, Any], source: str) -> ViTConfig:
@@ -126,10 +118,7 @@ def detect(source: Source) -> bool:
 
 def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) -> dict[str, np.ndarray]:
     """transformers names and layouts -> the MLX model's; shapes checked before any layout is changed."""
-    mapped = apply_renames(tensors, RENAMES, IGNORED, source, "ViT/DeiT", prefix=r"vit\.|deit\.")
-    fuse_qkv(mapped, config, source)
-    conv_to_linear(mapped, config, source)
-    return mapped
+    return hf_layout(tensors, RENAMES, IGNORED, r"vit\.|deit\.", config, source, "ViT/DeiT")
 
 
 def read(source: Source) -> Checkpoint:

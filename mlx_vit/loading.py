@@ -1,7 +1,8 @@
 """Turn a model name into a loaded MLX model.
 
-A name is an MLX model folder (from `mlx-vit convert`), a Hugging Face layout folder (converted in memory), or a
-Hub repo id: downloaded once into the standard HF cache, converted once into mlx-vit's cache, reused afterwards.
+A name is an MLX model folder (from `mlx-vit convert`), a checkpoint folder or a bare weight file with its timm
+architecture (converted in memory), or a Hub repo id: downloaded once into the standard HF cache, converted once
+into mlx-vit's cache, reused afterwards.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
     converted = cache_dir() / name.replace("/", "--") / snapshot.name  # snapshot.name is the commit hash
     if not is_mlx_folder(converted):
         log.info("converting %s@%s once into %s", name, snapshot.name[:8], converted)
-        weights, config = convert_folder(snapshot, {"repo": name, "revision": snapshot.name})
+        weights, config = convert_folder(snapshot, {"repo": name, "revision": snapshot.name}, arch=arch)
         build_model(config, weights, str(snapshot))
         write_mlx_folder(converted, weights, config, force=True)
     loaded = load_mlx_folder(converted, image_size)

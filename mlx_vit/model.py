@@ -172,10 +172,12 @@ class ViTConfig:
             fail(f"global_pool {pool} is not supported (supported: {', '.join(repr(p) for p in POOLS)})")
         if not self.class_token and (self.global_pool in ("token", "token_avg") or self.distillation_token):
             fail(f"global_pool {self.global_pool!r} and a distillation token need the class token")
+        if self.global_pool == "" and self.num_labels:
+            fail("a head needs pooled features: global_pool '' (no pooling) is for models without one")
         if self.distillation_token and self.reg_tokens:
             fail("a distillation token and register tokens together are not a known layout")
         init = self.init_values
-        if init is not None and not (_is_number(init) and math.isfinite(init)):
+        if init is not None and not (type(init) in (int, float) and math.isfinite(init)):
             fail(f"init_values must be a number or null, got {shown(init, 40, quote=True)}")
         if self.num_hidden_layers > MAX_LAYERS:
             fail(f"num_hidden_layers {self.num_hidden_layers} is over the limit of {MAX_LAYERS}")
@@ -190,10 +192,6 @@ class ViTConfig:
                  "too many tokens for its heads and layers")  # fmt: skip
         if self.num_parameters() > MAX_PARAMETERS:
             fail(f"describes a model of ~{self.num_parameters() / 1e9:,.0f}B parameters; refusing to allocate it")
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # timm's pooling of the final tokens into the features the head reads; "token_avg" is transformers'
@@ -355,7 +353,7 @@ class Block(nn.Module):
         self.attn = Attention(d, config.num_attention_heads, config.qkv_bias)
         self.norm2 = nn.LayerNorm(d, eps=eps)
         self.mlp = MLP(d, config.intermediate_size, config.hidden_act)
-        if config.init_values is not None:
+        if config.init_values:  # as timm: no layer scale for 0 or None
             self.ls1 = LayerScale(d)
             self.ls2 = LayerScale(d)
 
@@ -375,8 +373,8 @@ class AttentionPool(nn.Module):
         d = config.hidden_size
         self.num_heads = config.num_attention_heads
         self.latent = mx.zeros((1, 1, d))
-        self.q = nn.Linear(d, d, bias=config.qkv_bias)
-        self.kv = nn.Linear(d, 2 * d, bias=config.qkv_bias)
+        self.q = nn.Linear(d, d)  # with biases whatever the blocks' qkv_bias, as timm builds it
+        self.kv = nn.Linear(d, 2 * d)
         self.proj = nn.Linear(d, d)
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.mlp = MLP(d, config.intermediate_size, config.hidden_act)
@@ -433,7 +431,8 @@ class ViT(nn.Module):
                 self.head_dist = nn.Linear(d, config.num_labels)
 
     def forward_features(self, pixels: mx.array) -> mx.array:
-        """(B, H, W, C) normalized pixels -> (B, prefix + patches, D) tokens after the final norm."""
+        """(B, H, W, C) normalized pixels -> (B, prefix + patches, D) tokens, after the final norm unless it comes
+        after pooling (fc_norm)."""
         size = self.config.image_size
         if pixels.shape[1:3] != (size, size):
             raise ValueError(f"expected {size}x{size} inputs, got {pixels.shape[1]}x{pixels.shape[2]}")

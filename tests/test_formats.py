@@ -152,7 +152,7 @@ def test_unknown_files_and_folders_name_the_formats(tmp_path):
     path = tmp_path / "weights.ckpt"
     path.write_bytes(b"\0" * 64)
     message = one_line_error(CheckpointError, read_checkpoint, path, names=path)
-    assert "timm (a .pth/.bin/.safetensors with --arch)" in message and "JAX (an .npz with --arch)" not in message
+    assert "timm (a .pth/.pt/.bin/.safetensors with --arch)" in message and "JAX (an .npz with --arch)" not in message
     assert "an .npz with --arch" in message
     folder = tmp_path / "folder"
     folder.mkdir()
@@ -274,7 +274,9 @@ def _raw_npy(shape: tuple, dtype: str, data: bytes) -> bytes:
 @pytest.mark.parametrize(
     "case",
     ["int array", "bfloat16 bytes", "float128", "shape beyond its bytes", "zip bomb", "member twice", "not a zip",
-     "stacked blocks wrong", "missing array", "unexpected array", "wrong shape"],
+     "stacked blocks wrong", "stacked blocks deeper", "missing array", "unexpected array", "wrong shape",
+     "corrupt deflate", "encrypted", "unknown compression", "bool shape", "name with and without .npy",
+     "0-d head", "fc_norm architecture"],
 )  # fmt: skip
 def test_hostile_npz_is_one_line(case, small_timm, tmp_path):
     import zipfile
@@ -293,7 +295,16 @@ def test_hostile_npz_is_one_line(case, small_timm, tmp_path):
         "missing array": "has no array 'Transformer/encoder_norm/scale'",
         "unexpected array": "is not one a test_vit reads",
         "wrong shape": "has shape (3,), the architecture makes (64,)",
+        "stacked blocks deeper": "not one row per block",
+        "corrupt deflate": "not a readable .npz archive (error",
+        "encrypted": "not a readable .npz archive (RuntimeError",
+        "unknown compression": "not a readable .npz archive (NotImplementedError",
+        "bool shape": "is not a shape",
+        "name with and without .npy": "holds array 'cls' twice",
+        "0-d head": "expected 1 dimension",
+        "fc_norm architecture": "normalizes after pooling (fc_norm)",
     }[case]
+    arch = SMALL_TIMM
     if case == "int array":
         _npz(path, {**arrays, "cls": arrays["cls"].astype(np.int32)})
     elif case == "bfloat16 bytes":
@@ -322,7 +333,43 @@ def test_hostile_npz_is_one_line(case, small_timm, tmp_path):
         _npz(path, {**arrays, "Transformer/extra/kernel": np.ones(3, np.float32)})
     elif case == "wrong shape":
         _npz(path, {**arrays, "Transformer/encoder_norm/scale": np.ones(3, np.float32)})
-    message = one_line_error(CheckpointError, read_checkpoint, path, SMALL_TIMM, names=path)
+    elif case == "stacked blocks deeper":  # a 12-block file read as a 6-block architecture: refused, not cut
+        stacked = tc.npz_arrays(small_timm, style="big_vision")
+        stacked = {k: np.concatenate([v, v]) if "encoderblock/" in k else v for k, v in stacked.items()}
+        _npz(path, stacked)
+    elif case in ("corrupt deflate", "encrypted", "unknown compression"):
+        _npz(path, arrays, compress=True)
+        data = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as z:
+            info = z.infolist()[0]
+        at = info.header_offset  # the local header: its name's and extra field's lengths, then the compressed bytes
+        start = (
+            at
+            + 30
+            + int.from_bytes(data[at + 26 : at + 28], "little")
+            + int.from_bytes(data[at + 28 : at + 30], "little")
+        )
+        if case == "corrupt deflate":
+            data[start : start + 16] = b"\xff" * 16
+        else:  # patch the first member's local header: the flags' encryption bit, or method 99
+            field, value = (6, 1) if case == "encrypted" else (8, 99)
+            data[info.header_offset + field] = value
+            central = data.find(b"PK\x01\x02")  # the first member's central directory entry
+            data[central + field + 2] = value
+        path.write_bytes(bytes(data))
+    elif case == "bool shape":
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("cls.npy", _raw_npy((True, True, 64), "<f4", b"\0" * 256))
+    elif case == "name with and without .npy":
+        _npz(path, arrays)
+        with zipfile.ZipFile(path, "a") as z:
+            z.writestr("cls", _raw_npy((1, 1, 64), "<f4", b"\0" * 256))
+    elif case == "0-d head":
+        _npz(path, {**arrays, "head/bias": np.float32(1.0)})
+    elif case == "fc_norm architecture":
+        _npz(path, arrays)
+        arch = "test_vit2"
+    message = one_line_error(CheckpointError, read_checkpoint, path, arch, names=path)
     assert needle in message, message
 
 
@@ -335,7 +382,7 @@ def test_hostile_npz_is_one_line(case, small_timm, tmp_path):
         ({"model_args": {"img_size": "big"}}, "img_size 'big' is not supported"),
         ({"model_args": {"img_size": [224, 160]}}, "square sizes only"),
         ({"model_args": {"depth": 10**9}}, "num_hidden_layers"),
-        ({"model_args": {"embed_dim": True}}, "hidden_size must be a positive integer, got True"),
+        ({"model_args": {"embed_dim": True}}, "embed_dim and mlp_ratio must be numbers"),
         ({"model_args": {"mlp_ratio": "4"}}, "embed_dim and mlp_ratio must be numbers"),
         ({"model_args": {"act_layer": ["gelu"]}}, "act_layer"),
         ({"model_args": {"norm_layer": "rmsnorm"}}, "norm_layer"),
@@ -381,6 +428,55 @@ def test_hostile_converted_folder_sizes_are_one_line(change, needle, timm_models
     (out / "config.json").write_text(json.dumps(config))
     message = one_line_error(ConfigError, load_model, str(out), names=out)
     assert needle in message, message
+
+
+def test_timm_layernorm_by_registry_name_is_timms_eps(tmp_path):
+    """norm_layer "layernorm" in model_args is timm's LayerNorm, eps 1e-6 (torch's default is 1e-5)."""
+    model = tc.make_timm("vit", seed=SEED, norm_layer="layernorm")
+    folder = tc.save_timm_hub(model, tmp_path / "hub")
+    assert json.loads((folder / "config.json").read_text())["model_args"]["norm_layer"] == "layernorm"
+    assert_matches(load(str(folder)), tc.timm_logits(model, PHOTOS))
+
+
+def test_model_options_the_reference_refuses_or_ignores(tmp_path):
+    from mlx_vit.model import ViT, ViTConfig
+
+    message = one_line_error(ConfigError, ViTConfig.from_dict, {"global_pool": "", "num_labels": 10})
+    assert "global_pool '' (no pooling) is for models without one" in message
+    no_scale = ViT(ViTConfig(init_values=0, num_hidden_layers=1))  # timm: layer scale only for a nonzero value
+    assert "ls1" not in no_scale.blocks[0]
+
+
+def test_dinov2_config_defaults_are_transformers(tmp_path):
+    """A config.json that leaves out num_register_tokens, image_size and patch_size means transformers' defaults."""
+    folder = tc.make_dinov2(tmp_path / "dinov2", kind="registers-classifier", seed=SEED, image_size=224,
+                            patch_size=16, num_register_tokens=4)  # fmt: skip
+    config = json.loads((folder / "config.json").read_text())
+    for key in ("num_register_tokens", "image_size", "patch_size"):
+        del config[key]
+    (folder / "config.json").write_text(json.dumps(config))
+    assert_matches(load(str(folder)), tc.dinov2_logits(folder, PHOTOS, backend="pil"))
+
+
+def test_a_preprocessor_at_another_size_is_still_refused_for_vit(tmp_path):
+    """transformers refuses a ViT input of another size without interpolate_pos_encoding; so does mlx-vit."""
+    folder = make_checkpoint(tmp_path / "vit", seed=SEED, image_size=32, patch_size=8)
+    processor = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**processor, "size": 64}))
+    message = one_line_error(ConfigError, load_model, str(folder))
+    assert "preprocessing makes 64x64 pixels but the model takes 32x32" in message
+
+
+def test_training_checkpoints_are_unwrapped(tmp_path):
+    """DeiT's released .pth files hold {"model": state_dict}; DataParallel ones prefix every name with module."""
+    import torch
+
+    model = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    reference = tc.timm_logits(model, PHOTOS[:2])
+    path = tmp_path / "checkpoint.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "epoch": 300}, path)
+    ours = load(str(path), arch=SMALL_TIMM)
+    assert np.abs(ours.logits(ours.pixels(PHOTOS[:2])) - reference).max() < TOLERANCE
 
 
 def test_image_size_out_of_range_is_one_line(timm_models, tmp_path, isolated):
