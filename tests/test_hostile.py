@@ -352,7 +352,7 @@ CONFIG_CASES = {
     "hidden_size 10^9": (dict(hidden_size=10**9), "over the limit"),
     "hidden_size 10^6": (dict(hidden_size=10**6, num_attention_heads=1), "parameters; refusing"),
     "10^6 layers": (dict(num_hidden_layers=10**6), "num_hidden_layers 1000000 is over the limit of 1024"),
-    "image_size 10^6": (dict(image_size=10**6), "image_size 1000000 at patch_size 8 makes 15,625,000,000 tokens"),
+    "image_size 10^6": (dict(image_size=10**6), "image_size 1000000 at patch_size 8 makes 15,625,000,001 tokens"),
     "image_size 10^8": (dict(image_size=10**8, patch_size=10**8), "image_size 100000000 is over the limit"),
     "image 65536 / patch 8": (dict(image_size=65536), "tokens (limit 16,384)"),
     "patch_size = image_size = 16384": (dict(image_size=16384, patch_size=16384), "activations would hold"),
