@@ -13,7 +13,7 @@ from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
 from mlx_vit.files import exists, is_dir, read_json
 
 from . import jax_npz, timm_vit, transformers_dinov2, transformers_vit
-from .common import Checkpoint, Source, check_finite
+from .common import Checkpoint, Source
 
 FORMATS = (transformers_vit, transformers_dinov2, timm_vit, jax_npz)
 
@@ -35,13 +35,12 @@ def open_source(path: Path, arch: str | None = None) -> Source:
 
 
 def read_checkpoint(path: str | Path, arch: str | None = None) -> Checkpoint:
-    """Read any supported checkpoint into the MLX model's names and layouts, every weight checked finite."""
+    """Read any supported checkpoint into the MLX model's names and layouts; each reader checks every tensor
+    finite as read, and build_model the model's weights once more (after layout fixes, in the stored dtype)."""
     source = open_source(Path(path), arch)
-    for format in FORMATS:
-        if format.detect(source):
-            checkpoint = format.read(source)
-            check_finite(checkpoint.weights, source.name)  # also after layout fixes: nothing new may slip in
-            return checkpoint
+    for candidate in FORMATS:
+        if candidate.detect(source):
+            return candidate.read(source)
     kind = "folder" if source.is_folder else "file"
     tried = "; ".join(f"{f.NAME} ({f.LOOKS_FOR[kind]})" for f in FORMATS if kind in f.LOOKS_FOR)
     if source.is_folder:  # config.json's fault
