@@ -181,8 +181,9 @@ class ViTConfig:
             fail(f"init_values must be a number or null, got {shown(init, 40, quote=True)}")
         if self.num_hidden_layers > MAX_LAYERS:
             fail(f"num_hidden_layers {self.num_hidden_layers} is over the limit of {MAX_LAYERS}")
-        if self.num_patches + self.num_prefix_tokens > MAX_TOKENS:
-            fail(f"image_size {self.image_size} at patch_size {self.patch_size} makes {self.num_patches + self.num_prefix_tokens:,} tokens "
+        tokens = self.num_patches + self.num_prefix_tokens
+        if tokens > MAX_TOKENS:
+            fail(f"image_size {self.image_size} at patch_size {self.patch_size} makes {tokens:,} tokens "
                  f"(limit {MAX_TOKENS:,})")  # fmt: skip
         if self.activation_elements() > MAX_ACTIVATION:
             fail(f"one image's activations would hold {self.activation_elements():,} values in one tensor "
