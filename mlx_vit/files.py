@@ -7,9 +7,11 @@ file mlx-vit reads (configs, manifests, weights, images) comes through `open_reg
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import secrets
 import stat
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -124,3 +126,12 @@ def exists(path: str | os.PathLike) -> bool:
         if failure.errno == errno.ENAMETOOLONG:
             raise MlxVitError(f"{shown(str(path))}: file name too long") from None
         return False
+
+
+def temporary_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty file `.NAME.XXXXXXXX.partial` beside `path`, for a write that is renamed into place when it is
+    complete; created with the permissions a plain open gives (tempfile's are private to the user)."""
+    while True:
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        with contextlib.suppress(FileExistsError):
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate

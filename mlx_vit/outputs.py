@@ -1,0 +1,363 @@
+"""Where results go: a table, json, jsonl or csv, on stdout or in a file, written as each batch finishes.
+
+jsonl and csv are the formats for libraries. Each batch is appended in one write and flushed, so a run that is
+killed keeps every batch it finished, and `resume=True` continues such a file: the inputs already in it are
+skipped, a partly written last line is cut off and redone, and nothing finished is ever rewritten. json (one
+array) and the table are written to a temporary file beside the output and moved into place at the end, so a
+failed run leaves no half-written file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import os
+import stat
+import sys
+import time
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from mlx_vit.errors import MlxVitError, shown
+from mlx_vit.files import os_reason, temporary_beside
+
+FORMATS = ("table", "json", "jsonl", "csv")
+RESUMABLE = ("jsonl", "csv")
+CSV_HEADER = ["path", "rank", "label", "score", "class_id", "error"]
+# How often appended results are also forced to the disk itself (flushing after every batch already keeps them
+# when the process dies; this bounds what a power cut loses).
+SYNC_SECONDS = 1.0
+
+
+class OutputError(MlxVitError):
+    """An output file that cannot be written, or cannot be resumed."""
+
+
+def format_for(path: str | os.PathLike | None, given: str | None) -> str:
+    """The format asked for, else the output file's extension (.json, .jsonl, .csv), else a table."""
+    if given is not None:
+        return given
+    suffix = Path(path).suffix.lower().lstrip(".") if path is not None else ""
+    return suffix if suffix in ("json", "jsonl", "csv") else "table"
+
+
+def result_json(result: Any) -> dict[str, Any]:
+    """A classification Result as JSON: {"path", "predictions": [{label, score, class_id}]} or {"path", "error"}."""
+    if result.error:
+        return {"path": result.path, "error": result.error}
+    return {"path": result.path, "predictions": [vars(p) for p in result.predictions]}
+
+
+def csv_rows(result: Any) -> list[list[Any]]:
+    """One row per prediction (rank 1 first); an error, or no prediction over the threshold, is one row."""
+    if result.error:
+        return [[result.path, "", "", "", "", result.error]]
+    if not result.predictions:
+        return [[result.path, "", "", "", "", ""]]
+    return [[result.path, rank, p.label, repr(p.score), p.class_id, ""] for rank, p in enumerate(result.predictions, 1)]
+
+
+class Done:
+    """The paths an earlier run finished, as sorted 64-bit hashes: 8 bytes each, however long the paths."""
+
+    def __init__(self, hashes: np.ndarray | None = None):
+        self.hashes = np.unique(hashes).astype(np.uint64) if hashes is not None else np.zeros(0, np.uint64)
+
+    @staticmethod
+    def key(path: str) -> int:
+        digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        return int.from_bytes(digest, "little")
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def __contains__(self, path: str) -> bool:
+        if not len(self.hashes):
+            return False
+        key = np.uint64(self.key(path))
+        at = int(np.searchsorted(self.hashes, key))
+        return at < len(self.hashes) and self.hashes[at] == key
+
+
+def read_done(path: Path, format: str) -> tuple[Done, int]:
+    """The finished paths of a jsonl or csv file, and the byte length of its finished part (where to append).
+
+    jsonl: every complete line. csv: every complete record, less the last image's rows, which a killed batch
+    may have cut short of its rank (they are redone). Anything else in the file stops the resume with one line.
+    """
+    name = shown(path, None)
+    hashes = array("Q")
+    end = 0
+    try:
+        with open(path, "rb") as f:
+            if format == "jsonl":
+                for number, line in enumerate(f, 1):
+                    if not line.endswith(b"\n"):
+                        break  # cut short: redone
+                    hashes.append(Done.key(_json_path(line, name, number)))
+                    end += len(line)
+            else:
+                end = _read_csv(f, hashes, name)
+    except OSError as error:
+        raise OutputError(f"{name}: cannot read to resume ({os_reason(error)})") from None
+    return Done(np.frombuffer(hashes, dtype=np.uint64)), end
+
+
+def _json_path(line: bytes, name: str, number: int) -> str:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+        raise OutputError(f"{name}: line {number} is not an mlx-vit result; not resuming (remove the file?)")
+    return record["path"]
+
+
+def _read_csv(f, hashes: array, name: str) -> int:
+    """Reads records line by line: a record ends at a newline outside quotes (an even count of quotes so far)."""
+    end = last_start = 0
+    last_path = None
+    record = b""
+    number = 0
+    for line in f:
+        record += line
+        if record.count(b'"') % 2 or not line.endswith(b"\n"):
+            continue  # a quoted newline inside a label, or a cut-off tail
+        number += 1
+        try:
+            (row,) = list(csv.reader(io.StringIO(record.decode("utf-8", "surrogateescape"), newline="")))
+        except (csv.Error, ValueError):
+            row = None
+        if number == 1:
+            if row != CSV_HEADER:
+                raise OutputError(f"{name}: does not start with mlx-vit's csv header; not resuming")
+        elif row is None or len(row) != len(CSV_HEADER):
+            raise OutputError(f"{name}: record {number} is not an mlx-vit result; not resuming (remove the file?)")
+        elif row[0] != last_path:
+            if last_path is not None:
+                hashes.append(Done.key(last_path))
+            last_path, last_start = row[0], end
+        end += len(record)
+        record = b""
+    return last_start if last_path is not None else end
+
+
+class Output:
+    """An output stream for one run: `write_text` per batch, then `finish()` (or `abort()` on failure).
+
+    Checks happen at once (an output that exists is continued only with `resume`); the file itself is opened at
+    the first write, so a run that fails before it leaves nothing behind. An existing output that is not a
+    regular file (`/dev/stdout`, a pipe) is written as it is, never resumed.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, format: str, resume: bool = False):
+        if format not in FORMATS:
+            raise OutputError(f"{shown(format, quote=True)}: not an output format ({', '.join(FORMATS)})")
+        self.path = Path(path) if path is not None else None
+        self.format = format
+        self.done = Done()
+        self.file: TextIO | None = sys.stdout if path is None else None
+        self.fresh = True  # nothing written yet: a csv starts with its header
+        self._end: int | None = None  # where a resumed file's finished part ends
+        self._special = False
+        self._temporary: Path | None = None
+        self._synced = time.monotonic()
+        if self.path is None:
+            if resume:
+                raise OutputError("--resume needs -o FILE: the results to continue are read from it")
+            return
+        name = shown(self.path, None)
+        if resume and format not in RESUMABLE:
+            raise OutputError(f"{name}: --resume continues jsonl or csv output, not {format}")
+        try:
+            mode = self.path.stat().st_mode
+        except FileNotFoundError:
+            return
+        except OSError as error:
+            raise OutputError(f"{name}: cannot write ({os_reason(error)})") from None
+        if not stat.S_ISREG(mode):
+            if resume or stat.S_ISDIR(mode):
+                what = "resumed" if resume else "replaced"
+                raise OutputError(f"{name}: is not a regular file, so it cannot be {what}")
+            self._special = True
+        elif not resume:
+            raise OutputError(f"{name}: already exists; --resume continues it, or remove it first")
+        else:
+            self.done, self._end = read_done(self.path, format)
+            self.fresh = self._end == 0
+
+    def stream(self) -> TextIO:
+        """The open file (opened now, at the first write)."""
+        if self.file is not None:
+            return self.file
+        options = {"encoding": "utf-8", "errors": "surrogateescape", "newline": ""}
+        try:
+            if self._special:
+                self.file = open(self.path, "w", **options)
+            elif self._end is not None:
+                self.file = open(self.path, "r+", **options)
+                self.file.seek(self._end)
+                self.file.truncate()
+            elif self.format in RESUMABLE:
+                self.file = open(self.path, "x", **options)
+            else:
+                fd, self._temporary = temporary_beside(self.path)
+                self.file = os.fdopen(fd, "w", **options)
+        except OSError as error:
+            raise OutputError(f"{shown(self.path, None)}: cannot write ({os_reason(error)})") from None
+        return self.file
+
+    def write_text(self, text: str) -> None:
+        """Append `text` in one write and flush it; sync it to the disk at most every SYNC_SECONDS."""
+        file = self.stream()
+        try:
+            file.write(text)
+            file.flush()
+            self.fresh = False
+            if self.path is not None and not self._special and time.monotonic() - self._synced > SYNC_SECONDS:
+                os.fsync(file.fileno())
+                self._synced = time.monotonic()
+        except OSError as error:
+            raise OutputError(f"{shown(self.path or 'stdout', None)}: cannot write ({os_reason(error)})") from None
+
+    def finish(self) -> None:
+        """Close the file; a json or table output is moved into place only now."""
+        if self.path is None:
+            return
+        file = self.stream()
+        try:
+            file.flush()
+            if not self._special:
+                os.fsync(file.fileno())
+            file.close()
+            if self._temporary is not None:
+                os.replace(self._temporary, self.path)
+                self._temporary = None
+        except OSError as error:
+            self.abort()
+            raise OutputError(f"{shown(self.path, None)}: cannot write ({os_reason(error)})") from None
+
+    def abort(self) -> None:
+        """After a failure: jsonl/csv keep what was finished; a json or table output is removed."""
+        if self.path is not None and self.file is not None:
+            with contextlib.suppress(OSError):
+                self.file.close()
+        if self._temporary is not None:
+            with contextlib.suppress(OSError):
+                self._temporary.unlink()
+            self._temporary = None
+
+
+class ResultWriter:
+    """Classification Results into an Output, batch by batch, in the Output's format."""
+
+    def __init__(self, output: Output, model_name: str):
+        self.output = output
+        self.done = output.done
+        self.model_name = model_name
+        self.table_rows: list[Any] = []  # the table is laid out once, at the end: it holds every result
+        self.count = 0
+
+    def write(self, results: Iterable[Any]) -> None:
+        results = list(results)
+        format = self.output.format
+        if format == "table":
+            self.table_rows.extend(results)
+        elif format == "jsonl":
+            self.output.write_text("".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results))
+        elif format == "csv":
+            text = io.StringIO()
+            writer = csv.writer(text, lineterminator="\n")
+            if self.output.fresh and results:
+                writer.writerow(CSV_HEADER)
+            for result in results:
+                writer.writerows(csv_rows(result))
+            self.output.write_text(text.getvalue())
+        else:  # one JSON array, as json.dumps(list, indent=2) writes it, element by element
+            items = [_indented(json.dumps(result_json(r), indent=2, allow_nan=False)) for r in results]
+            text = ",\n".join(items)
+            if items:
+                self.output.write_text(("[\n" if self.count == 0 else ",\n") + text)
+        self.count += len(results)
+
+    def close(self) -> None:
+        if self.output.format == "json":
+            self.output.write_text("[]\n" if self.count == 0 else "\n]\n")
+        elif self.output.format == "csv" and self.output.fresh:
+            self.output.write_text(",".join(CSV_HEADER) + "\n")
+        elif self.output.format == "table":
+            from rich.console import Console
+
+            file = self.output.stream()
+            Console(file=None if file is sys.stdout else file).print(results_table(self.table_rows, self.model_name))
+        self.output.finish()
+
+    def abort(self) -> None:
+        self.output.abort()
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + line for line in text.split("\n"))
+
+
+def results_table(results: list[Any], model_name: str):
+    """A rich Table of Results. Paths and labels are data, never markup or terminal commands."""
+    from rich.table import Table
+
+    table = Table(title=cell(f"mlx-vit · {model_name}"), title_justify="left")
+    table.add_column("image")
+    table.add_column("#", justify="right")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    table.add_column("class", justify="right")
+    for result in results:
+        if result.error:
+            table.add_row(cell(result.path), "", "[red]failed (see above)[/red]", "", "", end_section=True)
+            continue
+        if not result.predictions:
+            table.add_row(cell(result.path), "", "[dim]none over the threshold[/dim]", "", "", end_section=True)
+            continue
+        for rank, p in enumerate(result.predictions, 1):
+            last = rank == len(result.predictions)
+            table.add_row(cell(result.path) if rank == 1 else "", str(rank), cell(p.label), f"{p.score:.4f}",
+                          str(p.class_id), end_section=last)  # fmt: skip
+    return table
+
+
+def cell(value: object):
+    """Text from a file, a path or a label, for a rich table: no markup, emoji code or control character acts."""
+    from rich.text import Text
+
+    return Text(shown(value, None))
+
+
+class ResultCodec:
+    """Results as bytes (a JSON line each, exact floats), to send them between ranks."""
+
+    @staticmethod
+    def encode(results: list[Any]) -> bytes:
+        return "".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results).encode(
+            "utf-8", "surrogateescape"
+        )
+
+    @staticmethod
+    def decode(data: bytes) -> list[Any]:
+        from mlx_vit.classify import Prediction, Result
+
+        results = []
+        for line in data.decode("utf-8", "surrogateescape").split("\n")[:-1]:
+            record = json.loads(line)
+            found = record.get("predictions")
+            results.append(Result(record["path"], [Prediction(**p) for p in found] if found is not None else None,
+                                  record.get("error")))  # fmt: skip
+        return results
+
+
+RESULTS = ResultCodec()

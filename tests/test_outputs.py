@@ -1,0 +1,161 @@
+"""Output writers: exact csv and json, batches on disk as they finish, resume that keeps finished work."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+
+from mlx_vit.classify import Prediction, Result
+from mlx_vit.outputs import CSV_HEADER, RESULTS, Done, Output, OutputError, ResultWriter, format_for, read_done
+
+TRICKY = ["plain", "a, b", 'say "cheese"', "two\nlines", "cr\rlf\r\n", "café ☕ 猫", "", " padded ", "\\back"]
+
+
+def results(start: int = 0, count: int = 4) -> list[Result]:
+    out = []
+    for i in range(start, start + count):
+        if i % 4 == 3:
+            out.append(Result(f'dir/{i}, odd "name".png', error=f"dir/{i}: cannot decode image (broken)"))
+            continue
+        labels = [TRICKY[(i + j) % len(TRICKY)] for j in range(3)]
+        predictions = [Prediction(label, 1 / (j + 3 + i), i * 10 + j) for j, label in enumerate(labels)]
+        out.append(Result(f"dir/{i}.png", predictions))
+    return out
+
+
+def write(path, format, batches, resume=False):
+    output = Output(path, format, resume)
+    writer = ResultWriter(output, "model")
+    for batch in batches:
+        writer.write(batch)
+    writer.close()
+    return output
+
+
+def test_csv_round_trips_every_label_and_score_exactly(tmp_path):
+    path = tmp_path / "out.csv"
+    batch = results(0, 8)
+    write(path, "csv", [batch[:5], batch[5:]])
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == CSV_HEADER
+    expected = []
+    for r in batch:
+        if r.error:
+            expected.append([r.path, "", "", "", "", r.error])
+        else:
+            expected += [[r.path, str(k), p.label, repr(p.score), str(p.class_id), ""]
+                         for k, p in enumerate(r.predictions, 1)]  # fmt: skip
+    assert rows[1:] == expected
+    assert [float(row[3]) for row in rows[1:4]] == [p.score for p in batch[0].predictions]  # bit for bit
+
+
+def test_json_is_the_array_json_dumps_writes(tmp_path):
+    batch = results(0, 6)
+    write(tmp_path / "out.json", "json", [batch[:2], batch[2:3], batch[3:]])
+    as_dicts = [{"path": r.path, "error": r.error} if r.error else
+                {"path": r.path, "predictions": [vars(p) for p in r.predictions]} for r in batch]  # fmt: skip
+    assert (tmp_path / "out.json").read_text() == json.dumps(as_dicts, indent=2) + "\n"
+    write(tmp_path / "empty.json", "json", [])
+    assert json.loads((tmp_path / "empty.json").read_text()) == []
+
+
+def test_jsonl_lines_are_on_disk_after_each_batch_and_parse_strictly(tmp_path):
+    path = tmp_path / "out.jsonl"
+    output = Output(path, "jsonl")
+    writer = ResultWriter(output, "model")
+    writer.write(results(0, 2))
+    assert len(path.read_text().splitlines()) == 2  # read through another handle before the run ends
+    writer.write(results(2, 3))
+    assert len(path.read_text().splitlines()) == 5
+    writer.close()
+
+    def strict(name):
+        raise ValueError(name)
+
+    for line in path.read_text().splitlines():
+        json.loads(line, parse_constant=strict)
+
+
+def test_json_and_table_appear_only_when_complete(tmp_path):
+    for format in ("json", "table"):
+        path = tmp_path / f"out.{format}"
+        output = Output(path, format)
+        writer = ResultWriter(output, "model")
+        writer.write(results(0, 2))
+        assert not path.exists()
+        output.abort()
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_nothing_is_created_before_the_first_write(tmp_path):
+    output = Output(tmp_path / "out.jsonl", "jsonl")
+    output.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_needs_resume_and_resume_needs_a_resumable_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text("")
+    with pytest.raises(OutputError, match="already exists; --resume continues it"):
+        Output(path, "jsonl")
+    with pytest.raises(OutputError, match="--resume continues jsonl or csv output, not json"):
+        Output(tmp_path / "x.json", "json", resume=True)
+    with pytest.raises(OutputError, match="--resume needs -o FILE"):
+        Output(None, "jsonl", resume=True)
+    with pytest.raises(OutputError, match="is not a regular file, so it cannot be replaced"):
+        Output(tmp_path, "jsonl")
+
+
+@pytest.mark.parametrize("format", ["jsonl", "csv"])
+def test_resume_after_a_kill_at_any_byte_ends_with_every_image_once(tmp_path, format):
+    everything = results(0, 8)
+    reference = tmp_path / f"reference.{format}"
+    write(reference, format, [everything[:3], everything[3:6], everything[6:]])
+    whole = reference.read_bytes()
+    path = tmp_path / f"out.{format}"
+    for cut in range(len(whole)):  # the run killed after `cut` bytes reached the file
+        path.write_bytes(whole[:cut])
+        done, end = read_done(path, format)
+        assert whole[:end].count(b"dir/") >= len(done)  # only what is finished counts as done
+        write(path, format, [[r for r in everything if r.path not in done]], resume=True)
+        assert path.read_bytes() == whole, cut
+    # csv: the last image's rows may be cut short of their rank, so it is always redone.
+    done, end = read_done(reference, format)
+    assert [r.path in done for r in everything] == [True] * 8 if format == "jsonl" else [True] * 7 + [False]
+    assert end == len(whole) if format == "jsonl" else whole[end:].startswith(b'"dir/7, odd')
+
+
+def test_resume_refuses_a_file_that_is_not_mlx_vit_output(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"path": "x"}\nnot json\n')
+    with pytest.raises(OutputError, match="line 2 is not an mlx-vit result; not resuming"):
+        Output(tmp_path / "a.jsonl", "jsonl", resume=True)
+    (tmp_path / "a.csv").write_text("name,score\nx,1\n")
+    with pytest.raises(OutputError, match="does not start with mlx-vit's csv header"):
+        Output(tmp_path / "a.csv", "csv", resume=True)
+
+
+def test_an_empty_csv_still_has_its_header_and_an_image_under_the_threshold_a_row(tmp_path):
+    write(tmp_path / "empty.csv", "csv", [])
+    assert (tmp_path / "empty.csv").read_text() == ",".join(CSV_HEADER) + "\n"
+    write(tmp_path / "none.csv", "csv", [[Result("a.png", [])]])
+    assert list(csv.reader(io.StringIO((tmp_path / "none.csv").read_text())))[1] == ["a.png", "", "", "", "", ""]
+
+
+def test_done_holds_hashes_of_paths():
+    done = Done(__import__("numpy").array([Done.key("a"), Done.key("é/b\udc80")], dtype="uint64"))
+    assert "a" in done and "é/b\udc80" in done and "b" not in done and "" not in Done()
+
+
+def test_results_travel_between_ranks_exactly():
+    batch = results(0, 8)
+    assert RESULTS.decode(RESULTS.encode(batch)) == batch
+
+
+def test_the_format_follows_the_extension_unless_given():
+    assert [format_for(p, None) for p in ("a.csv", "a.JSONL", "a.json", "a.txt", None)] == [
+        "csv", "jsonl", "json", "table", "table"]  # fmt: skip
+    assert format_for("a.csv", "jsonl") == "jsonl"
