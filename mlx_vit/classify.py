@@ -6,7 +6,7 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -16,6 +16,7 @@ from PIL import Image
 
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.images import DEFAULT_MAX_PIXELS, checked_limit, open_image, to_rgb
+from mlx_vit.inputs import Input
 from mlx_vit.loading import DEFAULT_MODEL, LoadedModel, load_model
 from mlx_vit.preprocess import PreprocessConfig, preprocess
 from mlx_vit.quantize import DTYPES
@@ -86,12 +87,17 @@ class Classifier:
         return np.stack([preprocess(i, self.preprocessing) for i in rgb])
 
     def logits(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) pixels -> (B, classes) float32 logits, in forward passes of at most `max_batch` images."""
+        """(B, H, W, 3) pixels -> (B, classes) float32 logits."""
+        return self.forward(pixels, self.model)
+
+    def forward(self, pixels: np.ndarray, function: Callable[[mx.array], mx.array]) -> np.ndarray:
+        """`function` (the model, or one of its paths) on (B, H, W, 3) pixels as float32 numpy, in passes of at
+        most `max_batch` images."""
         step = self.model.config.max_batch()
         passes = []
         for start in range(0, len(pixels), step):  # each pass evaluated (np.array) before the next is built
-            logits = self.model(mx.array(pixels[start : start + step]).astype(self.dtype))
-            passes.append(np.array(logits.astype(mx.float32)))
+            out = function(mx.array(pixels[start : start + step]).astype(self.dtype))
+            passes.append(np.array(out.astype(mx.float32)))
         return np.concatenate(passes)
 
     def scores(self, logits: np.ndarray) -> np.ndarray:
@@ -130,49 +136,67 @@ class Classifier:
         finite = np.isfinite(logits).all(axis=-1) & np.isfinite(scores).all(axis=-1)
         return [self.top_k(s, top_k) if ok else None for s, ok in zip(scores, finite, strict=True)]
 
-    def classify_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5,
-                       batch_size: int = 8) -> Iterator[Result]:  # fmt: skip
-        """Yield a Result per path, in input order, batch by batch; a bad file becomes an error Result.
+    def classify_files(self, paths: Iterable[str | os.PathLike | Input], top_k: int = 5, batch_size: int = 8,
+                       threshold: float = 0.0, workers: int | None = None) -> Iterator[Result]:  # fmt: skip
+        """Yield a Result per path, in input order; a bad file becomes an error Result (see classify_batches)."""
+        for batch in self.classify_batches(paths, top_k, batch_size, threshold, workers):
+            yield from batch
 
-        Files are decoded and preprocessed on a worker thread up to two batches ahead, so that reading images
-        overlaps with the model (MLX releases the GIL while it computes).
+    def classify_batches(self, paths: Iterable[str | os.PathLike | Input], top_k: int = 5, batch_size: int = 8,
+                         threshold: float = 0.0, workers: int | None = None) -> Iterator[list[Result]]:  # fmt: skip
+        """Results a batch at a time, in input order: predictions scoring under `threshold` are dropped.
+
+        Files are decoded and preprocessed by `workers` threads (default: `decode_workers()`) ahead of the model,
+        so that reading images overlaps with inference (MLX and Pillow release the GIL while they compute).
         """
+        self.check_classifies()
+        for pending in self.prepared_batches(paths, batch_size, workers):
+            good = [(result, pixels) for result, pixels in pending if pixels is not None]
+            if good:
+                predictions = self._predict(np.stack([pixels for _, pixels in good]), top_k)
+                for (result, _), found in zip(good, predictions, strict=True):
+                    if found is None:
+                        result.error = _not_finite(result.path)
+                    else:
+                        result.predictions = [p for p in found if p.score >= threshold]
+            yield [result for result, _ in pending]
+
+    def prepared_batches(self, paths: Iterable[str | os.PathLike | Input], batch_size: int,
+                         workers: int | None = None) -> Iterator[list[tuple[Result, np.ndarray | None]]]:  # fmt: skip
+        """Lists of (Result, pixels), in input order, each with `batch_size` decoded images; an input that could
+        not be read rides along with its error and pixels None. The last list may be shorter."""
+        workers = workers or decode_workers()
         pending: list[tuple[Result, np.ndarray | None]] = []
-        waited = computed = 0.0
-        count = 0
-        prepared = self._prepared(paths, ahead=2 * batch_size)
-        while True:
-            start = time.perf_counter()
-            item = next(prepared, None)
-            waited += time.perf_counter() - start
-            if item is not None:
-                pending.append(item)
-                count += 1
-            if pending and (item is None or sum(p is not None for _, p in pending) == batch_size):
-                start = time.perf_counter()
-                self._finish(pending, top_k)
-                computed += time.perf_counter() - start
-                yield from (result for result, _ in pending)
-                pending = []
-            if item is None:
-                break
-        log.debug("%d images: %.2f s waiting for decoding, %.2f s in the model", count, waited, computed)
+        good = 0
+        waited = time.perf_counter()
+        for item in self._prepared(paths, workers, ahead=max(2 * batch_size, 2 * workers)):
+            pending.append(item)
+            good += item[1] is not None
+            if good == batch_size:
+                yield pending
+                pending, good = [], 0
+        if pending:
+            yield pending
+        log.debug("decoding on %d threads; %.2f s in all", workers, time.perf_counter() - waited)
 
-    def _prepared(self, paths: Iterable[str | os.PathLike], ahead: int) -> Iterator[tuple[Result, np.ndarray | None]]:
-        """(Result, pixels or None on error) per path, in order, decoded on one worker thread `ahead` files ahead.
+    def _prepared(self, paths: Iterable[str | os.PathLike | Input], workers: int,
+                  ahead: int) -> Iterator[tuple[Result, np.ndarray | None]]:  # fmt: skip
+        """(Result, pixels or None on error) per path, in order, decoded by `workers` threads `ahead` files ahead."""
 
-        One worker: BLAS already uses every core while the model runs; decoding fills the gaps between matmuls.
-        """
-
-        def prepare(path: str | os.PathLike) -> tuple[Result, np.ndarray | None]:
-            result = Result(str(path))
+        def prepare(item: str | os.PathLike | Input) -> tuple[Result, np.ndarray | None]:
+            if isinstance(item, Input):
+                result = Result(item.path, error=item.error)
+                if item.error:
+                    return result, None
+            else:
+                result = Result(str(item))
             try:
-                return result, preprocess(open_image(path, self.max_pixels), self.preprocessing)
+                return result, preprocess(open_image(result.path, self.max_pixels), self.preprocessing)
             except MlxVitError as error:
                 result.error = str(error)
                 return result, None
 
-        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx-vit-decode")
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="mlx-vit-decode")
         queue: deque[Future] = deque()
         try:
             for path in paths:
@@ -184,14 +208,11 @@ class Classifier:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
-    def _finish(self, pending: list[tuple[Result, np.ndarray | None]], top_k: int) -> None:
-        good = [(result, pixels) for result, pixels in pending if pixels is not None]
-        if good:
-            batch = np.stack([pixels for _, pixels in good])
-            for (result, _), predictions in zip(good, self._predict(batch, top_k), strict=True):
-                result.predictions = predictions
-                if predictions is None:
-                    result.error = _not_finite(result.path)
+
+def decode_workers() -> int:
+    """Threads that decode images: every core but the one that feeds the model, at most 8 (PIL's decoders and
+    resizes release the GIL; past 8 the model, not decoding, is what a ViT waits on)."""
+    return max(1, min((os.cpu_count() or 1) - 1, 8))
 
 
 def _not_finite(path: str | os.PathLike) -> str:

@@ -9,6 +9,11 @@ from pathlib import Path
 
 from mlx_vit.errors import ModelNotFoundError
 
+
+class HubUnreachableError(ModelNotFoundError):
+    """A repo that is not in the Hugging Face cache while the Hub cannot be reached (or HF_HUB_OFFLINE is set)."""
+
+
 log = logging.getLogger("mlx_vit")
 
 _NAME = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -76,7 +81,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     except RevisionNotFoundError:
         raise ModelNotFoundError(f"{repo_id}: revision {revision!r} not found") from None
     except LocalEntryNotFoundError:
-        raise ModelNotFoundError(
+        raise HubUnreachableError(
             f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline?); "
             "connect once, or pass a local folder with -m"
         ) from None

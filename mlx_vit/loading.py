@@ -2,13 +2,14 @@
 
 A name is an MLX model folder (from `mlx-vit convert`), a checkpoint folder or a bare weight file with its timm
 architecture (converted in memory), or a Hub repo id: downloaded once into the standard HF cache, converted once
-into mlx-vit's cache, reused afterwards.
+into mlx-vit's cache, reused afterwards, also offline: the cache remembers which commit each revision named.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,8 @@ import mlx.core as mx
 from mlx_vit.convert import FORMAT, convert_folder, is_mlx_folder, write_mlx_folder
 from mlx_vit.convert.mlx_folder import at_image_size, build_model, check_config, read_mlx_folder
 from mlx_vit.errors import CheckpointError, ModelNotFoundError, shown
-from mlx_vit.files import exists, is_dir, read_json
-from mlx_vit.hub import download
+from mlx_vit.files import exists, is_dir, read_json, read_limited
+from mlx_vit.hub import HubUnreachableError, download
 from mlx_vit.model import ViT
 from mlx_vit.quantize import to_float32
 
@@ -99,13 +100,51 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
         return load_checkpoint(folder, image_size, arch)
     if name.startswith((".", "/", "~")) or os.sep in name.strip(os.sep).replace("/", "", 1):
         raise ModelNotFoundError(f"{shown(name, None)}: no such folder")
-    snapshot = download(name, revision)
-    converted = cache_dir() / name.replace("/", "--") / snapshot.name  # snapshot.name is the commit hash
-    if not is_mlx_folder(converted):
-        log.info("converting %s@%s once into %s", name, snapshot.name[:8], converted)
-        weights, config = convert_folder(snapshot, {"repo": name, "revision": snapshot.name}, arch=arch)
-        build_model(config, weights, str(snapshot))
-        write_mlx_folder(converted, weights, config, force=True)
+    try:
+        snapshot = download(name, revision)
+    except HubUnreachableError:
+        converted = converted_offline(name, revision)
+        if converted is None:
+            raise
+        log.info("%s: the Hub cannot be reached; using the copy converted from %s", name, converted.name[:8])
+    else:
+        converted = cache_dir() / name.replace("/", "--") / snapshot.name  # snapshot.name is the commit hash
+        if not is_mlx_folder(converted):
+            log.info("converting %s@%s once into %s", name, snapshot.name[:8], converted)
+            weights, config = convert_folder(snapshot, {"repo": name, "revision": snapshot.name}, arch=arch)
+            build_model(config, weights, str(snapshot))
+            write_mlx_folder(converted, weights, config, force=True)
+        _remember(converted.parent, revision, snapshot.name)
     loaded = load_mlx_folder(converted, image_size)
     loaded.name = name
     return loaded
+
+
+def _remember(repo: Path, revision: str | None, commit: str) -> None:
+    """Which commit `revision` (None: main) named when last seen, as the HF cache's refs/ does, for offline use."""
+    ref = repo / "refs" / (revision or "main")
+    if revision == commit or (exists(ref) and ref.read_text() == commit):
+        return
+    try:
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        temporary = ref.with_name(f".{ref.name}.partial")
+        temporary.write_text(commit)
+        os.replace(temporary, ref)
+    except OSError as error:  # the model still loads; only the offline fallback is lost
+        log.debug("cannot record %s: %s", ref, error)
+
+
+def converted_offline(name: str, revision: str | None) -> Path | None:
+    """The MLX folder converted from `name` at `revision` (None: main) when it was last reachable, if any."""
+    repo = cache_dir() / name.replace("/", "--")
+    commit = revision if revision and re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    if commit is None:
+        ref = repo / "refs" / (revision or "main")
+        try:
+            commit = read_limited(ref, 100, ModelNotFoundError).decode().strip() if exists(ref) else None
+        except (ModelNotFoundError, UnicodeDecodeError):
+            return None
+    if commit is None or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        return None
+    folder = repo / commit
+    return folder if is_mlx_folder(folder) else None

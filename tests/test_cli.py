@@ -96,8 +96,9 @@ def test_broken_files_are_reported_and_the_rest_classified(vit_folder, tmp_path,
     results = json.loads(done.stdout)
     assert [r["path"] for r in results] == [str(p) for p in inputs]
     assert [("predictions" in r) for r in results] == [True, False, False, False, True]
-    errors = done.stderr.strip().splitlines()
+    *errors, summary = done.stderr.strip().splitlines()
     assert len(errors) == 3 and "Traceback" not in done.stderr
+    assert summary.startswith("2 classified, 3 failed in ")
     for bad, line in zip(inputs[1:4], errors, strict=True):
         assert line.startswith("error: ") and str(bad) in line
 
@@ -145,6 +146,24 @@ def test_default_model_from_offline_hf_cache(vit_folder, tmp_path, isolated):
     assert_same(json.loads(first.stdout)[0]["predictions"], pipeline_top5(vit_folder, str(photo)), label2id(vit_folder))
 
 
+def test_a_converted_hub_model_loads_offline_with_the_hf_cache_cleared(vit_folder, tmp_path, isolated):
+    """Converted once, the model needs neither the network nor the HF cache (the refs say which commit)."""
+    lay_into_hf_cache(vit_folder, Path(isolated["HF_HOME"]), "someone/tiny-vit", commit="c" * 40)
+    photo = IMAGES / "chelsea.png"
+    first = run_cli("classify", photo, "-m", "someone/tiny-vit", "--format", "json", env=isolated)
+    assert first.returncode == 0, first.stderr
+    shutil.rmtree(isolated["HF_HOME"])
+    again = run_cli("classify", photo, "-m", "someone/tiny-vit", "--format", "json", env=isolated)
+    assert again.returncode == 0, again.stderr
+    assert "the Hub cannot be reached; using the copy converted from cccccccc" in again.stderr
+    assert json.loads(again.stdout) == json.loads(first.stdout)
+    other = run_cli("classify", photo, "-m", "someone/tiny-vit", "--revision", "v2", env=isolated)
+    assert other.returncode == 1 and "not in the Hugging Face cache" in other.stderr  # never converted at v2
+    pinned = run_cli("classify", photo, "-m", "someone/tiny-vit", "--revision", "c" * 40, "--format", "json",
+                     env=isolated)  # fmt: skip
+    assert pinned.returncode == 0 and json.loads(pinned.stdout) == json.loads(first.stdout)
+
+
 def test_convert_from_offline_hub_cache_records_revision(vit_folder, tmp_path, isolated):
     snapshot = lay_into_hf_cache(vit_folder, Path(isolated["HF_HOME"]), "someone/tiny-vit", commit="b" * 40)
     done = run_cli("convert", "someone/tiny-vit", env=isolated, cwd=tmp_path)
@@ -180,10 +199,11 @@ def test_version_names_the_blas(isolated):
 
 
 def test_cli_default_model_is_the_library_default():
-    """cli.py repeats the default so `mlx-vit --help` need not import the loading code (and mlx)."""
-    from mlx_vit import cli, loading
+    """The CLI repeats the default so `mlx-vit --help` need not import the loading code (and mlx)."""
+    from mlx_vit import loading
+    from mlx_vit.cli import options
 
-    assert cli.DEFAULT_MODEL == loading.DEFAULT_MODEL
+    assert options.DEFAULT_MODEL == loading.DEFAULT_MODEL
 
 
 def test_feature_extractor_and_markup_in_names(tmp_path, isolated):

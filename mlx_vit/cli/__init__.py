@@ -1,0 +1,74 @@
+"""The `mlx-vit` command line: one module per command, each a thin shell over one library function.
+
+Heavy modules (mlx, PIL, huggingface_hub) are imported inside the commands so `mlx-vit --help` stays fast.
+Shared options are declared once in `options.py`; `errors.py` turns a library error into its one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from mlx_vit import __version__
+from mlx_vit.cli import bench, classify, convert, embed, search, tui
+from mlx_vit.cli.errors import fail, state
+from mlx_vit.errors import shown
+
+app = typer.Typer(
+    help="Vision Transformers on Apple's MLX: classify and embed images, search a library, convert checkpoints.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+for command in (classify.classify, embed.embed, search.search, convert.convert, tui.tui, bench.bench):
+    app.command()(command)
+
+
+class _OneLine(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return shown(super().format(record), None)
+
+
+def _version_line() -> str:
+    import mlx.core as mx
+
+    from mlx_vit.blas import blas_info
+
+    blas = blas_info()
+    where = f" ({blas.path})" if blas.path else ""
+    note = f"; {blas.note}" if blas.note else ""
+    return (f"mlx-vit {__version__} (mlx {mx.__version__}, device {mx.default_device()}, "
+            f"BLAS {blas.name}{where}{note})")  # fmt: skip
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(_version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Show versions, device and BLAS."),
+    ] = False,
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks instead of one-line errors.")] = False,
+) -> None:
+    state["debug"] = debug
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLine("mlx-vit: %(message)s"))
+    logger = logging.getLogger("mlx_vit")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        fail("interrupted")
+        sys.exit(130)

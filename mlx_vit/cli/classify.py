@@ -1,0 +1,85 @@
+"""`mlx-vit classify`: images, folders and whole libraries (or camera frames) to predictions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlx_vit.cli import options
+from mlx_vit.cli.errors import run
+from mlx_vit.cli.options import Arch, Format, ImageSize, Inputs, Model, Revision
+
+
+def classify(
+    images: Inputs = None,
+    model: Model = options.DEFAULT_MODEL,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Predictions per image.")] = 5,
+    output: options.Output = None,
+    format: Annotated[
+        Format | None,
+        typer.Option(
+            "--format",
+            help="table, json (one array), jsonl (a line each) or csv (a row per image and "
+            "rank)  [default: -o's extension, else table]",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
+    threshold: Annotated[
+        float, typer.Option("--threshold", min=0.0, help="Drop predictions scoring below P.", metavar="P")
+    ] = 0.0,
+    resume: options.Resume = False,
+    batch_size: options.BatchSize = 8,
+    workers: options.Workers = None,
+    progress: options.Progress = None,
+    revision: Revision = None,
+    max_pixels: options.MaxPixels = options.DEFAULT_MAX_PIXELS,
+    # A flag, not an option with an optional value (Typer has none): `--camera`, `--camera 1`, `--camera clip.avi`
+    # all parse, the argument naming the source.
+    camera: Annotated[
+        bool,
+        typer.Option("--camera", help="Classify frames instead: the argument is a camera index (default 0) or video."),
+    ] = False,
+    frames: Annotated[int | None, typer.Option("--frames", min=1, help="--camera: stop after N frames.")] = None,
+    fps: Annotated[
+        float | None, typer.Option("--fps", min=0.01, help="--camera: classify at most F frames per second.")
+    ] = None,
+    image_size: ImageSize = None,
+    arch: Arch = None,
+) -> None:
+    """Classify images, folders and globs, or camera/video frames with --camera. Results are written as each
+    batch finishes. Exit code 0 when all were classified, 1 when any failed (the rest still are)."""
+    from mlx_vit.classify import load
+    from mlx_vit.outputs import format_for
+
+    chosen = format_for(output, format.value if format else None)
+    if camera:
+        from mlx_vit.cli.camera import classify_camera
+
+        if images and len(images) > 1:
+            raise typer.BadParameter("--camera takes one camera index or video file", param_hint="--camera")
+        if chosen not in ("table", "jsonl") or output is not None or resume:
+            raise typer.BadParameter("--camera prints table or jsonl (one line per frame) to stdout",
+                                     param_hint="--format")  # fmt: skip
+        classifier = run(load, model, revision, image_size=image_size, arch=arch)
+        classify_camera(images[0] if images else "0", classifier, top_k, Format(chosen), frames, fps)
+        return
+    if not images:
+        raise typer.BadParameter("give images, folders or globs to classify (or --camera)", param_hint="IMAGES")
+    if frames is not None or fps is not None:
+        raise typer.BadParameter("--frames and --fps go with --camera", param_hint="--frames/--fps")
+    stats = run(_classify, images, output, chosen, resume, model, revision, max_pixels, image_size, arch, top_k,
+                threshold, batch_size, workers, progress)  # fmt: skip
+    raise typer.Exit(1 if stats.failed else 0)
+
+
+def _classify(images: list[str], output: Path | None, format: str, resume: bool, model: str, revision: str | None,
+              max_pixels: int, image_size: int | None, arch: str | None, top_k: int, threshold: float,
+              batch_size: int, workers: int | None, progress: bool | None):  # fmt: skip
+    from mlx_vit.classify import load
+    from mlx_vit.runs import classify_library
+
+    classifier = load(model, revision, max_pixels, image_size, arch)
+    return classify_library(classifier, images, output, format, top_k=top_k, threshold=threshold, resume=resume,
+                            batch_size=batch_size, workers=workers, progress=progress)  # fmt: skip

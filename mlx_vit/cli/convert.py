@@ -1,0 +1,56 @@
+"""`mlx-vit convert`: a checkpoint into an MLX folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlx_vit.cli.errors import run
+from mlx_vit.cli.options import Arch, DType, ImageSize, Revision
+from mlx_vit.errors import MlxVitError, shown
+
+
+def convert(
+    src: Annotated[
+        str, typer.Argument(help="Hub repo id (e.g. google/vit-base-patch16-224), a checkpoint folder, or a file.")
+    ],
+    mlx_path: Annotated[
+        Path | None, typer.Option("-o", "--mlx-path", help="Output folder [default: ./NAME-mlx].")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    revision: Revision = None,
+    quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize the linear layers' weights.")] = False,
+    q_bits: Annotated[
+        int | None, typer.Option("--q-bits", help="Bits per weight with -q: 2, 3, 4, 5, 6 or 8.  [default: 4]")
+    ] = None,
+    q_group_size: Annotated[
+        int | None, typer.Option("--q-group-size", help="Weights sharing a scale: 32, 64, 128.  [default: 64]")
+    ] = None,
+    dtype: Annotated[DType, typer.Option("--dtype", help="Type of the tensors that are not quantized.")] = (
+        DType.float32
+    ),
+    image_size: ImageSize = None,
+    arch: Arch = None,
+) -> None:
+    """Convert a ViT checkpoint to MLX: transformers ViT/DeiT/DINOv2, timm (Hub folder, or a .pth/.safetensors
+    file with --arch) or a JAX .npz with --arch. Weights are read without running code."""
+    from mlx_vit.convert import Quantize
+    from mlx_vit.convert import convert as convert_checkpoint
+
+    options = None
+    if quantize:
+        try:
+            options = Quantize(q_bits or 4, q_group_size or 64)
+        except MlxVitError as error:
+            raise typer.BadParameter(str(error), param_hint="--q-bits/--q-group-size") from None
+    elif q_bits is not None or q_group_size is not None:
+        raise typer.BadParameter("--q-bits and --q-group-size go with -q/--quantize", param_hint="-q")
+    folder = run(
+        convert_checkpoint, src, mlx_path, force=force, revision=revision, quantize=options, dtype=dtype.value,
+        arch=arch, image_size=image_size,
+    )  # fmt: skip
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    amount = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
+    typer.echo(f"wrote {shown(str(folder), None)} ({amount})")

@@ -1,0 +1,58 @@
+"""`mlx-vit embed`: images, folders and whole libraries to feature vectors, for search or your own use."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlx_vit.cli import options
+from mlx_vit.cli.errors import run
+from mlx_vit.cli.options import Arch, ImageSize, Inputs, Model, Revision
+
+
+def embed(
+    images: Inputs = None,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "-o",
+            "--output",
+            help="FILE.safetensors (paths in its metadata) or FILE.npy (paths in FILE.paths.txt).",
+            show_default=False,
+        ),
+    ] = ...,  # fmt: skip
+    model: Model = options.DEFAULT_MODEL,
+    all_tokens: Annotated[
+        bool, typer.Option("--all-tokens", help="Every token after the final norm, not the pooled features.")
+    ] = False,
+    normalize: Annotated[bool, typer.Option("--normalize", help="L2-normalise each vector.")] = False,
+    resume: options.Resume = False,
+    batch_size: options.BatchSize = 8,
+    workers: options.Workers = None,
+    progress: options.Progress = None,
+    revision: Revision = None,
+    max_pixels: options.MaxPixels = options.DEFAULT_MAX_PIXELS,
+    image_size: ImageSize = None,
+    arch: Arch = None,
+) -> None:
+    """Write the features the head reads (the class token after the final norm, or the model's avg/map pool) as
+    float32, one row per image in input order. Exit code 1 when any image failed (the rest are written)."""
+    if not images:
+        raise typer.BadParameter("give images, folders or globs to embed", param_hint="IMAGES")
+    stats = run(_embed, images, output, model, revision, max_pixels, image_size, arch, all_tokens, normalize, resume,
+                batch_size, workers, progress)  # fmt: skip
+    raise typer.Exit(1 if stats.failed else 0)
+
+
+def _embed(images: list[str], output: Path, model: str, revision: str | None, max_pixels: int,
+           image_size: int | None, arch: str | None, all_tokens: bool, normalize: bool, resume: bool,
+           batch_size: int, workers: int | None, progress: bool | None):  # fmt: skip
+    from mlx_vit.classify import load
+    from mlx_vit.runs import embed_library
+    from mlx_vit.spool import check_index_path
+
+    check_index_path(output)  # before the model loads
+    classifier = load(model, revision, max_pixels, image_size, arch)
+    return embed_library(classifier, images, output, all_tokens, normalize, resume, batch_size, workers, progress)

@@ -1,0 +1,251 @@
+"""A run over a photo library: find the inputs, skip the finished ones, take this rank's share, write every batch
+as it finishes, show progress, and end with one summary line.
+
+Under `mlx.launch`, input i belongs to rank i % size, and ranks send their results to rank 0, the only one that
+writes: after each batch every rank hands its finished records to an all-gather, and rank 0 merges them
+round-robin, which restores the input order. So the output equals what one process writes, and it needs no
+shared disk across Macs, only the same input paths on every host. For --resume, rank 0 reads the output and
+sends every rank the list of finished paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TextIO
+
+import numpy as np
+
+from mlx_vit import distributed
+from mlx_vit.errors import MlxVitError, shown
+from mlx_vit.inputs import Input, count_inputs, find_inputs
+from mlx_vit.outputs import RESULTS, Done, Output, ResultWriter
+
+
+@dataclass
+class Stats:
+    """What a run did, for the progress bar and the summary line."""
+
+    done: int = 0
+    failed: int = 0
+    skipped: int = 0
+    started: float = field(default_factory=time.monotonic)
+    total: int | None = None
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def rate(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self, what: str = "classified") -> str:
+        skipped = f", {self.skipped} skipped (already in the output)" if self.skipped else ""
+        return (f"{self.done - self.failed} {what}, {self.failed} failed{skipped} in {self.seconds:.1f} s "
+                f"({self.rate():.1f} images/s)")  # fmt: skip
+
+
+def pending(arguments: Iterable[str | os.PathLike], stdin: TextIO | None, finished: Done, stats: Stats,
+            rank: int = 0, size: int = 1) -> Iterator[Input]:  # fmt: skip
+    """This rank's inputs still to do: every size-th one from `rank` of those not `finished`."""
+
+    def todo(item: Input) -> bool:
+        if len(finished) and item.path in finished:
+            stats.skipped += 1
+            return False
+        return True
+
+    return distributed.mine(filter(todo, find_inputs(arguments, stdin)), rank, size)
+
+
+class Progress:
+    """A progress bar on stderr when it is a terminal (done/total, images/s, ETA, failures); silent otherwise.
+
+    The total is counted on a thread while the run starts, when the inputs can be walked twice (not stdin).
+    """
+
+    def __init__(self, stats: Stats, arguments: list, enabled: bool | None = None):
+        self.stats = stats
+        self.bar = None
+        if not (sys.stderr.isatty() if enabled is None else enabled):
+            return
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+        from rich.progress import Progress as Bar
+
+        self.bar = Bar(TextColumn("mlx-vit"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("{task.fields[rate]:.1f} images/s"), TimeRemainingColumn(),
+                       TextColumn("{task.fields[failed]}"), console=Console(stderr=True))  # fmt: skip
+        self.task = self.bar.add_task("", total=None, rate=0.0, failed="")
+        if "-" not in [os.fspath(a) for a in arguments]:
+            threading.Thread(target=self._count, args=(list(arguments),), daemon=True).start()
+
+    def _count(self, arguments: list) -> None:
+        try:
+            self.stats.total = count_inputs(arguments)
+        except (OSError, MlxVitError):
+            return
+        self.bar.update(self.task, total=self.stats.total)
+
+    def error(self, message: str) -> None:
+        """An error line, above the bar (or plainly without one)."""
+        line = f"error: {shown(message, None)}"
+        if self.bar is not None:
+            self.bar.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def update(self) -> None:
+        if self.bar is not None:
+            failed = f"{self.stats.failed} failed" if self.stats.failed else ""
+            self.bar.update(self.task, completed=self.stats.done + self.stats.skipped, rate=self.stats.rate(),
+                            failed=failed)  # fmt: skip
+
+    def __enter__(self) -> Progress:
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+class Sink(Protocol):
+    """Where rank 0 writes a run's records (objects with .path and .error), a batch at a time."""
+
+    done: Done  # the paths already in the output (resume skips them)
+
+    def write(self, records: list[Any]) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+def run_library(arguments: list[str | os.PathLike], batches: Callable[[Iterator[Input]], Iterator[list[Any]]],
+                sink: Sink | None, codec: distributed.Codec, stdin: TextIO | None = None,
+                progress: bool | None = None, what: str = "classified") -> Stats:  # fmt: skip
+    """Run `batches` (inputs -> lists of records) over the inputs; rank 0 writes each batch to `sink`.
+
+    `sink` is rank 0's (None on the others); `codec` turns records into bytes and back, to send them to rank 0
+    under several ranks. Errors print as one line each and the run goes on; the summary line goes to stderr at
+    the end. On a failure the sink is aborted: what it finished stays, nothing half-written does.
+    """
+    rank, size = distributed.world()
+    if size > 1 and any(os.fspath(a) == "-" for a in arguments):
+        raise MlxVitError("- (paths on stdin) reaches rank 0 only under mlx.launch; list the inputs as arguments")
+    stats = Stats()
+    finished = sink.done if sink is not None else Done()
+    if size > 1:
+        finished = Done(distributed.broadcast_hashes(finished.hashes))
+    bar = Progress(stats, arguments, progress if rank == 0 else False)
+    try:
+        with bar:
+            local = batches(pending(arguments, stdin, finished, stats, rank, size))
+            for batch in local if size == 1 else distributed.gathered(local, codec):
+                for record in batch:
+                    if record.error:
+                        stats.failed += 1
+                        bar.error(record.error)
+                stats.done += len(batch)
+                if sink is not None:
+                    sink.write(batch)
+                bar.update()
+        if sink is not None:
+            sink.close()
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    if rank == 0:
+        print(shown(stats.summary(what), None), file=sys.stderr, flush=True)
+    return stats
+
+
+def classify_library(classifier: Any, inputs: list[str | os.PathLike], output: str | os.PathLike | None = None,
+                     format: str = "table", top_k: int = 5, threshold: float = 0.0, resume: bool = False,
+                     batch_size: int = 8, workers: int | None = None, progress: bool | None = None,
+                     stdin: TextIO | None = None) -> Stats:  # fmt: skip
+    """Classify every input into `output` (stdout when None) in `format`; see the module docstring."""
+    classifier.check_classifies()  # before any output: a feature extractor has no labels to print
+    rank, _ = distributed.world()
+    sink = ResultWriter(Output(output, format, resume), classifier.name) if rank == 0 else None
+
+    def batches(items: Iterator[Input]) -> Iterator[list[Any]]:
+        return classifier.classify_batches(items, top_k, batch_size, threshold, workers)
+
+    return run_library(inputs, batches, sink, RESULTS, stdin, progress)
+
+
+@dataclass
+class Embedded:
+    """One input's features (float32), or the one-line error that stopped it."""
+
+    path: str
+    vector: np.ndarray | None = None
+    error: str | None = None
+
+
+class EmbeddedCodec:
+    """Embedded records as bytes between ranks: a JSON line of paths and errors, then the vectors, raw."""
+
+    @staticmethod
+    def encode(records: list[Embedded]) -> bytes:
+        good = [r.vector for r in records if r.error is None]
+        head = {"records": [[r.path, r.error] for r in records], "shape": list(good[0].shape) if good else []}
+        rows = np.stack(good).astype(np.float32).tobytes() if good else b""
+        return json.dumps(head).encode("utf-8", "surrogateescape") + b"\n" + rows
+
+    @staticmethod
+    def decode(data: bytes) -> list[Embedded]:
+        head, _, rows = data.partition(b"\n")
+        header = json.loads(head.decode("utf-8", "surrogateescape"))
+        vectors = iter(np.frombuffer(rows, np.float32).reshape(-1, *header["shape"]) if rows else [])
+        return [Embedded(path, None, error) if error else Embedded(path, next(vectors)) for path, error in
+                header["records"]]  # fmt: skip
+
+
+def row_shape(config: Any, all_tokens: bool) -> tuple[int, ...]:
+    """The shape of one image's features: pooled (what the head reads), or every token after the final norm."""
+    if all_tokens or config.global_pool == "":
+        return (config.num_prefix_tokens + config.num_patches, config.hidden_size)
+    return (config.num_features,)
+
+
+def embed_library(classifier: Any, inputs: list[str | os.PathLike], output: str | os.PathLike,
+                  all_tokens: bool = False, normalize: bool = False, resume: bool = False, batch_size: int = 8,
+                  workers: int | None = None, progress: bool | None = None,
+                  stdin: TextIO | None = None) -> Stats:  # fmt: skip
+    """Embed every input into `output` (.safetensors or .npy), spooled as it goes (see mlx_vit.spool)."""
+    from mlx_vit.embed import features
+    from mlx_vit.spool import EmbeddingSpool
+
+    rank, _ = distributed.world()
+    shape = row_shape(classifier.model.config, all_tokens)
+    sink = EmbeddingSpool(output, classifier.name, shape, resume) if rank == 0 else None
+    listed = Path(output).suffix.lower() == ".npy"  # its paths go one per line in FILE.paths.txt
+
+    def batches(items: Iterator[Input]) -> Iterator[list[Embedded]]:
+        for pending_batch in classifier.prepared_batches(items, batch_size, workers):
+            records = [Embedded(result.path, error=result.error) for result, _ in pending_batch]
+            for record, (_, pixels) in zip(records, pending_batch, strict=True):
+                if listed and pixels is not None and "\n" in record.path:
+                    record.error = f"{shown(record.path, None)}: a path with a line break cannot go in a .paths.txt"
+            good = [(r, pixels) for r, (_, pixels) in zip(records, pending_batch, strict=True)
+                    if pixels is not None and not r.error]  # fmt: skip
+            if good:
+                pixels = np.stack([p for _, p in good])
+                vectors, finite = features(classifier, pixels, all_tokens, normalize)
+                for (record, _), vector, ok in zip(good, vectors, finite, strict=True):
+                    if ok:
+                        record.vector = vector
+                    else:
+                        record.error = f"{shown(record.path, None)}: the model computed NaN or infinite features"
+            yield records
+
+    return run_library(inputs, batches, sink, EmbeddedCodec(), stdin, progress, what="embedded")
