@@ -464,11 +464,23 @@ class ViT(nn.Module):
             return mx.concatenate([tokens[:, 0], patches.mean(axis=1)], axis=-1)
         return tokens
 
+    def pre_logits(self, tokens: mx.array) -> mx.array:
+        """Tokens -> what the head reads: the pooled features, after fc_norm when the model has one."""
+        x = self.pool(tokens)
+        return self.fc_norm(x) if self.config.fc_norm else x
+
+    def features(self, pixels: mx.array, all_tokens: bool = False) -> mx.array:
+        """Pixels -> (B, num_features) pooled features, as timm's forward_head(pre_logits=True) gives them (a
+        distilled model's class and distillation tokens averaged); or every token, after the final norm."""
+        tokens = self.forward_features(pixels)
+        if all_tokens:
+            return tokens
+        x = self.pre_logits(tokens)
+        return (x + tokens[:, 1]) / 2 if self.config.distillation_token and x.ndim == 2 else x
+
     def forward_head(self, tokens: mx.array) -> mx.array:
         """Tokens -> logits (B, num_labels); with no head, the pooled features."""
-        x = self.pool(tokens)
-        if self.config.fc_norm:
-            x = self.fc_norm(x)
+        x = self.pre_logits(tokens)
         if self.config.num_labels == 0:
             return x
         logits = self.head(x)

@@ -1,0 +1,204 @@
+"""Image features, and the index files `mlx-vit embed` writes and `mlx-vit search` reads.
+
+An index is float32 rows, one per image in input order, with the images' paths:
+- `.safetensors`: one tensor, `embeddings`, and the paths as a JSON list in the metadata (`paths`), with `model`
+  and `count`. A library whose paths would not fit in a header that readers accept (16 MiB here, 100 MB in the
+  reference) keeps them in the sibling file instead and names it in `paths_file`;
+- `.npy`: the rows, and the paths one per line in the sibling `FILE.paths.txt`.
+
+Both are written to temporary files and renamed into place, rows streamed, so a library's index never needs to fit
+in memory; reading maps the rows rather than loading them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlx_vit.convert.safetensors_io import header_of
+from mlx_vit.errors import MlxVitError, shown
+from mlx_vit.files import MAX_JSON_BYTES, MAX_JSON_VALUES, open_regular, os_reason, parse_json, temporary_beside
+
+TENSOR = "embeddings"
+FORMAT = "mlx-vit embeddings"
+CHUNK_BYTES = 64 * 2**20
+
+
+class IndexFileError(MlxVitError):
+    """An index file that cannot be written or read."""
+
+
+def features(classifier: Any, pixels: np.ndarray, all_tokens: bool = False,
+             normalize: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(B, H, W, 3) pixels -> (float32 features, a per-image mask of those that are finite): pooled (what the head
+    reads) or every token; `normalize` scales each vector (each token's) to unit L2 norm, as F.normalize does."""
+    model = classifier.model
+    vectors = classifier.forward(pixels, lambda x: model.features(x, all_tokens))
+    finite = np.isfinite(vectors).reshape(len(vectors), -1).all(axis=1)
+    if normalize:
+        with np.errstate(all="ignore"):
+            vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
+    return vectors.astype(np.float32, copy=False), finite
+
+
+def paths_file(path: str | os.PathLike) -> Path:
+    """The sibling that holds an index's paths, one per line: FILE.npy -> FILE.paths.txt."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.paths.txt")
+
+
+def _fits_in_header(text: str) -> bool:
+    # The reader's limits (mlx_vit.files.parse_json), counted the same way, with room for the rest of the header.
+    data = text.encode("utf-8", "surrogateescape")
+    values = data.count(b",") + data.count(b":") + data.count(b"[") + data.count(b"{")
+    return 2 * len(data) < MAX_JSON_BYTES and 2 * values < MAX_JSON_VALUES
+
+
+def _lines(paths: Sequence[str]) -> bytes:
+    for path in paths:
+        if "\n" in path:
+            raise IndexFileError(f"{shown(path, None)}: a path with a line break cannot be listed in a .paths.txt")
+    return "".join(f"{p}\n" for p in paths).encode("utf-8", "surrogateescape")
+
+
+def write_embeddings(path: str | os.PathLike, parts: Sequence[np.ndarray], paths: Sequence[str],
+                     model_name: str) -> None:  # fmt: skip
+    """Write rows (`parts`, concatenated: arrays or memory maps of float32 rows) and their paths atomically."""
+    path = Path(path)
+    rows = sum(len(p) for p in parts)
+    if rows != len(paths):
+        raise ValueError(f"{rows} rows for {len(paths)} paths")
+    shape = (rows, *parts[0].shape[1:])
+    siblings: dict[Path, bytes] = {}
+    if path.suffix.lower() == ".npy":
+        header = _npy_header(shape)
+        siblings[paths_file(path)] = _lines(paths)
+    else:
+        listed = json.dumps(list(paths))
+        metadata = {"format": FORMAT, "model": model_name, "count": str(rows)}
+        if _fits_in_header(listed):
+            metadata["paths"] = listed
+        else:
+            metadata["paths_file"] = paths_file(path).name
+            siblings[paths_file(path)] = _lines(paths)
+        header = _safetensors_header(shape, metadata)
+    for sibling, data in siblings.items():
+        _atomic(sibling, [data])
+    _atomic(path, [header, *(chunk for part in parts for chunk in _chunks(part))])
+
+
+def _chunks(part: np.ndarray):
+    step = max(1, CHUNK_BYTES // max(1, part[0].nbytes if len(part) else 1))
+    for start in range(0, len(part), step):
+        yield np.ascontiguousarray(part[start : start + step], dtype="<f4").tobytes()
+
+
+def _npy_header(shape: tuple[int, ...]) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
+def _safetensors_header(shape: tuple[int, ...], metadata: dict[str, str]) -> bytes:
+    size = int(np.prod(shape)) * 4
+    header = {"__metadata__": metadata, TENSOR: {"dtype": "F32", "shape": list(shape), "data_offsets": [0, size]}}
+    data = json.dumps(header).encode("utf-8")
+    data += b" " * (-len(data) % 8)  # the data starts 8-byte aligned
+    return struct.pack("<Q", len(data)) + data
+
+
+def _atomic(path: Path, pieces) -> None:
+    """Write `pieces` (bytes) to a temporary file beside `path`, fsync it, and rename it into place."""
+    name = shown(path, None)
+    try:
+        fd, temporary = temporary_beside(path)
+    except OSError as error:
+        raise IndexFileError(f"{name}: cannot write it ({os_reason(error)})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in pieces:
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise IndexFileError(f"{name}: cannot write it ({os_reason(error)})") from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str | None]:
+    """(rows as a read-only float32 memory map, paths, model name or None) of an index, checked."""
+    path = Path(path)
+    name = shown(path, None)
+    if path.suffix.lower() == ".npy":
+        try:
+            with open_regular(path, IndexFileError) as f:
+                major, _ = np.lib.format.read_magic(f)
+                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                offset = f.tell()
+        except (ValueError, OSError) as error:
+            raise IndexFileError(f"{name}: not a .npy file ({shown(str(error), 200)})") from None
+        if fortran or dtype != np.dtype("<f4") or len(shape) < 2:
+            raise IndexFileError(f"{name}: not an index (float32 rows, from mlx-vit embed)")
+        if path.stat().st_size != offset + 4 * int(np.prod(shape)):
+            raise IndexFileError(f"{name}: its size does not match its {shape} float32 rows (cut short?)")
+        paths, model = _read_lines(paths_file(path), name), None
+    else:
+        with open_regular(path, IndexFileError) as f:
+            try:
+                header, offset = header_of(f, path)
+            except MlxVitError as error:
+                raise IndexFileError(str(error)) from None
+            metadata = _metadata(f, name)
+        entry = header.get(TENSOR)
+        if set(header) != {TENSOR} or entry["dtype"] != "F32" or len(entry["shape"]) < 2:
+            raise IndexFileError(f"{name}: not an index (one float32 tensor '{TENSOR}', from mlx-vit embed)")
+        shape, model = tuple(entry["shape"]), metadata.get("model")
+        if "paths" in metadata:
+            paths = parse_json(metadata["paths"].encode("utf-8", "surrogateescape"), f"{name}: paths", IndexFileError)
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise IndexFileError(f"{name}: its metadata's paths are not a list of strings")
+        elif "paths_file" in metadata and Path(metadata["paths_file"]).name == metadata["paths_file"]:
+            paths = _read_lines(path.with_name(metadata["paths_file"]), name)
+        else:
+            raise IndexFileError(f"{name}: not an index (no paths in its metadata; was it written by mlx-vit embed?)")
+    if len(paths) != shape[0]:
+        raise IndexFileError(f"{name}: holds {shape[0]} rows but {len(paths)} paths; write the index again")
+    if shape[0] == 0:
+        return np.zeros(shape, np.float32), paths, model
+    return np.memmap(path, np.float32, "r", offset=offset, shape=shape), paths, model
+
+
+def _metadata(f, name: str) -> dict[str, str]:
+    """The metadata of a safetensors file whose header `header_of` has checked."""
+    f.seek(0)
+    (length,) = struct.unpack("<Q", f.read(8))
+    metadata = json.loads(f.read(length)).get("__metadata__") or {}
+    if metadata.get("format") != FORMAT:
+        raise IndexFileError(f"{name}: not an index from mlx-vit embed (its metadata names no such format)")
+    return metadata
+
+
+def _read_lines(path: Path, index: str) -> list[str]:
+    try:
+        with open_regular(path, IndexFileError) as f:
+            return f.read().decode("utf-8", "surrogateescape").split("\n")[:-1]
+    except IndexFileError as error:
+        raise IndexFileError(f"{index}: cannot read its paths ({error})") from None
+    except OSError as error:
+        raise IndexFileError(f"{index}: cannot read its paths, {shown(path, None)} ({os_reason(error)})") from None
