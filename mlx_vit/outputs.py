@@ -65,14 +65,18 @@ def csv_rows(result: Any) -> list[list[Any]]:
 
 
 class Done:
-    """The paths an earlier run finished, as sorted 64-bit hashes: 8 bytes each, however long the paths."""
+    """The paths an earlier run finished, as sorted 64-bit hashes: 8 bytes each, however long the paths.
+
+    A path is hashed as an absolute path (from the current folder), so that `photos/a.jpg` finished once is
+    skipped when the run resumes as `/home/me/photos/a.jpg`, and the other way round.
+    """
 
     def __init__(self, hashes: np.ndarray | None = None):
         self.hashes = np.unique(hashes).astype(np.uint64) if hashes is not None else np.zeros(0, np.uint64)
 
     @staticmethod
     def key(path: str) -> int:
-        digest = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+        digest = hashlib.blake2b(os.path.abspath(path).encode("utf-8", "surrogateescape"), digest_size=8).digest()
         return int.from_bytes(digest, "little")
 
     def __len__(self) -> int:
@@ -255,14 +259,20 @@ class Output:
             self._temporary = None
 
 
+# A table holds its rows until it is printed; a library's results come as several tables of this many images,
+# so memory stays flat (jsonl and csv are the formats for libraries).
+TABLE_ROWS = 1000
+
+
 class ResultWriter:
     """Classification Results into an Output, batch by batch, in the Output's format."""
 
     def __init__(self, output: Output, model_name: str):
         self.output = output
         self.done = output.done
+        self.resumable = output.path is not None and output.format in RESUMABLE
         self.model_name = model_name
-        self.table_rows: list[Any] = []  # the table is laid out once, at the end: it holds every result
+        self.table_rows: list[Any] = []  # a table is laid out when complete: TABLE_ROWS results at a time
         self.count = 0
 
     def write(self, results: Iterable[Any]) -> None:
@@ -270,6 +280,8 @@ class ResultWriter:
         format = self.output.format
         if format == "table":
             self.table_rows.extend(results)
+            if len(self.table_rows) >= TABLE_ROWS:
+                self._print_table()
         elif format == "jsonl":
             self.output.write_text("".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results))
         elif format == "csv":
@@ -292,12 +304,16 @@ class ResultWriter:
             self.output.write_text("[]\n" if self.count == 0 else "\n]\n")
         elif self.output.format == "csv" and self.output.fresh:
             self.output.write_text(",".join(CSV_HEADER) + "\n")
-        elif self.output.format == "table":
-            from rich.console import Console
-
-            file = self.output.stream()
-            Console(file=None if file is sys.stdout else file).print(results_table(self.table_rows, self.model_name))
+        elif self.output.format == "table" and (self.table_rows or self.count == 0):
+            self._print_table()
         self.output.finish()
+
+    def _print_table(self) -> None:
+        from rich.console import Console
+
+        file = self.output.stream()
+        Console(file=None if file is sys.stdout else file).print(results_table(self.table_rows, self.model_name))
+        self.table_rows = []
 
     def abort(self) -> None:
         self.output.abort()

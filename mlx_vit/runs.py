@@ -121,6 +121,7 @@ class Sink(Protocol):
     """Where rank 0 writes a run's records (objects with .path and .error), a batch at a time."""
 
     done: Done  # the paths already in the output (resume skips them)
+    resumable: bool  # whether what it finished stays for --resume
 
     def write(self, records: list[Any]) -> None: ...
     def close(self) -> None: ...
@@ -158,9 +159,12 @@ def run_library(arguments: list[str | os.PathLike], batches: Callable[[Iterator[
                 bar.update()
         if sink is not None:
             sink.close()
-    except BaseException:
+    except BaseException as error:
         if sink is not None:
             sink.abort()
+        if rank == 0 and isinstance(error, KeyboardInterrupt):  # what was finished, and how to go on
+            after = "; --resume goes on from there" if sink is not None and sink.resumable else ""
+            print(shown(f"{stats.summary(what)}, then interrupted{after}", None), file=sys.stderr, flush=True)
         raise
     if rank == 0:
         print(shown(stats.summary(what), None), file=sys.stderr, flush=True)

@@ -1,7 +1,8 @@
 """Exact nearest-neighbour search by cosine similarity over an index from `mlx-vit embed`.
 
-The index is read in chunks from its memory map, so memory stays flat; each chunk costs a (queries x rows)
-matrix product in float64, so that an image found in the index scores 1.0 against itself, not 0.99999994.
+The index is read in chunks from its memory map, so memory stays flat. Each chunk costs a (queries x rows) matrix
+product in float32; the best candidates are scored again in float64, so that an image found in the index scores
+1.0 against itself, not 0.99999994.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from mlx_vit.errors import shown
 from mlx_vit.inputs import find_inputs
 
 CHUNK_ROWS = 65536
+SPARE = 16  # candidates kept past k in each chunk, for float32's rounding to be undone by float64
 
 
 @dataclass
@@ -39,23 +41,37 @@ def unit(vectors: np.ndarray) -> np.ndarray:
     return vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-300)
 
 
+class NotFiniteRow(ValueError):
+    """An index row holding NaN or infinity (an index mlx-vit wrote has none): its number."""
+
+
 def nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(rows, similarities), each (queries, min(k, rows)): the k index rows most like each query, best first;
-    equal similarities in index order."""
-    queries = unit(queries)
+    equal similarities in index order.
+
+    Each chunk is scored in float32 and keeps its best k + SPARE rows per query; those candidates are then scored
+    again in float64, which orders and reports them.
+    """
     k = min(k, len(index))
-    best_rows = np.zeros((len(queries), 0), np.int64)
-    best = np.zeros((len(queries), 0))
+    exact = unit(queries)
+    rough = exact.astype(np.float32)
+    candidates = [np.zeros((len(queries), 0), np.int64)]
     for start in range(0, len(index), CHUNK_ROWS):
-        chunk = unit(index[start : start + CHUNK_ROWS])
-        rows = np.concatenate(
-            [best_rows, np.broadcast_to(np.arange(start, start + len(chunk)), (len(queries), len(chunk)))], 1
-        )
-        similarities = np.concatenate([best, np.clip(queries @ chunk.T, -1.0, 1.0)], axis=1)
-        # Rows are in index order, so a stable sort on -similarity keeps ties in index order.
-        order = np.argsort(-similarities, axis=1, kind="stable")[:, :k]
-        best_rows = np.take_along_axis(rows, order, axis=1)
-        best = np.take_along_axis(similarities, order, axis=1)
+        chunk = np.asarray(index[start : start + CHUNK_ROWS], np.float32)
+        broken = ~np.isfinite(chunk).all(axis=1)
+        if broken.any():
+            raise NotFiniteRow(start + int(broken.argmax()))
+        similarities = (rough @ chunk.T) / np.maximum(np.linalg.norm(chunk, axis=1), 1e-30)
+        keep = min(k + SPARE, len(chunk))
+        candidates.append(start + np.argpartition(-similarities, keep - 1, axis=1)[:, :keep])
+    candidates = np.concatenate(candidates, axis=1)
+    best_rows = np.zeros((len(queries), k), np.int64)
+    best = np.zeros((len(queries), k))
+    for q, rows in enumerate(candidates):
+        rows = np.unique(rows)  # sorted, so that a stable sort keeps equal similarities in index order
+        similarities = np.clip(unit(index[rows]) @ exact[q], -1.0, 1.0)
+        order = np.argsort(-similarities, kind="stable")[:k]
+        best_rows[q], best[q] = rows[order], similarities[order]
     return best_rows, best
 
 
@@ -83,7 +99,12 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
         found: list[Answer] = [Answer(result.path, error=result.error) for result, _ in batch]
         if good:
             embedded, finite = features(classifier, np.stack([p for _, p in good]))
-            rows, similarities = nearest(embedded, vectors, top_k)
+            try:
+                rows, similarities = nearest(embedded, vectors, top_k)
+            except NotFiniteRow as error:
+                row = error.args[0]
+                raise IndexFileError(f"{name}: row {row} ({shown(paths[row], None)}) holds NaN or infinite values; "
+                                     "embed it again") from None  # fmt: skip
             ready = iter(zip(rows, similarities, finite, strict=True))
             for answer in found:
                 if answer.error is None:

@@ -45,6 +45,7 @@ class EmbeddingSpool:
         self.paths_path = self.path.with_name(f".{self.path.name}.paths.jsonl")
         self.meta_path = self.path.with_name(f".{self.path.name}.spool.json")
         self.previous: tuple[np.ndarray, list[str]] | None = None  # a complete index being extended
+        self.resumable = True  # the spool stays
         self.rows = 0
         self._end = 0
         self._files: tuple[Any, Any] | None = None

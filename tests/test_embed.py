@@ -133,8 +133,9 @@ def test_a_library_too_large_for_the_header_keeps_its_paths_beside_it(tmp_path):
     assert read_embeddings(index)[1] == paths
 
 
-@pytest.mark.parametrize("damage", ["count", "not-an-index", "truncated-npy", "missing-paths", "all-tokens"])
-def test_broken_indices_are_one_line(damage, tmp_path):
+@pytest.mark.parametrize("damage", ["count", "not-an-index", "truncated-npy", "missing-paths", "all-tokens", "nan-row"])
+def test_broken_indices_are_one_line(damage, vit_folder, tmp_path):
+    model = str(vit_folder)
     index = tmp_path / ("i.safetensors" if damage == "not-an-index" else "i.npy")
     write_embeddings(index, [np.ones((3, 4), np.float32)], ["a", "b", "c"], "m")
     if damage == "count":
@@ -147,6 +148,13 @@ def test_broken_indices_are_one_line(damage, tmp_path):
         index.write_bytes(index.read_bytes()[:-4])
     elif damage == "missing-paths":
         paths_file(index).unlink()
+    elif damage == "nan-row":
+        rows = np.ones((3, 32), np.float32)  # vit_folder's width
+        rows[1, 2] = np.nan
+        write_embeddings(index, [rows], ["a", "b", "c"], "m")
+        message = one_line_error(IndexFileError, search_index, [PHOTOS[0]], index, model=model, names=index.name)
+        assert "row 1 (b)" in message
+        return
     else:
         write_embeddings(index, [np.ones((3, 2, 4), np.float32)], ["a", "b", "c"], "m")
         message = one_line_error(IndexFileError, search_index, [PHOTOS[0]], index, model="m", names=index.name)
@@ -159,6 +167,7 @@ def test_nearest_is_exact_cosine_with_ties_in_index_order(monkeypatch):
     import mlx_vit.search
 
     monkeypatch.setattr(mlx_vit.search, "CHUNK_ROWS", 3)  # several chunks, merged
+    monkeypatch.setattr(mlx_vit.search, "SPARE", 0)  # each keeping only k candidates
     rng = np.random.default_rng(1)
     index = rng.standard_normal((10, 5)).astype(np.float32)
     index[7] = index[2] * 3  # same direction as row 2: a tie, at similarity 1

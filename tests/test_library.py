@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 from checkpoints import PHOTOS, run_cli
 
@@ -49,9 +50,24 @@ def library(tmp_path_factory):
     return make_library(tmp_path_factory.mktemp("library"))
 
 
-def reference(vit_folder, paths, **kw) -> list[dict]:
-    classifier = load(str(vit_folder))
-    return [result_json(r) for r in classifier.classify_files(paths, **kw)]
+def reference(vit_folder, paths, env, *options) -> list[dict]:
+    """What one fresh `mlx-vit classify PATHS --format jsonl OPTIONS` process prints. (This process's own results
+    can differ in the last bits: the BLAS, and how it splits work over threads, are per process.)"""
+    done = run_cli("classify", *paths, "-m", vit_folder, "--format", "jsonl", *options, env=env)
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def assert_close(ours: list[dict], theirs: list[dict]) -> None:
+    """The same paths, labels and class ids in the same order; scores equal up to float rounding."""
+    assert [(r["path"], [(p["label"], p["class_id"]) for p in r["predictions"]]) for r in ours] == [
+        (r["path"], [(p["label"], p["class_id"]) for p in r["predictions"]]) for r in theirs
+    ]
+    scores = (
+        [[p["score"] for p in r["predictions"]] for r in ours],
+        [[p["score"] for p in r["predictions"]] for r in theirs],
+    )
+    assert np.allclose(*scores, rtol=0, atol=1e-6)
 
 
 def jsonl(path) -> list[dict]:
@@ -64,7 +80,8 @@ def test_folder_to_jsonl_equals_the_library(vit_folder, library, tmp_path, isola
     assert done.returncode == 0, done.stderr
     paths = expected_paths(library)
     assert [r["path"] for r in jsonl(out)] == paths
-    assert jsonl(out) == reference(vit_folder, paths)
+    assert_close(jsonl(out), [result_json(r) for r in load(str(vit_folder)).classify_files(paths)])
+    assert jsonl(out) == reference(vit_folder, paths, isolated)  # as a list of files gives it, exactly
     assert done.stdout == ""
     assert done.stderr.strip().startswith(f"{len(paths)} classified, 0 failed in ")  # the summary line only
 
@@ -82,7 +99,7 @@ def test_globs_stdin_and_duplicates(vit_folder, library, isolated):
 
 def test_csv_and_json_are_exact_with_threshold(vit_folder, library, tmp_path, isolated):
     paths = expected_paths(library)[:8]
-    want = reference(vit_folder, paths, threshold=0.1)
+    want = reference(vit_folder, paths, isolated, "--threshold", "0.1")
     done = run_cli("classify", *paths, "-m", vit_folder, "-o", tmp_path / "o.csv", "--threshold", "0.1", env=isolated)
     assert done.returncode == 0, done.stderr
     rows = list(csv.reader(io.StringIO((tmp_path / "o.csv").read_text(), newline="")))
@@ -94,20 +111,20 @@ def test_csv_and_json_are_exact_with_threshold(vit_folder, library, tmp_path, is
     assert json.loads((tmp_path / "o.json").read_text()) == want
 
 
-def kill_midway(command, model, paths, output, written, env, lines: int = 5) -> None:
-    """SIGKILL `mlx-vit COMMAND - -o OUTPUT` once `written` has `lines` lines. The paths go on stdin, which stays
-    open, so the run waits for more and the kill lands mid-run whatever the machine's speed."""
+def kill_midway(command, model, paths, output, written, env, lines: int = 5, sig=signal.SIGKILL) -> tuple[int, str]:
+    """Signal `mlx-vit COMMAND - -o OUTPUT` once `written` has `lines` lines; (exit code, stderr). The paths go on
+    stdin, which stays open, so the run waits for more and the signal lands mid-run whatever the machine's speed."""
     run = subprocess.Popen([sys.executable, "-m", "mlx_vit", command, "-", "-m", str(model), "-o", str(output),
-                            "--batch-size", "1", "--workers", "1"], stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                            "--batch-size", "1", "--workers", "1"], stdin=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env={**os.environ, **env})  # fmt: skip
     run.stdin.write("".join(f"{p}\n" for p in paths))
     run.stdin.flush()
     deadline = time.monotonic() + 120
     while (not written.exists() or written.read_text().count("\n") < lines) and time.monotonic() < deadline:
         time.sleep(0.05)
-    run.send_signal(signal.SIGKILL)
-    run.wait()
-    run.stdin.close()
+    run.send_signal(sig)
+    _, stderr = run.communicate(timeout=120)
+    return run.returncode, stderr
 
 
 def test_killed_run_resumes_with_every_image_once(vit_folder, library, tmp_path, isolated):
@@ -121,9 +138,19 @@ def test_killed_run_resumes_with_every_image_once(vit_folder, library, tmp_path,
     assert done.returncode == 0, done.stderr
     assert out.read_bytes().startswith(finished)  # finished results are never rewritten
     # Every image exactly once, in order (batches of one, as before the kill: a batch's size changes the rounding).
-    assert jsonl(out) == reference(vit_folder, paths, batch_size=1)
+    assert jsonl(out) == reference(vit_folder, paths, isolated, "--batch-size", "1")
     skipped = finished.count(b"\n")
     assert f"{skipped} skipped" in done.stderr
+
+
+def test_ctrl_c_keeps_what_was_finished_and_says_how_to_go_on(vit_folder, library, tmp_path, isolated):
+    out = tmp_path / "out.csv"
+    code, stderr = kill_midway("classify", vit_folder, expected_paths(library)[:12], out, out, isolated, 3,
+                               signal.SIGINT)  # fmt: skip
+    assert code == 130 and "Traceback" not in stderr
+    assert stderr.strip().endswith(", then interrupted; --resume goes on from there")
+    rows = list(csv.reader(io.StringIO(out.read_text(), newline="")))
+    assert rows[0] == CSV_HEADER and len(rows) > 3
 
 
 def test_csv_resume_redoes_a_cut_last_image(vit_folder, library, tmp_path, isolated):
@@ -254,3 +281,18 @@ def test_two_ranks_under_mlx_launch_write_what_one_process_writes(command, name,
         outputs[ranks] = out.read_bytes()
     # Byte for byte: the same inputs in the same order, each in a forward pass of the same shape.
     assert outputs[1] == outputs[2]
+
+
+def test_the_python_api_writes_what_the_cli_writes(vit_folder, library, tmp_path, isolated):
+    api = f"""
+import mlx_vit
+stats = mlx_vit.classify_library(mlx_vit.load({str(vit_folder)!r}), [{str(library)!r}], {str(tmp_path / "api.csv")!r},
+                                 format="csv")
+print(stats.done, stats.failed, len(list(mlx_vit.find_inputs([{str(library)!r}]))))
+"""
+    done = subprocess.run([sys.executable, "-c", api], capture_output=True, text=True, env={**os.environ, **isolated},
+                          timeout=300)  # fmt: skip
+    count = len(expected_paths(library))
+    assert done.stdout.split() == [str(count), "0", str(count)], done.stderr
+    assert run_cli("classify", library, "-m", vit_folder, "-o", tmp_path / "cli.csv", env=isolated).returncode == 0
+    assert (tmp_path / "api.csv").read_bytes() == (tmp_path / "cli.csv").read_bytes()

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 
 from mlx_vit.classify import Prediction, Result
@@ -91,6 +92,17 @@ def test_json_and_table_appear_only_when_complete(tmp_path):
         assert list(tmp_path.iterdir()) == []
 
 
+def test_a_long_table_comes_in_tables_of_table_rows_images(tmp_path, monkeypatch):
+    import mlx_vit.outputs
+
+    monkeypatch.setattr(mlx_vit.outputs, "TABLE_ROWS", 3)
+    path = tmp_path / "out.txt"
+    write(path, "table", [results(0, 2), results(2, 2), results(4, 3)])
+    text = path.read_text()
+    assert text.count("mlx-vit · model") == 2  # 2 held; 4, printed; then 3, printed; nothing left at the end
+    assert [name in text for name in ("dir/0.png", "dir/5.png", "dir/6.png")] == [True, True, True]
+
+
 def test_nothing_is_created_before_the_first_write(tmp_path):
     output = Output(tmp_path / "out.jsonl", "jsonl")
     output.abort()
@@ -159,3 +171,9 @@ def test_the_format_follows_the_extension_unless_given():
     assert [format_for(p, None) for p in ("a.csv", "a.JSONL", "a.json", "a.txt", None)] == [
         "csv", "jsonl", "json", "table", "table"]  # fmt: skip
     assert format_for("a.csv", "jsonl") == "jsonl"
+
+
+def test_finished_paths_match_however_they_are_spelled(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    done = Done(np.array([Done.key(str(tmp_path / "photos" / "a.png"))], np.uint64))
+    assert "photos/a.png" in done and "./photos//a.png" in done and "photos/b.png" not in done

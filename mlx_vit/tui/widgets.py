@@ -22,13 +22,7 @@ from textual.widgets.option_list import Option
 
 from mlx_vit.classify import Prediction
 from mlx_vit.errors import shown
-
-# Extensions Pillow can open (not the save-only ones such as .pdf).
-IMAGE_EXTENSIONS = frozenset(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
-def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTENSIONS
+from mlx_vit.inputs import is_image_name
 
 
 def list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -40,7 +34,7 @@ def list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
         try:
             if entry.is_dir():
                 folders.append(entry)
-            elif is_image(entry):
+            elif is_image_name(entry.name):  # the files `mlx-vit classify FOLDER` takes
                 images.append(entry)
         except OSError:  # a broken link or an entry we may not stat
             continue
