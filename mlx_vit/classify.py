@@ -130,7 +130,10 @@ class Classifier:
     def _predict(self, pixels: np.ndarray, top_k: int) -> list[list[Prediction] | None]:
         """Top-k per image; None for an image whose scores are not finite numbers."""
         self.check_classifies()
-        logits = self.logits(pixels)
+        return self.predictions_of(self.logits(pixels), top_k)
+
+    def predictions_of(self, logits: np.ndarray, top_k: int) -> list[list[Prediction] | None]:
+        """(B, classes) logits -> top-k per image; None for an image whose scores are not finite numbers."""
         with np.errstate(over="ignore"):  # exp overflowing to inf is the sigmoid's 0, not an error
             scores = self.scores(logits)
         finite = np.isfinite(logits).all(axis=-1) & np.isfinite(scores).all(axis=-1)

@@ -305,11 +305,15 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)  # query, key and value fused into one matmul
         self.proj = nn.Linear(dim, dim)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def _qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads).transpose(2, 0, 3, 1, 4)
         # (B, heads, T, head_dim) each; split gives views, where qkv[0] would be a gather that copies.
-        q, k, v = (t.squeeze(0) for t in mx.split(qkv, 3))
+        return tuple(t.squeeze(0) for t in mx.split(qkv, 3))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        B, T, D = x.shape
+        q, k, v = self._qkv(x)
         rows = max(1, ATTENTION_BLOCK // (B * self.num_heads * T))
         if rows >= T:
             x = attend(q, k, v, self.scale)
@@ -320,6 +324,14 @@ class Attention(nn.Module):
                 mx.eval(blocks[-1])  # lazily, MLX would hold several blocks' scores at once
             x = mx.concatenate(blocks, axis=2)
         return self.proj(x.transpose(0, 2, 1, 3).reshape(B, T, D))
+
+    def with_weights(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(output, the attention weights (B, heads, T, T)): the explicit softmax, which the fused kernel of
+        __call__ never forms. For `mlx-vit explain`; inference never comes here."""
+        B, T, D = x.shape
+        q, k, v = self._qkv(x)
+        weights = mx.softmax((q @ k.swapaxes(-1, -2)) * self.scale, axis=-1, precise=True)
+        return self.proj((weights @ v).transpose(0, 2, 1, 3).reshape(B, T, D)), weights
 
 
 class MLP(nn.Module):
@@ -365,6 +377,13 @@ class Block(nn.Module):
         x = x + self.attn(self.norm1(x))
         return x + self.mlp(self.norm2(x))
 
+    def with_attention(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(this block's output, its attention weights), through Attention.with_weights."""
+        out, weights = self.attn.with_weights(self.norm1(x))
+        x = x + (self.ls1(out) if "ls1" in self else out)
+        mlp = self.mlp(self.norm2(x))
+        return x + (self.ls2(mlp) if "ls2" in self else mlp), weights
+
 
 class AttentionPool(nn.Module):
     """timm's AttentionPoolLatent (SigLIP's "map" head): one learned query attends over the tokens, then an MLP."""
@@ -380,15 +399,29 @@ class AttentionPool(nn.Module):
         self.norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
         self.mlp = MLP(d, config.intermediate_size, config.hidden_act)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def _qkv(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         B, T, D = x.shape
         h = self.num_heads
         q = self.q(self.latent).reshape(1, 1, h, D // h).transpose(0, 2, 1, 3)  # (1, heads, 1, head_dim)
         kv = self.kv(x).reshape(B, T, 2, h, D // h).transpose(2, 0, 3, 1, 4)  # (2, B, heads, T, head_dim)
         k, v = (t.squeeze(0) for t in mx.split(kv, 2))
-        x = attend(mx.broadcast_to(q, (B, h, 1, D // h)), k, v, (D // h) ** -0.5)
+        return mx.broadcast_to(q, (B, h, 1, D // h)), k, v
+
+    def _out(self, x: mx.array) -> mx.array:
+        B, D = x.shape[0], x.shape[1] * x.shape[3]
         x = self.proj(x.transpose(0, 2, 1, 3).reshape(B, D))  # (B, D)
         return x + self.mlp(self.norm(x))
+
+    def __call__(self, x: mx.array) -> mx.array:
+        q, k, v = self._qkv(x)
+        return self._out(attend(q, k, v, (x.shape[-1] // self.num_heads) ** -0.5))
+
+    def with_weights(self, x: mx.array) -> tuple[mx.array, mx.array]:
+        """(pooled features, the latent query's attention weights over the tokens, (B, heads, 1, T))."""
+        q, k, v = self._qkv(x)
+        scale = (x.shape[-1] // self.num_heads) ** -0.5
+        weights = mx.softmax((q @ k.swapaxes(-1, -2)) * scale, axis=-1, precise=True)
+        return self._out(weights @ v), weights
 
 
 class Pooler(nn.Module):
@@ -437,6 +470,13 @@ class ViT(nn.Module):
         size = self.config.image_size
         if pixels.shape[1:3] != (size, size):
             raise ValueError(f"expected {size}x{size} inputs, got {pixels.shape[1]}x{pixels.shape[2]}")
+        x = self.embed(pixels)
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+    def embed(self, pixels: mx.array) -> mx.array:
+        """Pixels -> the tokens the first block reads: the prefix tokens and the patches, position-embedded."""
         x = self.patch_embed(pixels)
         B = x.shape[0]
         names = ("cls_token", "dist_token", "reg_token")
@@ -445,11 +485,24 @@ class ViT(nn.Module):
             x = mx.concatenate([*prefix, x + self.pos_embed], axis=1)
         else:
             x = mx.concatenate([*prefix, x], axis=1) + self.pos_embed
-        if "norm_pre" in self:
-            x = self.norm_pre(x)
-        for block in self.blocks:
-            x = block(x)
+        return self.norm_pre(x) if "norm_pre" in self else x
+
+    def final_norm(self, x: mx.array) -> mx.array:
         return x if self.config.fc_norm else self.norm(x)
+
+    def with_attention(self, pixels: mx.array) -> tuple[mx.array, list[mx.array], mx.array | None]:
+        """(logits, every block's attention weights (B, heads, T, T), the attention pool's (B, heads, 1, patches)
+        or None): the explicit-softmax path for `mlx-vit explain`. The logits equal __call__'s up to rounding."""
+        x = self.embed(pixels)
+        layers = []
+        for block in self.blocks:
+            x, weights = block.with_attention(x)
+            layers.append(weights)
+        tokens = self.final_norm(x)
+        pooled = pool = None
+        if self.config.global_pool == "map":
+            pooled, pool = self.attn_pool.with_weights(tokens[:, self.config.num_prefix_tokens :])
+        return self.forward_head(tokens, pooled), layers, pool
 
     def pool(self, tokens: mx.array) -> mx.array:
         """(B, T, D) tokens -> (B, num_features) features, by global_pool; with no pooling the tokens themselves."""
@@ -464,9 +517,10 @@ class ViT(nn.Module):
             return mx.concatenate([tokens[:, 0], patches.mean(axis=1)], axis=-1)
         return tokens
 
-    def pre_logits(self, tokens: mx.array) -> mx.array:
-        """Tokens -> what the head reads: the pooled features, after fc_norm when the model has one."""
-        x = self.pool(tokens)
+    def pre_logits(self, tokens: mx.array, pooled: mx.array | None = None) -> mx.array:
+        """Tokens (or their `pooled` features, when already pooled) -> what the head reads: the pooled features,
+        after fc_norm when the model has one."""
+        x = self.pool(tokens) if pooled is None else pooled
         return self.fc_norm(x) if self.config.fc_norm else x
 
     def features(self, pixels: mx.array, all_tokens: bool = False) -> mx.array:
@@ -478,9 +532,9 @@ class ViT(nn.Module):
         x = self.pre_logits(tokens)
         return (x + tokens[:, 1]) / 2 if self.config.distillation_token and x.ndim == 2 else x
 
-    def forward_head(self, tokens: mx.array) -> mx.array:
+    def forward_head(self, tokens: mx.array, pooled: mx.array | None = None) -> mx.array:
         """Tokens -> logits (B, num_labels); with no head, the pooled features."""
-        x = self.pre_logits(tokens)
+        x = self.pre_logits(tokens, pooled)
         if self.config.num_labels == 0:
             return x
         logits = self.head(x)

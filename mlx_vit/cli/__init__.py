@@ -13,17 +13,18 @@ from typing import Annotated
 import typer
 
 from mlx_vit import __version__
-from mlx_vit.cli import bench, classify, convert, embed, search, tui
+from mlx_vit.cli import bench, classify, convert, embed, explain, search, tui
 from mlx_vit.cli.errors import fail, state
 from mlx_vit.errors import shown
 
 app = typer.Typer(
-    help="Vision Transformers on Apple's MLX: classify and embed images, search a library, convert checkpoints.",
+    help="Vision Transformers on Apple's MLX: classify and embed images, search a library, see attention, convert "
+    "checkpoints.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-for command in (classify.classify, embed.embed, search.search, convert.convert, tui.tui, bench.bench):
+for command in (classify.classify, embed.embed, search.search, explain.explain, convert.convert, tui.tui, bench.bench):
     app.command()(command)
 
 

@@ -1,0 +1,79 @@
+"""`mlx-vit explain`: the attention map of one image, as a picture (and the numbers behind it)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mlx_vit.cli import options
+from mlx_vit.cli.errors import run
+from mlx_vit.cli.options import Arch, ImageSize, Model, Revision
+
+
+class Method(str, Enum):
+    rollout = "rollout"
+    last = "last"
+    cls = "cls"
+
+
+def explain(
+    image: Annotated[Path, typer.Argument(help="The image to explain.", show_default=False)],
+    model: Model = options.DEFAULT_MODEL,
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="The PNG to write [default: ./IMAGE-METHOD.png].")
+    ] = None,
+    method: Annotated[
+        Method,
+        typer.Option(
+            "--method",
+            help="rollout: Abnar & Zuidema 2020, the heads of each layer fused by their mean, "
+            "0.5·A + 0.5·I, rows renormalised, multiplied over the layers; last: the class token's "
+            "attention in the last layer; cls: the same in --layer.",
+        ),
+    ] = Method.rollout,  # fmt: skip
+    layer: Annotated[
+        int | None, typer.Option("--layer", help="With --method cls: the layer, from 0 (-1 is the last).")
+    ] = None,
+    head: Annotated[
+        str, typer.Option("--head", help="With last or cls: one head's map (from 0), or mean of them all.")
+    ] = "mean",
+    label: Annotated[
+        str | None, typer.Option("--label", help="Say where LABEL ranks in the legend.", show_default=False)
+    ] = None,
+    save_npy: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-npy",
+            help="Also write the map as a float32 patch-grid array (heads first with --grid).",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
+    grid: Annotated[bool, typer.Option("--grid", help="Every head of one layer, side by side.")] = False,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Predictions in the legend.")] = 5,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    revision: Revision = None,
+    max_pixels: options.MaxPixels = options.DEFAULT_MAX_PIXELS,
+    image_size: ImageSize = None,
+    arch: Arch = None,
+) -> None:
+    """Show which patches the model attended to: a heatmap over the image as the model saw it, with the top-k
+    predictions as a legend. Register and distillation tokens are left out of the map."""
+    if head != "mean" and not head.isdigit():
+        raise typer.BadParameter("a head number (from 0) or mean", param_hint="--head")
+    output = output or Path(f"{image.stem}-{method.value}.png")
+    run(_explain, image, model, output, method.value, layer, None if head == "mean" else int(head), label, save_npy,
+        grid, top_k, force, revision, max_pixels, image_size, arch)  # fmt: skip
+
+
+def _explain(image: Path, model: str, output: Path, method: str, layer: int | None, head: int | None,
+             label: str | None, save_npy: Path | None, grid: bool, top_k: int, force: bool, revision: str | None,
+             max_pixels: int, image_size: int | None, arch: str | None) -> None:  # fmt: skip
+    from mlx_vit.classify import load
+    from mlx_vit.explain import write_explanation
+
+    classifier = load(model, revision, max_pixels, image_size, arch)
+    write_explanation(classifier, image, output, method, layer, head, grid, top_k, label, save_npy, force)
+    typer.echo(f"wrote {output}" + (f" and {save_npy}" if save_npy else ""), err=True)
