@@ -6,6 +6,7 @@ import shutil
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 from checkpoints import IMAGES, make_checkpoint
 from PIL import Image
@@ -237,6 +238,43 @@ def test_webcam_classifies_the_newest_frame(mlx_model):
     assert app.notified == []
 
 
+def test_attention_key_overlays_the_map_on_photos_and_frames(mlx_model):
+    """a: the preview becomes the model's view with the rollout map over it (as `mlx-vit explain` draws it), the
+    predictions stay the model's; a again gives the photo back. In webcam mode the frames follow the key."""
+    from mlx_vit.explain import explain, overlay
+
+    photo = IMAGES / "chelsea.png"
+    classifier = load(str(mlx_model))
+    found = explain(classifier, open_image(photo), "rollout", top_k=5)
+    expected = np.asarray(overlay(found.view, found.maps[0]))
+    sources: list[FakeFrameSource] = []
+
+    def frame_source(source):
+        sources.append(FakeFrameSource(source, [photo], hold=True))
+        return sources[-1]
+
+    app = RecordingApp(Backend(), photo, str(mlx_model), frame_source=frame_source)
+
+    async def scenario(pilot):
+        await wait_until(pilot, lambda: app.predictions.predictions)
+        await pilot.press("a")
+        await wait_until(pilot, lambda: app.preview.image.size == expected.shape[1::-1])
+        assert np.array_equal(np.asarray(app.preview.image), expected)
+        assert str(app.preview.border_title).startswith("attention · attention rollout")
+        assert_same_predictions(app.predictions.shown(), reference(mlx_model, photo))
+        await pilot.press("a")
+        await wait_until(pilot, lambda: app.preview.image.size == open_image(photo).size)
+        await pilot.press("a")
+        app.start_camera("0")
+        await wait_until(
+            pilot, lambda: app.preview.image is not None and app.preview.image.size == expected.shape[1::-1]
+        )
+        assert "attention" in str(app.preview.border_title)
+
+    run_app(app, scenario)
+    assert [m for _, m in app.notified if not m.startswith("attention map")] == []
+
+
 def test_webcam_key_prompts_for_a_video_and_stops_at_its_end(mlx_model):
     sources: list[FakeFrameSource] = []
 
@@ -282,7 +320,7 @@ def test_help_lists_every_key_and_palette_has_the_commands(mlx_model):
         await pilot.press("question_mark")
         assert isinstance(app.screen, HelpScreen)
         keys = [key for key, _ in app.help_rows()]
-        assert keys[:10] == ["o", "n", "p", "w", "m", "+", "-", "c", "?", "q"]
+        assert keys[:11] == ["o", "n", "p", "w", "m", "+", "-", "a", "c", "?", "q"]
         await pilot.press("n")  # main-screen keys are off under a modal screen
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import CancelledError
 from pathlib import Path
@@ -29,7 +26,8 @@ from textual.widgets import Footer, Header
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.images import open_image
 from mlx_vit.tui import messages
-from mlx_vit.tui.backend import MAX_TOP_K, Backend, ModelInfo, Superseded, cached_models
+from mlx_vit.tui.backend import MAX_TOP_K, Backend, ModelInfo, Superseded, cached_models, error_text
+from mlx_vit.tui.camera_session import CameraSession
 from mlx_vit.tui.screens import HelpScreen, ModelScreen, PromptScreen
 from mlx_vit.tui.widgets import (
     FolderBrowser,
@@ -42,7 +40,7 @@ from mlx_vit.tui.widgets import (
 )
 
 # Actions that act on the main screen; a modal screen (prompt, model picker, help) switches them off.
-MAIN_ACTIONS = {"open", "next", "previous", "webcam", "model", "top_k", "copy", "help"}
+MAIN_ACTIONS = {"open", "next", "previous", "webcam", "model", "attention", "top_k", "copy", "help"}
 
 
 class _ForwardLog(logging.Handler):
@@ -72,11 +70,6 @@ def display_path(path: str | Path) -> str:
         return shown(path, None)
 
 
-def _error_text(error: BaseException) -> str:
-    # Users' mistakes are MlxVitError with a one-line message; anything else is shown with its type, not raised.
-    return str(error) if isinstance(error, MlxVitError) else f"{type(error).__name__}: {error}"
-
-
 class MlxVitApp(App[None]):
     """Browse, preview and classify images and camera frames."""
 
@@ -90,6 +83,7 @@ class MlxVitApp(App[None]):
         Binding("m", "model", "Model", tooltip="Choose a model: converted ones from the cache, a Hub id or a folder"),
         Binding("plus,equals_sign", "top_k(1)", "Top-k+", key_display="+", tooltip="Show one more prediction"),
         Binding("minus", "top_k(-1)", "Top-k-", key_display="-", tooltip="Show one prediction fewer"),
+        Binding("a", "attention", "Attention", tooltip="Overlay the attention map (rollout) on the image or camera"),
         Binding("c", "copy", "Copy", tooltip="Copy the predictions shown to the clipboard"),
         Binding("question_mark,f1", "help", "Help", key_display="?", tooltip="Show the keys"),
         Binding("q", "quit", "Quit", tooltip="Quit"),
@@ -118,9 +112,11 @@ class MlxVitApp(App[None]):
         self.current: Path | None = None  # the image chosen in the browser
         self.model_info: ModelInfo | None = None
         self._request = 0  # number of the newest classification asked for; older answers are dropped
-        self._camera_session = 0
-        self._camera_stop: threading.Event | None = None  # set while webcam mode is on
+        self._camera_sessions = 0  # how often webcam mode was started: frames of an older session are dropped
+        self._camera: CameraSession | None = None  # while webcam mode is on
         self._camera_source = camera or "0"
+        self.attention = False  # overlay the attention map
+        self._image: Image.Image | None = None  # the current photo, without any overlay
         self._log_handler = _ForwardLog(self)
         self._saved_logging: tuple[list[logging.Handler], int] | None = None
 
@@ -161,8 +157,8 @@ class MlxVitApp(App[None]):
         self.query_one("#browser").focus()
 
     def on_unmount(self) -> None:
-        if self._camera_stop is not None:
-            self._camera_stop.set()
+        if self._camera is not None:
+            self._camera.stop.set()
         if self._saved_logging is not None:
             logger = logging.getLogger("mlx_vit")
             logger.handlers[:], level = self._saved_logging
@@ -242,6 +238,7 @@ class MlxVitApp(App[None]):
     def on_image_opened(self, message: messages.ImageOpened) -> None:
         if message.path != self.current or self.webcam_on:
             return
+        self._image = message.image
         self.preview.set_image(message.image)
         self.classify(message.image)
 
@@ -249,30 +246,35 @@ class MlxVitApp(App[None]):
         if message.path != self.current:
             return
         self._request += 1  # whatever was being classified is no longer what is shown
+        self._image = None
         self.preview.set_image(None)
         self.predictions.show_note("cannot read this image")
         self.notify(message.error, title="image", severity="error")
 
     def classify(self, image: Image.Image) -> None:
         self._request += 1
-        self._classify(self._request, image)
+        self._classify(self._request, image, self.attention)
 
     @work(group="classify")
-    async def _classify(self, request: int, image: Image.Image) -> None:
+    async def _classify(self, request: int, image: Image.Image, attention: bool) -> None:
         try:
-            result = await asyncio.wrap_future(self.backend.classify(image))
+            result = await asyncio.wrap_future(self.backend.classify(image, attention))
         except (Superseded, CancelledError, asyncio.CancelledError):
             return
         except Exception as error:
-            self.post_message(messages.ClassifyFailed(request, _error_text(error)))
+            self.post_message(messages.ClassifyFailed(request, error_text(error)))
             return
         self.post_message(messages.Classified(request, result))
 
     def on_classified(self, message: messages.Classified) -> None:
         if message.request != self._request:
             return
-        self.predictions.show(message.result.predictions)
-        self.status.timing = f"inference {seconds_text(message.result.seconds)}"
+        result = message.result
+        if result.overlay is not None and self.attention:
+            self.preview.set_image(result.overlay)
+            self.preview.border_title = Text(f"attention · {result.attention}")  # the model's view, its map over it
+        self.predictions.show(result.predictions)
+        self.status.timing = f"inference {seconds_text(result.seconds)}"
 
     def on_classify_failed(self, message: messages.ClassifyFailed) -> None:
         if message.request != self._request:
@@ -295,7 +297,7 @@ class MlxVitApp(App[None]):
         except (CancelledError, asyncio.CancelledError):  # the app is closing
             return
         except Exception as error:
-            self.post_message(messages.ModelFailed(model, _error_text(error)))
+            self.post_message(messages.ModelFailed(model, error_text(error)))
             return
         self.post_message(messages.ModelLoaded(info))
 
@@ -309,9 +311,8 @@ class MlxVitApp(App[None]):
         status = self.status
         status.busy = ""
         status.model = f"{display_path(info.name)} · {info.dtype} · {info.quantization} · {info.device}"
-        image = self.preview.image
-        if image is not None and not self.webcam_on:
-            self.classify(image)
+        if self._image is not None and not self.webcam_on:
+            self.classify(self._image)
 
     def on_model_failed(self, message: messages.ModelFailed) -> None:
         self.status.busy = ""
@@ -321,7 +322,7 @@ class MlxVitApp(App[None]):
 
     @property
     def webcam_on(self) -> bool:
-        return self._camera_stop is not None
+        return self._camera is not None
 
     def start_camera(self, spec: str) -> None:
         """Open the camera or video file `spec` and classify its newest frames until stopped."""
@@ -334,25 +335,30 @@ class MlxVitApp(App[None]):
             # On the main thread: on macOS OpenCV can only ask for camera permission from there.
             source.open()
         except (MlxVitError, OSError) as error:
-            self.notify(_error_text(error), title="webcam", severity="error", timeout=10)
+            self.notify(error_text(error), title="webcam", severity="error", timeout=10)
             return
         self._camera_source = spec
-        self._camera_session += 1
-        self._camera_stop = threading.Event()
+        self._camera_sessions += 1
+        camera = self._camera = CameraSession(self._camera_sessions, spec, source)
+        camera.attention = self.attention
         self._request += 1  # drop any image classification still on its way
         self.sub_title = f"webcam {shown(spec, None)}"
         self.preview.set_image(None)
         self.predictions.show_note("waiting for the first frame …")
-        self.status.position = self._camera_name()
-        self.preview.border_title = Text(f"webcam · {self._camera_name()}")  # a Text: file names are not markup
-        self._run_camera(self._camera_session, spec, source, self._camera_stop)
+        self.status.position = camera.name
+        self._camera_title()
+        self._run_camera(camera)
+
+    def _camera_title(self) -> None:
+        attention = " · attention" if self.attention else ""
+        self.preview.border_title = Text(f"webcam · {self._camera.name}{attention}")  # Text: names are not markup
 
     def stop_camera(self) -> None:
         """Leave webcam mode (the camera thread ends after its current frame) and show the current image again."""
-        if self._camera_stop is None:
+        if self._camera is None:
             return
-        self._camera_stop.set()
-        self._camera_stop = None
+        self._camera.stop.set()
+        self._camera = None
         self.preview.border_title = "preview"
         self.preview.set_image(None)
         self.predictions.show_note("choose an image")
@@ -363,48 +369,17 @@ class MlxVitApp(App[None]):
             self.sub_title = ""
             self._update_position()
 
-    def _camera_name(self) -> str:
-        source = self._camera_source
-        return f"camera {source}" if source.isdigit() else f"video {shown(Path(source).name, None)}"
-
     @work(thread=True, group="camera")
-    def _run_camera(self, session: int, spec: str, source: Any, stop: threading.Event) -> None:
-        """Read the newest frame, classify it, post it; repeat until stopped or the stream ends."""
-        done: deque[float] = deque(maxlen=10)  # when the last frames were classified, for frames per second
-        try:
-            while not stop.is_set():
-                try:
-                    frame = source.read(timeout=0.5)
-                except TimeoutError:  # no new frame yet; look at `stop` again
-                    continue
-                if frame is None:
-                    self.post_message(messages.CameraStopped(session, spec, f"{spec}: end of stream"))
-                    return
-                result, error = None, None
-                try:
-                    result = self.backend.classify(frame.rgb).result()
-                except Superseded:
-                    continue
-                except CancelledError:  # the backend closed: the app is quitting
-                    return
-                except MlxVitError as failure:  # e.g. no model yet: the frames are still shown
-                    error = str(failure)
-                done.append(time.perf_counter())
-                fps = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 and done[-1] > done[0] else None
-                image = Image.fromarray(frame.rgb, "RGB")
-                self.post_message(messages.CameraFrame(session, frame.index, image, result, error, fps))
-        except Exception as error:  # a camera that fails mid-stream is a notification, not a crash
-            self.post_message(messages.CameraStopped(session, spec, _error_text(error)))
-        finally:
-            source.close()
+    def _run_camera(self, camera: CameraSession) -> None:
+        camera.run(self.backend, self.post_message)
 
     def on_camera_frame(self, message: messages.CameraFrame) -> None:
-        if message.session != self._camera_session or not self.webcam_on:
+        if self._camera is None or message.session != self._camera.number:
             return
         self.preview.set_image(message.image)
         status = self.status
         fps = f" · {message.fps:.1f} fps" if message.fps is not None else ""
-        status.position = f"{self._camera_name()} · frame {message.index}{fps}"
+        status.position = f"{self._camera.name} · frame {message.index}{fps}"
         if message.result is None:
             self.predictions.show_note(message.error or "")
             return
@@ -412,7 +387,7 @@ class MlxVitApp(App[None]):
         status.timing = f"inference {seconds_text(message.result.seconds)}"
 
     def on_camera_stopped(self, message: messages.CameraStopped) -> None:
-        if message.session != self._camera_session or not self.webcam_on:
+        if self._camera is None or message.session != self._camera.number:
             return
         self.stop_camera()
         self.notify(message.error or "camera stopped", title="webcam", severity="warning")
@@ -475,6 +450,19 @@ class MlxVitApp(App[None]):
             cached = []
         current = self.model_info.name if self.model_info else None
         self.push_screen(ModelScreen(cached, current), answer)
+
+    def action_attention(self) -> None:
+        """Overlay the attention map, or take it away: the next answer (photo or frame) follows, the UI never waits."""
+        self.attention = not self.attention
+        self.notify(f"attention map {'on: rollout over the model’s view of the image' if self.attention else 'off'}")
+        if self._camera is not None:
+            self._camera.attention = self.attention
+            self._camera_title()
+        elif self._image is not None:
+            if not self.attention:
+                self.preview.set_image(self._image)
+                self.preview.border_title = "preview"
+            self.classify(self._image)
 
     def action_top_k(self, delta: int) -> None:
         self.top_k = max(1, min(MAX_TOP_K, self.top_k + delta))

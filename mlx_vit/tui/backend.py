@@ -25,6 +25,12 @@ from mlx_vit.errors import MlxVitError
 MAX_TOP_K = 20  # predictions kept per image; the UI shows the first top-k of them, so changing k needs no rerun
 
 
+def error_text(error: BaseException) -> str:
+    """An exception as the one line the UI shows: users' mistakes are MlxVitError with a one-line message;
+    anything else is shown with its type, not raised."""
+    return str(error) if isinstance(error, MlxVitError) else f"{type(error).__name__}: {error}"
+
+
 class Superseded(Exception):
     """A classification that was skipped because a newer one was asked for before it started."""
 
@@ -42,6 +48,8 @@ class ModelInfo:
 class Classification:
     predictions: list[Prediction]  # best first, MAX_TOP_K of them (fewer if the model has fewer classes)
     seconds: float  # preprocessing + forward pass
+    overlay: Image.Image | None = None  # with attention: the model's view with its rollout map over it
+    attention: str = ""  # what the overlay shows
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,9 @@ class Backend:
         """Load `model` (folder or Hub id; a Hub id may download and convert). The old model stays until it works."""
         return self._thread.submit(self._load, model, label)
 
-    def classify(self, image: Image.Image | np.ndarray) -> Future[Classification]:
-        """Classify an RGB PIL image or (H, W, 3) uint8 array with the current model.
+    def classify(self, image: Image.Image | np.ndarray, attention: bool = False) -> Future[Classification]:
+        """Classify an RGB PIL image or (H, W, 3) uint8 array with the current model; with `attention`, through
+        the attention path, with the rollout map over the model's view of the image (mlx_vit.explain).
 
         Only the newest request matters: one still queued when a newer one arrives fails with Superseded
         instead of running, so holding down "next" or a fast camera never builds a backlog.
@@ -141,7 +150,7 @@ class Backend:
         with self._lock:
             self._newest += 1
             request = self._newest
-        return self._thread.submit(self._classify, request, image)
+        return self._thread.submit(self._classify, request, image, attention)
 
     def close(self, timeout: float = 2.0) -> None:
         self._thread.shutdown(timeout)
@@ -165,7 +174,7 @@ class Backend:
                          quantization=quantization_label(config.get("quantization")), device=self.device(),
                          labels=len(classifier.labels))  # fmt: skip
 
-    def _classify(self, request: int, image: Image.Image | np.ndarray) -> Classification:
+    def _classify(self, request: int, image: Image.Image | np.ndarray, attention: bool) -> Classification:
         if request != self._newest:
             raise Superseded
         if self._classifier is None:
@@ -173,6 +182,12 @@ class Backend:
         if isinstance(image, np.ndarray):
             image = Image.fromarray(image, "RGB")
         start = self._timer()
-        top = self._classifier.classify([image], top_k=MAX_TOP_K)[0]
+        if not attention:
+            top = self._classifier.classify([image], top_k=MAX_TOP_K)[0]
+            return Classification(top, self._timer() - start)
+        from mlx_vit.explain import explain, overlay
+
+        self._classifier.check_classifies()
+        found = explain(self._classifier, image, "rollout", top_k=MAX_TOP_K)
         seconds = self._timer() - start
-        return Classification(top, seconds)
+        return Classification(found.predictions, seconds, overlay(found.view, found.maps[0]), found.what)

@@ -1,7 +1,12 @@
-"""Messages the TUI's workers post back to the UI thread (Textual's post_message is thread-safe)."""
+"""Messages the TUI's workers post back to the UI thread (Textual's post_message is thread-safe).
+
+Each is a dataclass: Textual's Message initialises itself in __post_init__. eq=False keeps them hashable by
+identity, as Textual's own messages are.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -10,77 +15,67 @@ from textual.message import Message
 from mlx_vit.tui.backend import Classification, ModelInfo
 
 
+@dataclass(eq=False)
 class ModelLoaded(Message):
-    def __init__(self, info: ModelInfo) -> None:
-        super().__init__()
-        self.info = info
+    info: ModelInfo
 
 
+@dataclass(eq=False)
 class ModelFailed(Message):
-    def __init__(self, model: str, error: str) -> None:
-        super().__init__()
-        self.model = model
-        self.error = error
+    model: str
+    error: str
 
 
+@dataclass(eq=False)
 class ModelProgress(Message):
     """A line mlx-vit logged while loading (download, conversion), shown beside the progress bar."""
 
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
+    text: str
 
 
+@dataclass(eq=False)
 class ImageOpened(Message):
-    def __init__(self, path: Path, image: Image.Image) -> None:
-        super().__init__()
-        self.path = path
-        self.image = image
+    path: Path
+    image: Image.Image
 
 
+@dataclass(eq=False)
 class ImageFailed(Message):
-    def __init__(self, path: Path, error: str) -> None:
-        super().__init__()
-        self.path = path
-        self.error = error
+    path: Path
+    error: str
 
 
+@dataclass(eq=False)
 class Classified(Message):
     """A classification of request number `request` (older requests' answers are stale and ignored)."""
 
-    def __init__(self, request: int, result: Classification) -> None:
-        super().__init__()
-        self.request = request
-        self.result = result
+    request: int
+    result: Classification
 
 
+@dataclass(eq=False)
 class ClassifyFailed(Message):
-    def __init__(self, request: int, error: str) -> None:
-        super().__init__()
-        self.request = request
-        self.error = error
+    request: int
+    error: str
 
 
+@dataclass(eq=False)
 class CameraFrame(Message):
     """The newest camera frame, its classification (or the error that stopped it, e.g. no model yet) and the
     classified frames per second."""
 
-    def __init__(self, session: int, index: int, image: Image.Image, result: Classification | None,
-                 error: str | None, fps: float | None) -> None:  # fmt: skip
-        super().__init__()
-        self.session = session  # which start of webcam mode this frame belongs to
-        self.index = index
-        self.image = image
-        self.result = result
-        self.error = error
-        self.fps = fps
+    session: int  # which start of webcam mode this frame belongs to
+    index: int
+    image: Image.Image
+    result: Classification | None
+    error: str | None
+    fps: float | None
 
 
+@dataclass(eq=False)
 class CameraStopped(Message):
     """The camera loop ended by itself (end of a video file, a camera error): `error` says why."""
 
-    def __init__(self, session: int, source: str, error: str | None) -> None:
-        super().__init__()
-        self.session = session
-        self.source = source
-        self.error = error
+    session: int
+    source: str
+    error: str | None
