@@ -1,9 +1,10 @@
 """Image features, and the index files `mlx-vit embed` writes and `mlx-vit search` reads.
 
 An index is float32 rows, one per image in input order, with the images' paths:
-- `.safetensors`: one tensor, `embeddings`, and the paths as a JSON list in the metadata (`paths`), with `model`
-  and `count`. A library whose paths would not fit in a header that readers accept (16 MiB here, 100 MB in the
-  reference) keeps them in the sibling file instead and names it in `paths_file`;
+- `.safetensors`: one tensor, `embeddings`, and the paths as a JSON list in the metadata (`paths`), with `model`,
+  `count` and the settings that made the rows (`normalize`, `image_size`). A library whose paths would not fit in
+  a header that readers accept (16 MiB here, 100 MB in the reference) keeps them in the sibling
+  `FILE.paths.jsonl` instead, one JSON string a line, and names it in `paths_file`;
 - `.npy`: the rows, and the paths one per line in the sibling `FILE.paths.txt`.
 
 Both are written to temporary files and renamed into place, rows streamed, so a library's index never needs to fit
@@ -16,7 +17,8 @@ import contextlib
 import json
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,38 @@ CHUNK_BYTES = 64 * 2**20
 
 class IndexFileError(MlxVitError):
     """An index file that cannot be written or read."""
+
+
+@dataclass
+class Embedded:
+    """One input's features (float32), or the one-line error that stopped it."""
+
+    path: str
+    vector: np.ndarray | None = None
+    error: str | None = None
+
+
+def embedded_batches(classifier: Any, items: Iterable[Any], batch_size: int = 8, workers: int | None = None,
+                     all_tokens: bool = False, normalize: bool = False,
+                     one_per_line: bool = False) -> Iterator[list[Embedded]]:  # fmt: skip
+    """Embedded records a batch at a time, in input order: a file that cannot be read, or whose features are
+    not finite, is a record with its error. `one_per_line`: a path with a line break is refused (.paths.txt)."""
+    for batch in classifier.prepared_batches(items, batch_size, workers):
+        records = [Embedded(result.path, error=result.error) for result, _ in batch]
+        good = []
+        for record, (_, pixels) in zip(records, batch, strict=True):
+            if one_per_line and pixels is not None and "\n" in record.path:
+                record.error = f"{shown(record.path, None)}: a path with a line break cannot go in a .paths.txt"
+            elif pixels is not None:
+                good.append((record, pixels))
+        if good:
+            vectors, finite = features(classifier, np.stack([p for _, p in good]), all_tokens, normalize)
+            for (record, _), vector, ok in zip(good, vectors, finite, strict=True):
+                if ok:
+                    record.vector = vector
+                else:
+                    record.error = f"{shown(record.path, None)}: the model computed NaN or infinite features"
+        yield records
 
 
 def features(classifier: Any, pixels: np.ndarray, all_tokens: bool = False,
@@ -68,9 +102,13 @@ def _lines(paths: Sequence[str]) -> bytes:
     return "".join(f"{p}\n" for p in paths).encode("utf-8", "surrogateescape")
 
 
-def write_embeddings(path: str | os.PathLike, parts: Sequence[np.ndarray], paths: Sequence[str],
-                     model_name: str) -> None:  # fmt: skip
-    """Write rows (`parts`, concatenated: arrays or memory maps of float32 rows) and their paths atomically."""
+def write_embeddings(path: str | os.PathLike, parts: Sequence[np.ndarray], paths: Sequence[str], model_name: str,
+                     settings: dict[str, str] | None = None) -> None:  # fmt: skip
+    """Write rows (`parts`, concatenated: arrays or memory maps of float32 rows) and their paths atomically.
+
+    Every file is written in full to a temporary beside it first; only then are they renamed into place, one
+    right after the other. `settings` (what made the rows, e.g. normalize) go into a safetensors index's metadata.
+    """
     path = Path(path)
     rows = sum(len(p) for p in parts)
     if rows != len(paths):
@@ -82,16 +120,27 @@ def write_embeddings(path: str | os.PathLike, parts: Sequence[np.ndarray], paths
         siblings[paths_file(path)] = _lines(paths)
     else:
         listed = json.dumps(list(paths))
-        metadata = {"format": FORMAT, "model": model_name, "count": str(rows)}
+        metadata = {**(settings or {}), "format": FORMAT, "model": model_name, "count": str(rows)}
         if _fits_in_header(listed):
             metadata["paths"] = listed
-        else:
-            metadata["paths_file"] = paths_file(path).name
-            siblings[paths_file(path)] = _lines(paths)
+        else:  # one JSON string a line: any path, line breaks included
+            listing = path.with_name(f"{path.stem}.paths.jsonl")
+            metadata["paths_file"] = listing.name
+            siblings[listing] = "".join(json.dumps(p) + "\n" for p in paths).encode()
         header = _safetensors_header(shape, metadata)
-    for sibling, data in siblings.items():
-        _atomic(sibling, [data])
-    _atomic(path, [header, *(chunk for part in parts for chunk in _chunks(part))])
+    written: list[tuple[Path, Path]] = []
+    try:
+        for target, pieces in [*((s, [data]) for s, data in siblings.items()),
+                               (path, [header, *(chunk for part in parts for chunk in _chunks(part))])]:  # fmt: skip
+            written.append((_temporary_with(target, pieces), target))
+        for temporary, target in written:
+            os.replace(temporary, target)
+    except OSError as error:
+        raise IndexFileError(f"{shown(path, None)}: cannot write it ({os_reason(error)})") from None
+    finally:
+        for temporary, _ in written:
+            with contextlib.suppress(FileNotFoundError):
+                temporary.unlink()
 
 
 def _chunks(part: np.ndarray):
@@ -116,28 +165,19 @@ def _safetensors_header(shape: tuple[int, ...], metadata: dict[str, str]) -> byt
     return struct.pack("<Q", len(data)) + data
 
 
-def _atomic(path: Path, pieces) -> None:
-    """Write `pieces` (bytes) to a temporary file beside `path`, fsync it, and rename it into place."""
-    name = shown(path, None)
-    try:
-        fd, temporary = temporary_beside(path)
-    except OSError as error:
-        raise IndexFileError(f"{name}: cannot write it ({os_reason(error)})") from None
+def _temporary_with(path: Path, pieces) -> Path:
+    """A temporary file beside `path` holding `pieces` (bytes), synced to the disk."""
+    fd, temporary = temporary_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
             for piece in pieces:
                 f.write(piece)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(temporary, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise IndexFileError(f"{name}: cannot write it ({os_reason(error)})") from None
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
+        temporary.unlink(missing_ok=True)
         raise
+    return temporary
 
 
 def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str | None]:
@@ -174,7 +214,7 @@ def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
                 raise IndexFileError(f"{name}: its metadata's paths are not a list of strings")
         elif "paths_file" in metadata and Path(metadata["paths_file"]).name == metadata["paths_file"]:
-            paths = _read_lines(path.with_name(metadata["paths_file"]), name)
+            paths = _read_json_lines(path.with_name(metadata["paths_file"]), name)
         else:
             raise IndexFileError(f"{name}: not an index (no paths in its metadata; was it written by mlx-vit embed?)")
     if len(paths) != shape[0]:
@@ -202,3 +242,28 @@ def _read_lines(path: Path, index: str) -> list[str]:
         raise IndexFileError(f"{index}: cannot read its paths ({error})") from None
     except OSError as error:
         raise IndexFileError(f"{index}: cannot read its paths, {shown(path, None)} ({os_reason(error)})") from None
+
+
+def _read_json_lines(path: Path, index: str) -> list[str]:
+    paths = []
+    for number, line in enumerate(_read_lines(path, index), 1):
+        try:
+            paths.append(json.loads(line))
+        except ValueError:
+            paths.append(None)
+        if not isinstance(paths[-1], str):
+            raise IndexFileError(f"{index}: line {number} of {shown(path.name, None)} is not a JSON string")
+    return paths
+
+
+def index_settings(path: str | os.PathLike) -> dict[str, str] | None:
+    """What made a safetensors index's rows (its metadata, less the paths), or None for a .npy index."""
+    path = Path(path)
+    if path.suffix.lower() == ".npy":
+        return None
+    with open_regular(path, IndexFileError) as f:
+        try:
+            header_of(f, path)
+        except MlxVitError as error:
+            raise IndexFileError(str(error)) from None
+        return {k: v for k, v in _metadata(f, shown(path, None)).items() if k not in ("paths", "paths_file")}

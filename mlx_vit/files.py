@@ -28,8 +28,9 @@ _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S
           stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}  # fmt: skip
 
 
-def _refusal(path: Path, mode: int) -> str:
-    return f"{shown(path, None)}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not a file"
+def refusal(path: str | os.PathLike, mode: int, wanted: str = "a file") -> str:
+    """The line for a path that is not a regular file: what it is instead (a FIFO, a device, ...)."""
+    return f"{shown(path, None)}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not {wanted}"
 
 
 def os_reason(error: OSError) -> str:
@@ -50,7 +51,7 @@ def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError
     try:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
-            raise error(_refusal(path, mode))
+            raise error(refusal(path, mode))
         flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
         fd = os.open(path, flags)
     except FileNotFoundError:
@@ -62,7 +63,7 @@ def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise error(_refusal(path, mode))
+            raise error(refusal(path, mode))
         if hasattr(os, "set_blocking"):
             os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mlx_vit.errors import shown
-from mlx_vit.files import os_reason
+from mlx_vit.files import os_reason, refusal
 
 # What folders and globs yield: the extensions of the formats open_image reads (see images.FORMATS), written
 # out so that finding files needs no Pillow; tests/test_inputs.py keeps them in step with Pillow's registry.
@@ -33,8 +33,6 @@ IMAGE_EXTENSIONS = frozenset(
     ".vst .webp".split()
 )
 _MAGIC = re.compile(r"[*?[]")
-_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -59,7 +57,9 @@ def find_inputs(arguments: Iterable[str | os.PathLike], stdin: TextIO | None = N
     for argument in arguments:
         argument = os.fspath(argument)
         if argument == "-":
-            for line in stdin if stdin is not None else sys.stdin:
+            # Bytes, decoded as the OS decodes file names: any path a shell can print, whatever the locale.
+            for line in stdin if stdin is not None else sys.stdin.buffer:
+                line = os.fsdecode(line) if isinstance(line, bytes) else line
                 line = line.rstrip("\n").removesuffix("\r")
                 if line:
                     yield from _expand(line, seen)
@@ -101,13 +101,16 @@ class _Seen:
             self.named.add(key)
         return True
 
-    def walked(self, key: str) -> bool:
-        """Whether an earlier folder's walk yielded `key`."""
-        return any(_inside(key, folder) for folder in self.folders)
+    def walked(self, key: str, folder: bool = False) -> bool:
+        """Whether an earlier folder's walk yielded `key` (a file), or walked it (a `folder`)."""
+        return any(_inside(key, walked, folder) for walked in self.folders)
 
 
 def _expand(path: str, seen: _Seen, named: bool = True) -> Iterator[Input]:
     """A path as inputs: a folder's images, or the file itself (a named file is taken whatever its extension)."""
+    if "\0" in path:
+        yield Input(path, f"{shown(path, None)}: not a path (it holds a NUL byte)")
+        return
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
@@ -120,7 +123,7 @@ def _expand(path: str, seen: _Seen, named: bool = True) -> Iterator[Input]:
         return
     if stat.S_ISDIR(mode):
         key = os.path.abspath(path)
-        if seen.walked(key):
+        if seen.walked(key, folder=True):
             return
         earlier = len(seen.folders)
         seen.folders.append(key)
@@ -129,24 +132,26 @@ def _expand(path: str, seen: _Seen, named: bool = True) -> Iterator[Input]:
             found = True
             # Only a folder given before this one (its parent, named later) or a file named before can repeat.
             key = os.path.abspath(item.path)
-            if key not in seen.named and not any(_inside(key, f) for f in seen.folders[:earlier]):
+            if key not in seen.named and not any(_inside(key, f, False) for f in seen.folders[:earlier]):
                 yield item
         if not found and named:
             yield Input(path, f"{shown(path, None)}: holds no image files (of the formats mlx-vit reads)")
     elif named or is_image_name(os.path.basename(path)):
         if seen.first(path, True):
-            yield Input(path) if stat.S_ISREG(mode) else Input(path, _refusal(path, mode))
+            yield Input(path) if stat.S_ISREG(mode) else Input(path, refusal(path, mode, "an image file"))
 
 
-def _inside(key: str, folder: str) -> bool:
-    """Whether a walk of `folder` reaches `key` (both absolute): below it, through no hidden name."""
+def _inside(key: str, folder: str, is_folder: bool) -> bool:
+    """Whether a walk of `folder` reaches `key` (both absolute): below it, through no hidden name and no
+    symlinked folder (a walk follows neither), and, for a file, with an image's extension (it takes no other)."""
     inside = os.path.relpath(key, folder)
     parts = inside.split(os.sep)
-    return inside != "." and parts[0] != ".." and not any(p.startswith(".") for p in parts)
-
-
-def _refusal(path: str, mode: int) -> str:
-    return f"{shown(path, None)}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not an image file"
+    if inside == "." or parts[0] == ".." or any(p.startswith(".") for p in parts):
+        return False
+    if not is_folder and not is_image_name(parts[-1]):
+        return False
+    folders = parts if is_folder else parts[:-1]
+    return not any(os.path.islink(os.path.join(folder, *parts[: i + 1])) for i in range(len(folders)))
 
 
 def _walk(folder: str) -> Iterator[Input]:
@@ -174,7 +179,7 @@ def _walk(folder: str) -> Iterator[Input]:
         except OSError as error:
             yield Input(path, f"{shown(path, None)}: cannot read ({os_reason(error)})")
             continue
-        yield Input(path) if stat.S_ISREG(mode) else Input(path, _refusal(path, mode))
+        yield Input(path) if stat.S_ISREG(mode) else Input(path, refusal(path, mode, "an image file"))
 
 
 def _glob(pattern: str) -> Iterator[str]:

@@ -20,6 +20,7 @@ import sys
 import time
 from array import array
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -90,15 +91,25 @@ class Done:
         return at < len(self.hashes) and self.hashes[at] == key
 
 
-def read_done(path: Path, format: str) -> tuple[Done, int]:
-    """The finished paths of a jsonl or csv file, and the byte length of its finished part (where to append).
+@dataclass
+class Tail:
+    """A csv's last image, set aside by a resume: its path and its complete rows (bytes)."""
 
-    jsonl: every complete line. csv: every complete record, less the last image's rows, which a killed batch
-    may have cut short of its rank (they are redone). Anything else in the file stops the resume with one line.
+    path: str
+    rows: bytes
+
+
+def read_done(path: Path, format: str) -> tuple[Done, int, Tail | None]:
+    """The finished paths of a jsonl or csv file, the byte length of its finished part (where to append), and
+    for csv the last image's rows.
+
+    jsonl: every complete line. csv: every complete record but the last image's, which a killed batch may have
+    cut short of its rank: it is redone if it comes up again, and its rows are put back if it does not (see
+    ResultWriter). Anything else in the file stops the resume with one line.
     """
     name = shown(path, None)
     hashes = array("Q")
-    end = 0
+    end, tail = 0, None
     try:
         with open(path, "rb") as f:
             if format == "jsonl":
@@ -108,10 +119,10 @@ def read_done(path: Path, format: str) -> tuple[Done, int]:
                     hashes.append(Done.key(_json_path(line, name, number)))
                     end += len(line)
             else:
-                end = _read_csv(f, hashes, name)
+                end, tail = _read_csv(f, hashes, name)
     except OSError as error:
         raise OutputError(f"{name}: cannot read to resume ({os_reason(error)})") from None
-    return Done(np.frombuffer(hashes, dtype=np.uint64)), end
+    return Done(np.frombuffer(hashes, dtype=np.uint64)), end, tail
 
 
 def _json_path(line: bytes, name: str, number: int) -> str:
@@ -124,12 +135,13 @@ def _json_path(line: bytes, name: str, number: int) -> str:
     return record["path"]
 
 
-def _read_csv(f, hashes: array, name: str) -> int:
+def _read_csv(f, hashes: array, name: str) -> tuple[int, Tail | None]:
     """Reads records line by line: a record ends at a newline outside quotes (an even count of quotes so far)."""
     end = last_start = 0
     last_path = None
     record = b""
     number = 0
+    rows = []  # the records of the last image
     for line in f:
         record += line
         if record.count(b'"') % 2 or not line.endswith(b"\n"):
@@ -147,10 +159,14 @@ def _read_csv(f, hashes: array, name: str) -> int:
         elif row[0] != last_path:
             if last_path is not None:
                 hashes.append(Done.key(last_path))
-            last_path, last_start = row[0], end
+            last_path, last_start, rows = row[0], end, []
+        if number > 1:
+            rows.append(record)
         end += len(record)
         record = b""
-    return last_start if last_path is not None else end
+    if last_path is None:
+        return end, None
+    return last_start, Tail(last_path, b"".join(rows))
 
 
 class Output:
@@ -170,6 +186,7 @@ class Output:
         self.file: TextIO | None = sys.stdout if path is None else None
         self.fresh = True  # nothing written yet: a csv starts with its header
         self._end: int | None = None  # where a resumed file's finished part ends
+        self.tail: Tail | None = None  # a resumed csv's last image, until it is redone or put back
         self._special = False
         self._temporary: Path | None = None
         self._synced = time.monotonic()
@@ -194,7 +211,7 @@ class Output:
         elif not resume:
             raise OutputError(f"{name}: already exists; --resume continues it, or remove it first")
         else:
-            self.done, self._end = read_done(self.path, format)
+            self.done, self._end, self.tail = read_done(self.path, format)
             self.fresh = self._end == 0
 
     def stream(self) -> TextIO:
@@ -285,8 +302,11 @@ class ResultWriter:
         elif format == "jsonl":
             self.output.write_text("".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results))
         elif format == "csv":
+            tail = self.output.tail
+            if tail is not None and Done.key(tail.path) in {Done.key(r.path) for r in results}:
+                self.output.tail = None  # redone: its new rows replace the set-aside ones
             text = io.StringIO()
-            writer = csv.writer(text, lineterminator="\n")
+            writer = csv.writer(text)  # lines end in \r\n (RFC 4180), so a field holding a lone \r is quoted
             if self.output.fresh and results:
                 writer.writerow(CSV_HEADER)
             for result in results:
@@ -300,10 +320,11 @@ class ResultWriter:
         self.count += len(results)
 
     def close(self) -> None:
+        self._put_back_tail()
         if self.output.format == "json":
             self.output.write_text("[]\n" if self.count == 0 else "\n]\n")
         elif self.output.format == "csv" and self.output.fresh:
-            self.output.write_text(",".join(CSV_HEADER) + "\n")
+            self.output.write_text(",".join(CSV_HEADER) + "\r\n")
         elif self.output.format == "table" and (self.table_rows or self.count == 0):
             self._print_table()
         self.output.finish()
@@ -315,7 +336,15 @@ class ResultWriter:
         Console(file=None if file is sys.stdout else file).print(results_table(self.table_rows, self.model_name))
         self.table_rows = []
 
+    def _put_back_tail(self) -> None:
+        """A resumed csv's last image, when this run did not redo it: its rows go back, at the end."""
+        tail, self.output.tail = self.output.tail, None
+        if tail is not None and tail.rows:
+            self.output.write_text(tail.rows.decode("utf-8", "surrogateescape"))
+
     def abort(self) -> None:
+        with contextlib.suppress(OutputError):  # the run is failing already; keep what can be kept
+            self._put_back_tail()
         self.output.abort()
 
 

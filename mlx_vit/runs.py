@@ -23,6 +23,7 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 
 from mlx_vit import distributed
+from mlx_vit.embed import Embedded
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.inputs import Input, count_inputs, find_inputs
 from mlx_vit.outputs import RESULTS, Done, Output, ResultWriter
@@ -186,15 +187,6 @@ def classify_library(classifier: Any, inputs: list[str | os.PathLike], output: s
     return run_library(inputs, batches, sink, RESULTS, stdin, progress)
 
 
-@dataclass
-class Embedded:
-    """One input's features (float32), or the one-line error that stopped it."""
-
-    path: str
-    vector: np.ndarray | None = None
-    error: str | None = None
-
-
 class EmbeddedCodec:
     """Embedded records as bytes between ranks: a JSON line of paths and errors, then the vectors, raw."""
 
@@ -226,30 +218,20 @@ def embed_library(classifier: Any, inputs: list[str | os.PathLike], output: str 
                   workers: int | None = None, progress: bool | None = None,
                   stdin: TextIO | None = None) -> Stats:  # fmt: skip
     """Embed every input into `output` (.safetensors or .npy), spooled as it goes (see mlx_vit.spool)."""
-    from mlx_vit.embed import features
+    from mlx_vit.embed import embedded_batches
     from mlx_vit.spool import EmbeddingSpool
 
     rank, _ = distributed.world()
-    shape = row_shape(classifier.model.config, all_tokens)
-    sink = EmbeddingSpool(output, classifier.name, shape, resume) if rank == 0 else None
+    config = classifier.model.config
+    shape = row_shape(config, all_tokens)
+    # A local model by its absolute path, so that `search` finds it from any folder.
+    model = os.path.abspath(classifier.name) if os.path.exists(classifier.name) else classifier.name
+    settings = {"normalize": str(normalize).lower(), "all_tokens": str(all_tokens).lower(),
+                "image_size": str(config.image_size)}  # fmt: skip
+    sink = EmbeddingSpool(output, model, shape, resume, settings) if rank == 0 else None
     listed = Path(output).suffix.lower() == ".npy"  # its paths go one per line in FILE.paths.txt
 
     def batches(items: Iterator[Input]) -> Iterator[list[Embedded]]:
-        for pending_batch in classifier.prepared_batches(items, batch_size, workers):
-            records = [Embedded(result.path, error=result.error) for result, _ in pending_batch]
-            for record, (_, pixels) in zip(records, pending_batch, strict=True):
-                if listed and pixels is not None and "\n" in record.path:
-                    record.error = f"{shown(record.path, None)}: a path with a line break cannot go in a .paths.txt"
-            good = [(r, pixels) for r, (_, pixels) in zip(records, pending_batch, strict=True)
-                    if pixels is not None and not r.error]  # fmt: skip
-            if good:
-                pixels = np.stack([p for _, p in good])
-                vectors, finite = features(classifier, pixels, all_tokens, normalize)
-                for (record, _), vector, ok in zip(good, vectors, finite, strict=True):
-                    if ok:
-                        record.vector = vector
-                    else:
-                        record.error = f"{shown(record.path, None)}: the model computed NaN or infinite features"
-            yield records
+        return embedded_batches(classifier, items, batch_size, workers, all_tokens, normalize, listed)
 
     return run_library(inputs, batches, sink, EmbeddedCodec(), stdin, progress, what="embedded")

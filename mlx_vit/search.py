@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlx_vit.embed import IndexFileError, features, read_embeddings
+from mlx_vit.embed import IndexFileError, embedded_batches, read_embeddings
 from mlx_vit.errors import shown
 from mlx_vit.inputs import find_inputs
 
@@ -94,24 +94,20 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
         raise IndexFileError(f"{name}: holds {vectors.shape[1]}-wide vectors, {classifier.name} makes {width}-wide "
                              "ones; search with the index's model")  # fmt: skip
     answers: list[Answer] = []
-    for batch in classifier.prepared_batches(find_inputs(list(queries)), batch_size=8):
-        good = [(result, pixels) for result, pixels in batch if pixels is not None]
-        found: list[Answer] = [Answer(result.path, error=result.error) for result, _ in batch]
-        if good:
-            embedded, finite = features(classifier, np.stack([p for _, p in good]))
+    for records in embedded_batches(classifier, find_inputs(list(queries))):
+        found = [r for r in records if r.error is None]
+        if found:
             try:
-                rows, similarities = nearest(embedded, vectors, top_k)
+                rows, similarities = nearest(np.stack([r.vector for r in found]), vectors, top_k)
             except NotFiniteRow as error:
                 row = error.args[0]
                 raise IndexFileError(f"{name}: row {row} ({shown(paths[row], None)}) holds NaN or infinite values; "
                                      "embed it again") from None  # fmt: skip
-            ready = iter(zip(rows, similarities, finite, strict=True))
-            for answer in found:
-                if answer.error is None:
-                    r, s, ok = next(ready)
-                    if ok:
-                        answer.matches = [(paths[i], float(v)) for i, v in zip(r, s, strict=True)]
-                    else:
-                        answer.error = f"{shown(answer.query, None)}: the model computed NaN or infinite features"
-        answers.extend(found)
+            matches = iter(zip(rows, similarities, strict=True))
+        for record in records:
+            answer = Answer(record.path, error=record.error)
+            if record.error is None:
+                r, s = next(matches)
+                answer.matches = [(paths[i], float(v)) for i, v in zip(r, s, strict=True)]
+            answers.append(answer)
     return answers

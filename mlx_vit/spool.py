@@ -14,15 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlx_vit.embed import read_embeddings, write_embeddings
+from mlx_vit.embed import index_settings, read_embeddings, write_embeddings
 from mlx_vit.errors import shown
 from mlx_vit.files import os_reason, read_json
-from mlx_vit.outputs import Done, OutputError, read_done
+from mlx_vit.outputs import SYNC_SECONDS, Done, OutputError
 
 INDEX_SUFFIXES = (".safetensors", ".npy")
 
@@ -35,12 +36,14 @@ def check_index_path(path: str | os.PathLike) -> None:
 class EmbeddingSpool:
     """Rank 0's sink for `mlx-vit embed`: records with .path, .error and .vector (float32, `shape` each)."""
 
-    def __init__(self, path: str | os.PathLike, model_name: str, shape: tuple[int, ...], resume: bool = False):
+    def __init__(self, path: str | os.PathLike, model_name: str, shape: tuple[int, ...], resume: bool = False,
+                 settings: dict[str, str] | None = None):  # fmt: skip
         self.path = Path(path)
         self.name = shown(self.path, None)
         check_index_path(self.path)
         self.model_name = model_name
         self.shape = tuple(shape)
+        self.settings = dict(settings or {})  # what made the rows: a resume must not mix other ones in
         self.rows_path = self.path.with_name(f".{self.path.name}.rows")
         self.paths_path = self.path.with_name(f".{self.path.name}.paths.jsonl")
         self.meta_path = self.path.with_name(f".{self.path.name}.spool.json")
@@ -49,24 +52,36 @@ class EmbeddingSpool:
         self.rows = 0
         self._end = 0
         self._files: tuple[Any, Any] | None = None
+        self._synced = time.monotonic()
         spooled = self.paths_path.exists()
         if (self.path.exists() or spooled) and not resume:
             what = "already exists" if self.path.exists() else "has an unfinished run's spool beside it"
             raise OutputError(f"{self.name}: {what}; --resume continues it, or remove it first")
-        meta = {"model": model_name, "shape": list(self.shape)}
+        meta = {"model": model_name, "shape": list(self.shape), **self.settings}
         hashes = [np.zeros(0, np.uint64)]
         if self.path.exists():
-            vectors, paths, _ = read_embeddings(self.path)
+            vectors, paths, made_by = read_embeddings(self.path)
             self._check(tuple(vectors.shape[1:]), "the index")
+            made = index_settings(self.path)
+            if made is not None and {k: made.get(k) for k in ("model", *self.settings)} != {
+                "model": model_name,
+                **self.settings,
+            }:
+                raise OutputError(f"{self.name}: was made by {shown(made_by, None)} with {_settings(made)}; this "
+                                  f"run is {shown(model_name, None)} with {_settings(self.settings)}: embed into a "
+                                  "new file")  # fmt: skip
             self.previous = vectors, paths
             hashes.append(np.array([Done.key(p) for p in paths], dtype=np.uint64))
+            if spooled and self._committed(hashes[-1]):
+                self._remove_spool()  # a run killed after writing the index, before removing its spool
+                spooled = False
         if spooled:
             if read_json(self.meta_path, OutputError) != meta:
-                raise OutputError(f"{self.name}: its spool was made by another model or --all-tokens setting; "
-                                  "not resuming (remove the dot files beside it)")  # fmt: skip
-            done, self._end = read_done(self.paths_path, "jsonl")
-            hashes.append(done.hashes)
-            self.rows = self._good_rows()
+                raise OutputError(f"{self.name}: its spool was made by another model or setting (--all-tokens, "
+                                  "--normalize, --image-size); not resuming (remove the dot files beside "
+                                  "it)")  # fmt: skip
+            finished, self._end, self.rows = self._spooled()
+            hashes.append(finished)
         self.done = Done(np.concatenate(hashes))
         self._meta = meta
 
@@ -75,11 +90,41 @@ class EmbeddingSpool:
             raise OutputError(f"{self.name}: {what} holds vectors of shape {shape}, this model makes {self.shape}; "
                               "embed into a new file")  # fmt: skip
 
-    def _good_rows(self) -> int:
-        """Rows counted by the complete lines of the paths file (the rows file may hold more: a cut batch)."""
+    def _spooled(self) -> tuple[np.ndarray, int, int]:
+        """(hashes of the paths embedded, bytes of the paths file to keep, rows to keep) of a spool to resume.
+
+        Only complete lines count, and only as far as the rows file holds their rows (after a power cut the
+        paths may have reached the disk before the rows). A line with an error is no result: it is tried again.
+        """
+        row_bytes = 4 * int(np.prod(self.shape))
+        available = self.rows_path.stat().st_size // row_bytes if self.rows_path.exists() else 0
         with open(self.paths_path, "rb") as f:
-            lines = f.read(self._end).splitlines()
-        return sum(1 for line in lines if "error" not in json.loads(line))
+            lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is a cut line
+        hashes, end, rows = [], 0, 0
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+                path, failed = record["path"], "error" in record
+            except (ValueError, TypeError, KeyError):
+                raise OutputError(f"{self.name}: line {number} of its spool is damaged; not resuming (remove the "
+                                  "dot files beside it)") from None  # fmt: skip
+            if not failed:
+                if rows == available:
+                    break
+                rows += 1
+                hashes.append(Done.key(path))
+            end += len(line) + 1
+        return np.array(hashes, dtype=np.uint64), end, rows
+
+    def _committed(self, indexed: np.ndarray) -> bool:
+        """Whether the spool's first embedded path is in the index: the index was written, the spool not removed."""
+        with open(self.paths_path, "rb") as f:
+            for line in f:
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    record = json.loads(line)
+                    if "error" not in record:
+                        return Done(indexed).__contains__(record["path"])
+        return False
 
     def _open(self) -> tuple[Any, Any]:
         if self._files is None:
@@ -111,6 +156,10 @@ class EmbeddingSpool:
         lines = [{"path": r.path, "error": r.error} if r.error else {"path": r.path} for r in records]
         self._write(paths, "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8", "surrogateescape"))
         self.rows += len(good)
+        if time.monotonic() - self._synced > SYNC_SECONDS:  # as outputs.Output: on the disk within a second or so
+            for file in (rows, paths):
+                os.fsync(file.fileno())
+            self._synced = time.monotonic()
 
     def close(self) -> None:
         """Write the index: the previous one's rows, then the spool's; then remove the spool."""
@@ -130,7 +179,7 @@ class EmbeddingSpool:
                 return  # nothing new: the index stays as it was
             parts = [self.previous[0], vectors]
             paths = self.previous[1] + paths
-        write_embeddings(self.path, parts, paths, self.model_name)
+        write_embeddings(self.path, parts, paths, self.model_name, self.settings)
         del parts, vectors
         self.previous = None
         self._remove_spool()
@@ -146,3 +195,7 @@ class EmbeddingSpool:
             for file in self._files:
                 with contextlib.suppress(OSError):
                     file.close()
+
+
+def _settings(values: dict[str, str]) -> str:
+    return ", ".join(f"{k} {shown(values.get(k), 40)}" for k in ("normalize", "image_size", "all_tokens")) or "none"

@@ -125,11 +125,12 @@ def test_index_round_trip(suffix, tmp_path):
 
 def test_a_library_too_large_for_the_header_keeps_its_paths_beside_it(tmp_path):
     paths = [f"photos/{i:07d}," * 3 for i in range(400_000)]  # commas: ~1.2M JSON values if listed in the header
+    paths[7] = "a line\nbreak.png"
     rows = np.zeros((len(paths), 2), np.float32)
     index = tmp_path / "big.safetensors"
     write_embeddings(index, [rows], paths, "m")
     (length,) = struct.unpack("<Q", index.read_bytes()[:8])
-    assert length < 4096 and paths_file(index).exists()
+    assert length < 4096 and (tmp_path / "big.paths.jsonl").exists()
     assert read_embeddings(index)[1] == paths
 
 

@@ -92,6 +92,27 @@ def test_a_named_folder_without_images_is_one_error(library):
     assert str(none) not in paths(str(library / "*"))  # a folder a glob matches may be empty
 
 
+def test_what_a_walk_skips_is_still_taken_when_named_after_it(library):
+    (library / "c" / "README").write_text("a named file is taken whatever its name")
+    (library / "c" / "linked").symlink_to(library / "b")  # a walk does not follow a symlinked folder
+    after = paths(library / "c", library / "c" / "README", library / "c" / "linked")
+    before = paths(library / "c" / "README", library / "c" / "linked", library / "c")
+    assert sorted(after) == sorted(before)
+    assert str(library / "c" / "README") in after and str(library / "c" / "linked" / "2.png") in after
+
+
+def test_stdin_bytes_any_path_and_nul(library, monkeypatch):
+    odd = library / "caf\udce9.png"  # a Latin-1 byte in a UTF-8 world: os.fsdecode's stand-in
+    shutil.copy(IMAGES / "chelsea.png", odd)
+
+    class Stdin:
+        buffer = io.BytesIO(os.fsencode(odd) + b"\n" + b"a\0b.png\n")
+
+    monkeypatch.setattr(inputs.sys, "stdin", Stdin)
+    assert [(i.path, i.error) for i in find_inputs(["-"])] == [
+        (str(odd), None), ("a\0b.png", "a\\x00b.png: not a path (it holds a NUL byte)")]  # fmt: skip
+
+
 def test_stdin_paths_one_per_line(library):
     a, b = library / "a.png", library / "b"
     nope = library / "nope.png"

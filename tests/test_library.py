@@ -296,3 +296,46 @@ print(stats.done, stats.failed, len(list(mlx_vit.find_inputs([{str(library)!r}])
     assert done.stdout.split() == [str(count), "0", str(count)], done.stderr
     assert run_cli("classify", library, "-m", vit_folder, "-o", tmp_path / "cli.csv", env=isolated).returncode == 0
     assert (tmp_path / "api.csv").read_bytes() == (tmp_path / "cli.csv").read_bytes()
+
+
+def test_embed_resume_after_the_index_was_written_but_not_its_spool_removed(vit_folder, library, tmp_path,
+                                                                             monkeypatch):  # fmt: skip
+    import mlx_vit
+    from mlx_vit.embed import read_embeddings
+    from mlx_vit.spool import EmbeddingSpool
+
+    index = tmp_path / "i.safetensors"
+    classifier = mlx_vit.load(str(vit_folder))
+    with monkeypatch.context() as patched:  # as if killed right after the index was renamed into place
+        patched.setattr(EmbeddingSpool, "_remove_spool", lambda self: None)
+        mlx_vit.embed_library(classifier, [library], index)
+    assert (tmp_path / ".i.safetensors.paths.jsonl").exists()
+    mlx_vit.embed_library(classifier, [library], index, resume=True)
+    assert read_embeddings(index)[1] == expected_paths(library)  # each once, not the spool's twice
+    assert not (tmp_path / ".i.safetensors.paths.jsonl").exists()
+
+
+def test_embed_resume_refuses_other_settings_and_search_finds_a_relative_model(vit_folder, library, tmp_path,
+                                                                                isolated):  # fmt: skip
+    index = tmp_path / "i.safetensors"
+    done = run_cli("embed", library, "-m", vit_folder.name, "-o", index, env=isolated, cwd=vit_folder.parent)
+    assert done.returncode == 0, done.stderr
+    again = run_cli("embed", library, "-m", vit_folder, "-o", index, "--resume", "--normalize", env=isolated)
+    assert again.returncode == 1 and again.stderr.count("\n") == 1 and "normalize false" in again.stderr
+    found = run_cli("search", PHOTOS[0], "--index", index, "--format", "json", env=isolated, cwd=tmp_path)
+    assert found.returncode == 0, found.stderr  # the index names the model by its absolute path
+
+
+def test_embed_resume_when_the_rows_fell_behind_the_paths(vit_folder, library, tmp_path, isolated):
+    from mlx_vit.embed import read_embeddings
+
+    paths = expected_paths(library)
+    index, spool = tmp_path / "i.npy", tmp_path / ".i.npy.paths.jsonl"
+    kill_midway("embed", vit_folder, paths[:10], index, spool, isolated)
+    rows = tmp_path / ".i.npy.rows"
+    rows.write_bytes(rows.read_bytes()[: -4 * 32 - 7])  # a power cut: the last row and a half never reached it
+    done = run_cli("embed", library, "-m", vit_folder, "-o", index, "--resume", "--batch-size", "1", env=isolated)
+    assert done.returncode == 0, done.stderr
+    run_cli("embed", library, "-m", vit_folder, "-o", tmp_path / "whole.npy", "--batch-size", "1", env=isolated)
+    vectors, written, _ = read_embeddings(index)
+    assert written == paths and (vectors == read_embeddings(tmp_path / "whole.npy")[0]).all()

@@ -10,9 +10,31 @@ import numpy as np
 import pytest
 
 from mlx_vit.classify import Prediction, Result
-from mlx_vit.outputs import CSV_HEADER, RESULTS, Done, Output, OutputError, ResultWriter, format_for, read_done
+from mlx_vit.outputs import (
+    CSV_HEADER,
+    RESULTS,
+    Done,
+    Output,
+    OutputError,
+    ResultWriter,
+    csv_rows,
+    format_for,
+    read_done,
+)
 
-TRICKY = ["plain", "a, b", 'say "cheese"', "two\nlines", "cr\rlf\r\n", "café ☕ 猫", "", " padded ", "\\back"]
+TRICKY = [
+    "plain",
+    "a, b",
+    'say "cheese"',
+    "two\nlines",
+    "cr\rlf\r\n",
+    "café ☕ 猫",
+    "",
+    " padded ",
+    "\\back",
+    "\r",
+    "lone\rcr",
+]
 
 
 def results(start: int = 0, count: int = 4) -> list[Result]:
@@ -131,14 +153,27 @@ def test_resume_after_a_kill_at_any_byte_ends_with_every_image_once(tmp_path, fo
     path = tmp_path / f"out.{format}"
     for cut in range(len(whole)):  # the run killed after `cut` bytes reached the file
         path.write_bytes(whole[:cut])
-        done, end = read_done(path, format)
+        done, end, _ = read_done(path, format)
         assert whole[:end].count(b"dir/") >= len(done)  # only what is finished counts as done
         write(path, format, [[r for r in everything if r.path not in done]], resume=True)
         assert path.read_bytes() == whole, cut
-    # csv: the last image's rows may be cut short of their rank, so it is always redone.
-    done, end = read_done(reference, format)
+    # csv: the last image's rows may be cut short of their rank, so it is redone when it comes up again...
+    done, end, tail = read_done(reference, format)
     assert [r.path in done for r in everything] == [True] * 8 if format == "jsonl" else [True] * 7 + [False]
     assert end == len(whole) if format == "jsonl" else whole[end:].startswith(b'"dir/7, odd')
+    if format == "csv":  # ... and put back, at the end, when it does not
+        assert tail.path == everything[7].path and whole[end:] == tail.rows
+        write(path, format, [results(8, 2)], resume=True)
+        assert (
+            path.read_bytes()
+            == whole[:end] + b"".join(line for r in results(8, 2) for line in csv_lines(r)) + tail.rows
+        )
+
+
+def csv_lines(result) -> list[bytes]:
+    text = io.StringIO()
+    csv.writer(text).writerows(csv_rows(result))
+    return [text.getvalue().encode()]
 
 
 def test_resume_refuses_a_file_that_is_not_mlx_vit_output(tmp_path):
