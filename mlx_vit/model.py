@@ -297,6 +297,11 @@ def attend(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
     return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
 
 
+def attention_weights(q: mx.array, k: mx.array, scale: float) -> mx.array:
+    """softmax(q k^T * scale), formed explicitly: the weights `attend` never shows (for `mlx-vit explain`)."""
+    return mx.softmax((q @ k.swapaxes(-1, -2)) * scale, axis=-1, precise=True)
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool):
         super().__init__()
@@ -330,7 +335,7 @@ class Attention(nn.Module):
         __call__ never forms. For `mlx-vit explain`; inference never comes here."""
         B, T, D = x.shape
         q, k, v = self._qkv(x)
-        weights = mx.softmax((q @ k.swapaxes(-1, -2)) * self.scale, axis=-1, precise=True)
+        weights = attention_weights(q, k, self.scale)
         return self.proj((weights @ v).transpose(0, 2, 1, 3).reshape(B, T, D)), weights
 
 
@@ -419,8 +424,7 @@ class AttentionPool(nn.Module):
     def with_weights(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """(pooled features, the latent query's attention weights over the tokens, (B, heads, 1, T))."""
         q, k, v = self._qkv(x)
-        scale = (x.shape[-1] // self.num_heads) ** -0.5
-        weights = mx.softmax((q @ k.swapaxes(-1, -2)) * scale, axis=-1, precise=True)
+        weights = attention_weights(q, k, (x.shape[-1] // self.num_heads) ** -0.5)
         return self._out(weights @ v), weights
 
 

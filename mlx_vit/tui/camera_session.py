@@ -69,8 +69,8 @@ class CameraSession:
                     return
                 except MlxVitError as failure:  # e.g. no model yet: the frames are still shown
                     error = str(failure)
-                image = result.overlay if result is not None and result.overlay is not None else None
-                image = image or Image.fromarray(frame.rgb, "RGB")
+                overlaid = result is not None and result.overlay is not None
+                image = result.overlay if overlaid else Image.fromarray(frame.rgb, "RGB")
                 post(messages.CameraFrame(self.number, frame.index, image, result, error, fps.tick()))
         except Exception as failure:  # a camera that fails mid-stream is a notification, not a crash
             post(messages.CameraStopped(self.number, self.spec, error_text(failure)))
