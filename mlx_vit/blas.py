@@ -5,6 +5,12 @@ optimized BLAS into the global symbol scope *before* `mlx.core` is imported make
 MLX's `cblas_*`/`sgemm_` calls to it instead (~180 GFLOP/s with OpenBLAS on our 2-core dev machine).
 
 Set `MLX_VIT_BLAS` to a library path to choose one, or to `none` to keep MLX's own.
+
+An OpenBLAS built with DYNAMIC_ARCH picks its kernels when it loads, by the CPU model it knows. On a CPU newer
+than the build (Debian's 0.3.21 on recent Xeons) it falls back to generic "Prescott" kernels, ~5x slower. So the
+core it picked is read back, and when it needs less than the CPU's own flags offer (AVX-512, AVX2, AVX), the
+kernels are chosen again, for those flags, before anything calls BLAS. A user's own OPENBLAS_CORETYPE is never
+overridden; `mlx-vit --version` names the core and says when it looks wrong.
 """
 
 from __future__ import annotations
@@ -22,6 +28,91 @@ class BlasInfo:
     name: str  # "OpenBLAS 0.3.21", "MKL", "reference (bundled with mlx)", "Accelerate/Metal"
     path: str | None
     note: str = ""
+    core: str | None = None  # OpenBLAS's kernels: "SkylakeX", "Haswell", ...
+
+
+# The instruction set each x86 OpenBLAS core's kernels use: 0 SSE, 1 AVX, 2 AVX2 + FMA, 3 AVX-512.
+CORE_LEVELS = {
+    **dict.fromkeys(("katmai", "coppermine", "northwood", "prescott", "banias", "core2", "penryn", "dunnington",
+                     "nehalem", "atom", "nano", "opteron", "opteron_sse3", "barcelona", "bobcat"), 0),
+    **dict.fromkeys(("sandybridge", "bulldozer", "piledriver", "steamroller"), 1),
+    **dict.fromkeys(("haswell", "excavator", "zen"), 2),
+    **dict.fromkeys(("skylakex", "cooperlake", "sapphirerapids"), 3),
+}  # fmt: skip
+CORE_FOR_LEVEL = {1: "SandyBridge", 2: "Haswell", 3: "SkylakeX"}
+LEVEL_NAMES = {0: "SSE", 1: "AVX", 2: "AVX2", 3: "AVX-512"}
+_AVX512 = {"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"}  # what OpenBLAS's SkylakeX kernels use
+
+
+def cpu_level(flags: set[str]) -> int:
+    """The widest vector instruction set in the CPU's flags (/proc/cpuinfo), on CORE_LEVELS' scale."""
+    if _AVX512 <= flags:
+        return 3
+    if {"avx2", "fma"} <= flags:
+        return 2
+    return 1 if "avx" in flags else 0
+
+
+def better_core(core: str, flags: set[str]) -> str | None:
+    """The OpenBLAS core to use instead of `core` on a CPU with `flags`; None when `core` is right (or unknown)."""
+    level = CORE_LEVELS.get(core.lower())
+    want = cpu_level(flags)
+    return CORE_FOR_LEVEL[want] if level is not None and want > level else None
+
+
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _corename(lib: ctypes.CDLL) -> str | None:
+    try:
+        get = lib.openblas_get_corename
+    except AttributeError:
+        return None
+    get.restype = ctypes.c_char_p
+    return (get() or b"").decode(errors="replace").strip() or None
+
+
+def switch_core(lib: ctypes.CDLL, core: str) -> str | None:
+    """Make a DYNAMIC_ARCH OpenBLAS choose its kernels again, as `core`; the core in use after.
+
+    gotoblas_dynamic_init reads OPENBLAS_CORETYPE as it does when the library loads. Called before any BLAS call,
+    this is the choice the library would have made at load: its buffers are sized for every core it was built
+    with. The variable is set only for that call, so child processes choose for themselves.
+    """
+    try:
+        quit_, init = lib.gotoblas_dynamic_quit, lib.gotoblas_dynamic_init
+    except AttributeError:  # not a DYNAMIC_ARCH build: its kernels are fixed
+        return _corename(lib)
+    os.environ["OPENBLAS_CORETYPE"] = core
+    try:
+        quit_()
+        init()
+    finally:
+        del os.environ["OPENBLAS_CORETYPE"]
+    return _corename(lib)
+
+
+def _fit_core(lib: ctypes.CDLL) -> tuple[str | None, str]:
+    """(the OpenBLAS core in use, a note): chosen again when OpenBLAS fell back below what the CPU runs."""
+    core = _corename(lib)
+    if core is None:
+        return None, ""
+    flags = cpu_flags()
+    better = better_core(core, flags)
+    if better is None:
+        return core, ""
+    cpu = LEVEL_NAMES[cpu_level(flags)]
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        return core, f"core {core} looks wrong for this {cpu} CPU (OPENBLAS_CORETYPE is set; {better} would be faster)"
+    switched = switch_core(lib, better)
+    if switched and switched.lower() != core.lower():
+        return switched, f"OpenBLAS chose {core} for this CPU; mlx-vit chose {switched} for its {cpu}"
+    return core, f"core {core} looks wrong for this {cpu} CPU ({better} would be faster; it could not be chosen)"
 
 
 _info: BlasInfo | None = None
@@ -70,8 +161,10 @@ def load_blas() -> BlasInfo:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        note = "loaded after mlx.core was imported, so MLX may not use it" if late else ""
-        _info = BlasInfo(_describe(lib, path), path, note)
+        core, note = _fit_core(lib)
+        if late:
+            note = "; ".join(filter(None, [note, "loaded after mlx.core was imported, so MLX may not use it"]))
+        _info = BlasInfo(_describe(lib, path), path, note, core)
         return _info
     hint = (
         "slow: install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread) or `pip install mkl`, then run again"

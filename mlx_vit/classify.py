@@ -134,7 +134,8 @@ class Classifier:
 
     def predictions_of(self, logits: np.ndarray, top_k: int) -> list[list[Prediction] | None]:
         """(B, classes) logits -> top-k per image; None for an image whose scores are not finite numbers."""
-        with np.errstate(over="ignore"):  # exp overflowing to inf is the sigmoid's 0, not an error
+        # exp overflowing to inf is the sigmoid's 0, not an error; infinite logits make NaN, refused just below
+        with np.errstate(over="ignore", invalid="ignore"):
             scores = self.scores(logits)
         finite = np.isfinite(logits).all(axis=-1) & np.isfinite(scores).all(axis=-1)
         return [self.top_k(s, top_k) if ok else None for s, ok in zip(scores, finite, strict=True)]

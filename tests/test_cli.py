@@ -195,7 +195,7 @@ def test_version_names_the_blas(isolated):
     if sys.platform.startswith("linux") and shutil.which("ldconfig"):
         libs = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True).stdout
         if "libopenblas.so" in libs:
-            assert "OpenBLAS" in done.stdout
+            assert "OpenBLAS" in done.stdout and ", core " in done.stdout  # the kernels in use
 
 
 def test_cli_default_model_is_the_library_default():

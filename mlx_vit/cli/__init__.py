@@ -40,6 +40,7 @@ def _version_line() -> str:
 
     blas = blas_info()
     where = f" ({blas.path})" if blas.path else ""
+    where += f", core {blas.core}" if blas.core else ""
     note = f"; {blas.note}" if blas.note else ""
     return (f"mlx-vit {__version__} (mlx {mx.__version__}, device {mx.default_device()}, "
             f"BLAS {blas.name}{where}{note})")  # fmt: skip
