@@ -34,17 +34,38 @@ log = logging.getLogger("mlx_vit")
 
 @dataclass(frozen=True)
 class Quantize:
+    """Quantization settings: `mode` affine (any of BITS and GROUP_SIZES) or mxfp4 / nvfp4 / mxfp8 (their own
+    bits and group size); `recipe` (affine only) gives some layers other bits (quantize.RECIPES)."""
+
     bits: int = 4
     group_size: int = 64
+    mode: str = "affine"
+    recipe: str | None = None
+
+    @classmethod
+    def of(cls, bits: int | None = None, group_size: int | None = None, mode: str = "affine",
+           recipe: str | None = None) -> Quantize:  # fmt: skip
+        """With the mode's own defaults for what is not given (affine: 4 bits, groups of 64)."""
+        from mlx_vit.quantize import MODES
+
+        allowed_bits, allowed_sizes = MODES.get(mode, ((4,), (64,)))
+        default_bits = 4 if 4 in allowed_bits else allowed_bits[0]
+        default_size = 64 if 64 in allowed_sizes else allowed_sizes[0]
+        return cls(bits or default_bits, group_size or default_size, mode, recipe)
 
     def __post_init__(self):
-        from mlx_vit.quantize import BITS, GROUP_SIZES
+        from mlx_vit.quantize import MODES, RECIPES
 
-        if self.bits not in BITS:
-            raise MlxVitError(f"--q-bits must be one of {', '.join(map(str, BITS))}, got {self.bits}")
-        if self.group_size not in GROUP_SIZES:
-            sizes = ", ".join(map(str, GROUP_SIZES))
-            raise MlxVitError(f"--q-group-size must be one of {sizes}, got {self.group_size}")
+        if self.mode not in MODES:
+            raise MlxVitError(f"--q-mode must be one of {', '.join(MODES)}, got {shown(self.mode, 40, quote=True)}")
+        bits, sizes = MODES[self.mode]
+        if self.bits not in bits:
+            raise MlxVitError(f"--q-bits must be one of {', '.join(map(str, bits))} with {self.mode}, got {self.bits}")
+        if self.group_size not in sizes:
+            sizes = ", ".join(map(str, sizes))
+            raise MlxVitError(f"--q-group-size must be one of {sizes} with {self.mode}, got {self.group_size}")
+        if self.recipe is not None and (self.recipe not in RECIPES or self.mode != "affine"):
+            raise MlxVitError(f"--quant-predicate must be one of {', '.join(RECIPES)}, with --q-mode affine")
 
 
 def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | None = None, dtype: str = "float32",
@@ -57,7 +78,8 @@ def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | No
     checkpoint = read_checkpoint(folder, arch)
     weights, quantization = checkpoint.weights, None
     if quantize:
-        weights, quantization = quantize_weights(weights, quantize.bits, quantize.group_size, dtype)
+        weights, quantization = quantize_weights(weights, quantize.bits, quantize.group_size, dtype,
+                                                 mode=quantize.mode, recipe=quantize.recipe)  # fmt: skip
         for layer in quantization["skipped"]:
             log.warning("%s left in %s: its input size is not a multiple of %d", layer, dtype, quantize.group_size)
     else:

@@ -35,7 +35,7 @@ from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
 from mlx_vit.files import exists, open_regular, os_reason, read_json
 from mlx_vit.model import ViT, ViTConfig
 from mlx_vit.preprocess import PreprocessConfig
-from mlx_vit.quantize import check_stored_format
+from mlx_vit.quantize import check_stored_format, layer_settings, packed_kinds
 
 from .common import TRANSFORMERS_RESAMPLE
 from .pos_embed import INTERPOLATIONS, resample_pos_embed
@@ -235,18 +235,22 @@ def _skeleton(config: dict[str, Any], names, source: str, model_config: ViTConfi
     # Layers stay quantized unless to_float32 expanded them (then their scales are gone).
     layers = {layer for layer in quantization.get("layers", []) if f"{layer}.scales" in names}
     if layers:
-        bits, group_size = quantization["bits"], quantization["group_size"]
+
+        def chosen(path: str, _) -> dict | bool:  # each layer's own bits (a mixed recipe), mode and group size
+            return path in layers and layer_settings(quantization, path)
+
         try:
-            nn.quantize(model, group_size, bits, class_predicate=lambda path, _: path in layers)
+            nn.quantize(model, class_predicate=chosen)
         except ValueError as error:  # a layer's width its group size does not divide
             reason = shown(str(error), 160)
             raise ConfigError(f"{source}/config.json: the quantization does not fit the model ({reason})") from None
-    return model, {f"{layer}.weight" for layer in layers}
+    return model, packed_kinds(quantization, layers)
 
 
-def check_tensors(model: ViT, packed: set[str], tensors: dict[str, tuple[tuple, str]], source: str) -> None:
+def check_tensors(model: ViT, packed: dict[str, str], tensors: dict[str, tuple[tuple, str]], source: str) -> None:
     """CheckpointError unless `tensors` ({name: (shape, "float", "uint32" or another dtype)}) are exactly the
-    model's parameters, in their shapes, packed quantized weights uint32 and every other one a float type."""
+    model's parameters, in their shapes, the `packed` ones of their dtype (uint32 quantized weights, uint8
+    scales of the float modes) and every other one a float type."""
     expected = dict(tree_flatten(model.parameters()))
     for key in sorted(set(expected) - set(tensors))[:1]:
         raise CheckpointError(f"{source}: the weights lack '{key}', which the model in config.json has")
@@ -258,9 +262,11 @@ def check_tensors(model: ViT, packed: set[str], tensors: dict[str, tuple[tuple, 
                 f"{source}: tensor '{key}' has shape {shape}, the model takes {tuple(expected[key].shape)}"
             )
         # The quantized kernels would fail mid-batch on a wrong dtype, and integers would compute nonsense.
-        wanted = "uint32" if key in packed else "float"
+        wanted = packed.get(key, "float")
         if kind != wanted:
-            wanted = "uint32 (packed quantized weights)" if key in packed else "a float type"
+            wanted = {"uint32": "uint32 (packed quantized weights)", "uint8": "uint8 (microscaling scales)"}.get(
+                wanted, "a float type"
+            )
             raise CheckpointError(f"{source}: tensor '{key}' is {kind}, expected {wanted}")
 
 

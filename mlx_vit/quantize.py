@@ -1,10 +1,13 @@
 """Weight quantization and half precision for converted models.
 
-Conversion quantizes the chosen linear layers' weights with MLX's affine group quantization and records exactly
-which layers, so loading rebuilds the same `QuantizedLinear` layers with nothing else to pass:
+Conversion quantizes the chosen linear layers' weights with one of MLX's quantization modes (affine groups, or
+the mxfp4 / nvfp4 / mxfp8 microscaling floats) and records exactly which layers, so loading rebuilds the same
+`QuantizedLinear` layers with nothing else to pass:
 
     "quantization": {"bits": 4, "group_size": 64, "mode": "affine", "layers": ["blocks.0.attn.qkv", ...],
-                     "skipped": [...]}
+                     "skipped": [...], "bits_of": {"blocks.0.attn.qkv": 8, ...}}
+
+`bits_of` holds the layers a mixed recipe (RECIPES, as mlx-lm's --quant-predicate) gave other bits.
 
 MLX's CPU backend runs quantized and half-precision matmuls as slow scalar loops (~30x slower than float32
 with OpenBLAS for a ViT-B/16), so on the CPU `to_float32` expands them at load time: the file stays small.
@@ -22,6 +25,10 @@ from mlx_vit.errors import CheckpointError, ConfigError, shown
 
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
+# mode -> (bits, group sizes) that MLX takes for it. The float modes store uint8 scales and no biases.
+MODES = {"affine": (BITS, GROUP_SIZES), "mxfp4": ((4,), (32,)), "nvfp4": ((4,), (16,)), "mxfp8": ((8,), (32,))}
+# recipe -> bits for a layer: attention, whose errors every token shares, at 8 bits, the MLP at 4 (affine).
+RECIPES = {"attn8_mlp4": lambda layer: 8 if ".attn." in layer else 4}
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 # The transformer blocks' linears hold ~98% of a ViT-B/16's weights; only they are quantized. The patch
@@ -32,29 +39,51 @@ QUANTIZED = re.compile(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])")
 
 
 def quantize_weights(weights: dict[str, np.ndarray], bits: int, group_size: int, dtype: str,
-                     pattern: re.Pattern | None = None) -> tuple[dict[str, mx.array], dict[str, Any]]:  # fmt: skip
-    """Quantize the linear layers named by `pattern`; cast the remaining float tensors to `dtype`.
+                     pattern: re.Pattern | None = None, mode: str = "affine",
+                     recipe: str | None = None) -> tuple[dict[str, mx.array], dict[str, Any]]:  # fmt: skip
+    """Quantize the linear layers named by `pattern` (each at the bits `recipe` gives it, if any); cast the
+    remaining float tensors to `dtype`.
 
     Returns the new weights and the config entry. Layers whose input size is not a multiple of the group size
     stay in `dtype` and are listed under "skipped".
     """
     target, pattern = DTYPES[dtype], pattern or QUANTIZED
     out: dict[str, mx.array] = {}
-    layers, skipped = [], []
+    layers, skipped, bits_of = [], [], {}
     for name, value in weights.items():
         array = mx.array(value)
         layer = name.removesuffix(".weight")
         if name.endswith(".weight") and array.ndim == 2 and pattern.fullmatch(layer):
             if array.shape[1] % group_size == 0:
-                out[name], out[f"{layer}.scales"], out[f"{layer}.biases"] = mx.quantize(
-                    array.astype(target), group_size=group_size, bits=bits
-                )
+                wanted = RECIPES[recipe](layer) if recipe else bits
+                packed = mx.quantize(array.astype(target), group_size=group_size, bits=wanted, mode=mode)
+                out[name], out[f"{layer}.scales"] = packed[0], packed[1]
+                if mode == "affine":
+                    out[f"{layer}.biases"] = packed[2]
+                if wanted != bits:
+                    bits_of[layer] = wanted
                 layers.append(layer)
                 continue
             skipped.append(layer)
         out[name] = array.astype(target) if mx.issubdtype(array.dtype, mx.floating) else array
-    config = {"bits": bits, "group_size": group_size, "mode": "affine", "layers": layers, "skipped": skipped}
+    config = {"bits": bits, "group_size": group_size, "mode": mode, "layers": layers, "skipped": skipped}
+    if bits_of:
+        config["bits_of"] = bits_of
     return out, config
+
+
+def layer_settings(quantization: dict[str, Any], layer: str) -> dict[str, Any]:
+    """`layer`'s bits, group size and mode, as nn.quantize and mx.dequantize take them."""
+    bits = quantization.get("bits_of", {}).get(layer, quantization["bits"])
+    return {"group_size": quantization["group_size"], "bits": bits, "mode": quantization.get("mode", "affine")}
+
+
+def packed_kinds(quantization: dict[str, Any] | None, layers) -> dict[str, str]:
+    """The tensors of these quantized layers that are not floats, and their dtype: the packed weights (uint32)
+    and, in the float modes, the scales (uint8)."""
+    scales = (quantization or {}).get("mode", "affine") != "affine"
+    kinds = {f"{layer}.weight": "uint32" for layer in layers}
+    return kinds | ({f"{layer}.scales": "uint8" for layer in layers} if scales else {})
 
 
 def check_stored_format(config: dict[str, Any], source: str) -> None:
@@ -64,16 +93,20 @@ def check_stored_format(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: dtype must be one of {', '.join(DTYPES)}, got {shown(dtype, 40, quote=True)}")
     if q is None:
         return
+    mode = q.get("mode", "affine") if isinstance(q, dict) else None
+    bits, sizes = MODES.get(mode, ((), ())) if isinstance(mode, str) else ((), ())
+    bits_of = q.get("bits_of", {}) if isinstance(q, dict) else None
     if not (
         isinstance(q, dict)
-        and set(q) <= {"bits", "group_size", "mode", "layers", "skipped"}
+        and set(q) <= {"bits", "group_size", "mode", "layers", "skipped", "bits_of"}
         and type(q.get("bits")) is int
-        and q["bits"] in BITS
+        and q["bits"] in bits
         and type(q.get("group_size")) is int
-        and q["group_size"] in GROUP_SIZES
-        and q.get("mode", "affine") == "affine"
+        and q["group_size"] in sizes
         and all(isinstance(q.get(key, []), list) for key in ("layers", "skipped"))
         and all(isinstance(layer, str) for layer in [*q.get("layers", []), *q.get("skipped", [])])
+        and isinstance(bits_of, dict)
+        and all(k in q.get("layers", []) and type(v) is int and v in bits for k, v in bits_of.items())
     ):
         raise ConfigError(f"{source}: malformed quantization entry; convert the model again")
 
@@ -87,13 +120,10 @@ def to_float32(weights: dict[str, mx.array], quantization: dict[str, Any] | None
     """Dequantize and upcast everything to float32 (for the CPU backend)."""
     out = dict(weights)
     for layer in (quantization or {}).get("layers", []):
-        if f"{layer}.scales" not in out or f"{layer}.biases" not in out or f"{layer}.weight" not in out:
+        settings = layer_settings(quantization, layer)
+        affine = settings["mode"] == "affine"
+        if f"{layer}.scales" not in out or (affine and f"{layer}.biases" not in out) or f"{layer}.weight" not in out:
             raise CheckpointError(f"quantized layer {layer[:80]!r} is missing from the weights")
-        out[f"{layer}.weight"] = mx.dequantize(
-            out[f"{layer}.weight"],
-            out.pop(f"{layer}.scales"),
-            out.pop(f"{layer}.biases"),
-            group_size=quantization["group_size"],
-            bits=quantization["bits"],
-        )
+        biases = out.pop(f"{layer}.biases") if affine else None
+        out[f"{layer}.weight"] = mx.dequantize(out[f"{layer}.weight"], out.pop(f"{layer}.scales"), biases, **settings)
     return {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in out.items()}

@@ -37,16 +37,22 @@ from mlx_vit.quantize import QUANTIZED  # noqa: E402
 CONFIGS = [("float32", None, "float32"), ("float16", None, "float16"), ("bfloat16", None, "bfloat16")] + [
     (f"{bits}-bit g{group}", Quantize(bits, group), "float32") for bits in (8, 4) for group in (32, 64, 128)
 ]
+# MLX's microscaling float modes, and a mixed recipe (attention at 8 bits, the MLP at 4), as in mlx-lm.
+MODES = [(mode, Quantize.of(mode=mode), "float32") for mode in ("mxfp8", "mxfp4", "nvfp4")] + [
+    ("attn8_mlp4 g64", Quantize.of(recipe="attn8_mlp4"), "float32")
+]
 # The measurement behind quantize.QUANTIZED: the same widths with the patch embedding and head quantized too.
 ALL_LINEARS = re.compile(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])|patch_embed\.proj|head")
 LAYER_CHOICE = [(f"{bits}-bit g64 + patch embedding and head", Quantize(bits, 64), "float32") for bits in (8, 4)]
+# The child's own peak (VmHWM), in KiB: not ru_maxrss, which after fork and exec starts at this process's peak.
 PEAK = """
-import resource, sys
+import sys
 import mlx_vit
+from mlx_vit.bench_worker import peak_rss_mb
 classifier = mlx_vit.load(sys.argv[1])
 for _ in classifier.classify_files(sys.argv[2:], top_k=5, batch_size=8):
     pass
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print(int(peak_rss_mb() * 1024))
 """
 
 
@@ -94,7 +100,7 @@ def digits_table(work: Path) -> None:
     print(f"{len(labels)} held-out digits; reference: mlx-vit's float32 conversion of {DIGITS / 'model'}\n")
     print("| model | top-1 agreement with float32 | held-out accuracy | size (MB) |\n|---|---|---|---|")
     reference = None
-    for name, quantize, dtype in CONFIGS:
+    for name, quantize, dtype in CONFIGS + MODES:
         if quantize is not None and quantize.group_size > 64:
             continue  # the model is 64 wide: a group of 128 would leave every layer in float
         out = convert(str(DIGITS / "model"), work / re.sub(r"\W+", "-", name), quantize=quantize, dtype=dtype)
@@ -125,7 +131,7 @@ def main() -> None:
     reference = reference_probabilities(hf_folder, inputs)
     ref_top5 = np.argsort(-reference, axis=-1, kind="stable")[:, :5]
     rows = []
-    for name, quantize, dtype in CONFIGS + LAYER_CHOICE:
+    for name, quantize, dtype in CONFIGS + MODES + LAYER_CHOICE:
         mlx_vit.quantize.QUANTIZED = ALL_LINEARS if "head" in name else QUANTIZED
         out = convert(str(hf_folder), work / re.sub(r"\W+", "-", name), quantize=quantize, dtype=dtype)
         classifier = mlx_vit.load(str(out))

@@ -28,6 +28,23 @@ def convert(
     q_group_size: Annotated[
         int | None, typer.Option("--q-group-size", help="Weights sharing a scale: 32, 64, 128.  [default: 64]")
     ] = None,
+    q_mode: Annotated[
+        str | None,
+        typer.Option(
+            "--q-mode",
+            help="affine (default), or MLX's microscaling floats: mxfp4 (4 bits, groups of "
+            "32), nvfp4 (4 bits, 16), mxfp8 (8 bits, 32).",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
+    quant_predicate: Annotated[
+        str | None,
+        typer.Option(
+            "--quant-predicate",
+            help="A mixed recipe, as mlx-lm's: attn8_mlp4 (attention at 8 bits, the MLP at 4).",
+            show_default=False,
+        ),
+    ] = None,  # fmt: skip
     dtype: Annotated[DType, typer.Option("--dtype", help="Type of the tensors that are not quantized.")] = (
         DType.float32
     ),
@@ -42,11 +59,12 @@ def convert(
     options = None
     if quantize:
         try:
-            options = Quantize(q_bits or 4, q_group_size or 64)
+            options = Quantize.of(q_bits, q_group_size, q_mode or "affine", quant_predicate)
         except MlxVitError as error:
-            raise typer.BadParameter(str(error), param_hint="--q-bits/--q-group-size") from None
-    elif q_bits is not None or q_group_size is not None:
-        raise typer.BadParameter("--q-bits and --q-group-size go with -q/--quantize", param_hint="-q")
+            raise typer.BadParameter(str(error), param_hint="--q-bits/--q-group-size/--q-mode") from None
+    elif any(v is not None for v in (q_bits, q_group_size, q_mode, quant_predicate)):
+        raise typer.BadParameter("--q-bits, --q-group-size, --q-mode and --quant-predicate go with -q/--quantize",
+                                 param_hint="-q")  # fmt: skip
     folder = run(
         convert_checkpoint, src, mlx_path, force=force, revision=revision, quantize=options, dtype=dtype.value,
         arch=arch, image_size=image_size,
