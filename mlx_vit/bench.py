@@ -10,8 +10,9 @@ resident memory after a batch size is that batch size's peak.
 transformers model that every runtime loads, so the report also gives each runtime's largest logit difference
 from mlx-vit; without it mlx-vit uses MLX's own random initialization.
 
-Nothing here imports torch, transformers, timm or onnxruntime except the worker of that runtime (the reference
-model it loads is bench_reference's).
+The workers are mlx_vit/bench_worker.py: one Runner class per runtime on a shared base. Nothing imports torch,
+transformers, timm or onnxruntime except the worker of that runtime (the reference model it loads is
+bench_reference's).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.bench_reference import reference_model
 from mlx_vit.errors import MlxVitError, ModelNotFoundError, shown
 
 RUNTIMES = ("mlx-vit", "torch", "onnxruntime")
@@ -47,7 +47,7 @@ PRESETS = {
 }
 DEFAULT_BENCH_MODEL = "random:vit-base-patch16-224"
 PAUSE_S = 0.3  # between two runtimes' runs; OpenBLAS's idle threads spin for ~0.1 s
-_SEED = 0
+SEED = 0
 
 
 @dataclass
@@ -191,7 +191,7 @@ def _resolve(model: str, scratch: str, torch_available: bool) -> dict[str, Any]:
 
 def _run_worker_step(request: dict[str, Any]) -> None:
     """Run one request in a throwaway torch worker (no mlx_vit BLAS in it)."""
-    done = subprocess.run([sys.executable, "-m", "mlx_vit.bench", json.dumps(request)], env=_torch_env(),
+    done = subprocess.run([sys.executable, "-m", "mlx_vit.bench_worker", json.dumps(request)], env=_torch_env(),
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode != 0:
         raise MlxVitError(f"bench: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else 'worker failed'}")
@@ -212,8 +212,9 @@ class _Worker:
         # The worker's stderr (progress bars, warnings) goes to a file: its last line explains a crash.
         self.log = Path(spec["scratch"]) / f"{runtime}.log"
         with open(self.log, "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "mlx_vit.bench", request], stdin=subprocess.PIPE,
-                                            stdout=subprocess.PIPE, stderr=log, text=True, env=env)  # fmt: skip
+            command = [sys.executable, "-m", "mlx_vit.bench_worker", request]
+            self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                                            text=True, env=env)  # fmt: skip
         self.runtime = runtime
         self.info = self._read()
 
@@ -243,172 +244,6 @@ class _Worker:
             self.process.wait()
 
 
-# ---- worker side: runs in the child process ----
-
-
-class _Runner:
-    """Loads one runtime's model; run(batch) times one forward pass of that runtime."""
-
-    def __init__(self, spec: dict[str, Any]):
-        self.spec = spec
-        self.inputs: dict[int, Any] = {}
-        start = time.perf_counter()
-        self.info = self.load()
-        self.info["load_s"] = round(time.perf_counter() - start, 3)
-
-    def pixels(self, batch: int) -> np.ndarray:
-        """The same seeded normalized pixels, NHWC float32, in every worker."""
-        size, channels = self.image_size, self.channels
-        return np.random.default_rng(_SEED + batch).standard_normal((batch, size, size, channels), dtype=np.float32)
-
-    def run(self, batch: int) -> float:
-        if batch not in self.inputs:
-            self.inputs[batch] = self.prepare(self.pixels(batch))
-        start = time.perf_counter()
-        self.forward(self.inputs[batch])
-        return time.perf_counter() - start
-
-
-class _MlxRunner(_Runner):
-    def load(self) -> dict[str, Any]:
-        import mlx.core as mx
-
-        import mlx_vit
-        from mlx_vit.blas import blas_info
-        from mlx_vit.classify import CPU_CACHE_LIMIT, _raise_cache_limit
-        from mlx_vit.loading import load_model
-        from mlx_vit.model import ViT, ViTConfig
-
-        self.mx = mx
-        if self.spec["kind"] == "random":
-            mx.random.seed(_SEED)
-            self.model = ViT(ViTConfig(**PRESETS[self.spec["preset"]]))
-            mx.eval(self.model.parameters())
-        else:
-            self.model = load_model(self.spec["name"]).model
-        self.dtype = getattr(mx, self.spec["dtype"])
-        if self.dtype != mx.float32:
-            self.model.set_dtype(self.dtype)
-        if mx.default_device() == mx.cpu:
-            _raise_cache_limit(CPU_CACHE_LIMIT)  # as Classifier does
-        self.image_size, self.channels = self.model.config.image_size, self.model.config.num_channels
-        blas = blas_info()
-        return {"version": f"mlx-vit {mlx_vit.__version__}, mlx {mx.__version__}", "device": str(mx.default_device()),
-                "blas": blas.name + (f" ({blas.path})" if blas.path else ""), "image_size": self.image_size,
-                "channels": self.channels}  # fmt: skip
-
-    def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        return pixels
-
-    def forward(self, pixels: np.ndarray) -> np.ndarray:
-        out = self.model(self.mx.array(pixels).astype(self.dtype))
-        return np.array(out.astype(self.mx.float32))
-
-    def memory(self) -> float:
-        return _peak_rss_mb()
-
-
-class _TorchRunner(_Runner):
-    def load(self) -> dict[str, Any]:
-        import torch
-
-        self.torch = torch
-        self.model, same = reference_model(self.spec["name"], self.spec["image_size"])
-        self.dtype = getattr(torch, self.spec["dtype"])
-        self.model.to(self.dtype)
-        self.image_size, self.channels = self.spec["image_size"], self.spec["channels"]
-        blas = "MKL" if torch.backends.mkl.is_available() else "its own BLAS"
-        blas += f", oneDNN {torch.backends.mkldnn.is_available()}, {torch.get_num_threads()} threads"
-        return {"version": f"torch {torch.__version__}", "device": "cpu", "same_weights": same, "blas": blas}
-
-    def prepare(self, pixels: np.ndarray) -> Any:
-        return self.torch.from_numpy(np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))).to(self.dtype)
-
-    def forward(self, pixels: Any) -> np.ndarray:
-        with self.torch.inference_mode():
-            return self.model(pixels).float().numpy()
-
-    def memory(self) -> float:
-        return _peak_rss_mb()
-
-
-class _OrtRunner(_Runner):
-    def load(self) -> dict[str, Any]:
-        import onnxruntime
-        import torch
-
-        model, same = reference_model(self.spec["name"], self.spec["image_size"])
-        self.image_size, self.channels = self.spec["image_size"], self.spec["channels"]
-        path = Path(self.spec["scratch"]) / "model.onnx"
-        example = torch.from_numpy(self.pixels(1).transpose(0, 3, 1, 2).copy())
-        # The TorchScript exporter, opset 17: what the transformers docs use, no extra exporter packages.
-        torch.onnx.export(model, (example,), str(path), input_names=["pixel_values"],
-                          output_names=["logits"], dynamic_axes={"pixel_values": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17, dynamo=False)  # fmt: skip
-        del model
-        self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        return {"version": f"onnxruntime {onnxruntime.__version__}", "device": "cpu", "same_weights": same,
-                "blas": "MLAS (its own)"}  # fmt: skip
-
-    def prepare(self, pixels: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
-
-    def forward(self, pixels: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {"pixel_values": pixels})[0]
-
-    def memory(self) -> float:
-        return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024, 1)  # bytes on macOS, KiB else
-
-
-def _make_checkpoint(preset: str, folder: str) -> None:
-    import torch
-    import transformers
-
-    torch.manual_seed(_SEED)
-    config = transformers.ViTConfig(**PRESETS[preset], image_size=224, patch_size=16, num_labels=1000)
-    transformers.ViTForImageClassification(config).eval().save_pretrained(folder)
-    # mlx-vit reads the preprocessing from here; google/vit-base-patch16-224's values.
-    preprocessing = {"do_normalize": True, "do_resize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
-                     "resample": 2, "size": 224, "image_processor_type": "ViTImageProcessor"}  # fmt: skip
-    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(preprocessing))
-
-
-def _serve(spec: dict[str, Any]) -> None:
-    """Worker loop: a JSON line out for every JSON line in; errors become {"error": one line}."""
-    out = sys.stdout
-    sys.stdout = sys.stderr  # libraries' prints must not corrupt the protocol
-    runner_class = {"mlx-vit": _MlxRunner, "torch": _TorchRunner, "onnxruntime": _OrtRunner}[spec["runtime"]]
-
-    def reply(message: dict[str, Any]) -> None:
-        out.write(json.dumps(message) + "\n")
-        out.flush()
-
-    try:
-        runner = runner_class(spec)
-    except MlxVitError as error:
-        reply({"error": str(error)})
-        return
-    except Exception as error:  # a worker's crash is reported, not hidden
-        reply({"error": f"bench: {spec['runtime']} could not load the model: {type(error).__name__}: {error}"})
-        return
-    reply(runner.info)
-    for line in sys.stdin:
-        request = json.loads(line)
-        if request["op"] == "run":
-            reply({"seconds": runner.run(request["batch"])})
-        elif request["op"] == "check":
-            reply({"logits": runner.forward(runner.prepare(runner.pixels(1)))[0].astype(float).tolist()})
-        elif request["op"] == "memory":
-            reply({"peak_mb": runner.memory()})
-
-
 def to_table(report: BenchReport) -> Any:
     """A rich Table for people: a row per batch size and runtime, the runtimes' details in the caption."""
     from rich.table import Table
@@ -433,15 +268,3 @@ def to_table(report: BenchReport) -> Any:
                       f"{m.latency_ms_p95:.0f}", f"{m.peak_memory_mb:.0f}", ratio,
                       end_section=m.runtime == list(report.runtimes)[-1])  # fmt: skip
     return table
-
-
-def _main() -> None:
-    request = json.loads(sys.argv[1])
-    if request["op"] == "make_checkpoint":
-        _make_checkpoint(request["preset"], request["folder"])
-    elif request["op"] == "serve":
-        _serve(request)
-
-
-if __name__ == "__main__":
-    _main()
