@@ -96,6 +96,8 @@ def check_stored_format(config: dict[str, Any], source: str) -> None:
     mode = q.get("mode", "affine") if isinstance(q, dict) else None
     bits, sizes = MODES.get(mode, ((), ())) if isinstance(mode, str) else ((), ())
     bits_of = q.get("bits_of", {}) if isinstance(q, dict) else None
+    layers = q.get("layers", []) if isinstance(q, dict) else None
+    layers = set(layers) if isinstance(layers, list) and all(isinstance(x, str) for x in layers) else set()
     if not (
         isinstance(q, dict)
         and set(q) <= {"bits", "group_size", "mode", "layers", "skipped", "bits_of"}
@@ -106,7 +108,7 @@ def check_stored_format(config: dict[str, Any], source: str) -> None:
         and all(isinstance(q.get(key, []), list) for key in ("layers", "skipped"))
         and all(isinstance(layer, str) for layer in [*q.get("layers", []), *q.get("skipped", [])])
         and isinstance(bits_of, dict)
-        and all(k in q.get("layers", []) and type(v) is int and v in bits for k, v in bits_of.items())
+        and all(k in layers and type(v) is int and v in bits for k, v in bits_of.items())
     ):
         raise ConfigError(f"{source}: malformed quantization entry; convert the model again")
 
