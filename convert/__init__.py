@@ -128,5 +128,8 @@ def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, r
     build_model(config, weights, str(folder))  # what is written must load: names, shapes, dtypes, finite values
     q = config["quantization"]
     if q:
-        log.info("quantized %d layers to %d bits (group size %d)", len(q["layers"]), q["bits"], q["group_size"])
+        eights = len(q.get("bits_of", {}))
+        mixed = f", {eights} of them (attention) to 8" if eights else ""
+        log.info("quantized %d layers to %d bits%s (%s, group size %d)", len(q["layers"]), q["bits"], mixed,
+                 q["mode"], q["group_size"])  # fmt: skip
     return write_mlx_folder(target, weights, config, force)

@@ -48,6 +48,8 @@ def check_options(method: str, layer: int | None, head: int | None, grid: bool, 
         raise MlxVitError("rollout averages the heads of every layer; --head and --grid go with --method last or cls")
     if method == "rollout" and layer is not None:
         raise MlxVitError("rollout multiplies every layer; --layer goes with --method cls")
+    if grid and head is not None:
+        raise MlxVitError("--grid shows every head of the layer; leave out --head")
     if layer is not None and not -depth <= layer < depth:
         raise MlxVitError(f"--layer {layer}: the model has layers 0..{depth - 1} (or -1 for the last)")
 
@@ -180,8 +182,8 @@ def render(
 def write_explanation(classifier, image, output, method: str = "rollout", layer: int | None = None,
                       head: int | None = None, grid: bool = False, top_k: int = 5, label: str | None = None,
                       save_npy=None, force: bool = False) -> Explanation:  # fmt: skip
-    """`mlx-vit explain`: the PNG at `output` (and the maps at `save_npy`), each written whole or not at all;
-    an existing file is replaced only with `force`."""
+    """`mlx-vit explain`: the PNG at `output` (and the maps at `save_npy`): both are written in full before either
+    is renamed into place, so a failure leaves neither; an existing file is replaced only with `force`."""
     import io
     import os
     from pathlib import Path
@@ -189,6 +191,10 @@ def write_explanation(classifier, image, output, method: str = "rollout", layer:
     from mlx_vit.files import os_reason, temporary_beside
 
     targets = [Path(p) for p in (output, save_npy) if p is not None]
+    if targets[0].suffix.lower() != ".png":
+        raise MlxVitError(f"{shown(targets[0], None)}: explain writes a PNG; name it .png")
+    if save_npy is not None and targets[0].resolve() == targets[1].resolve():
+        raise MlxVitError(f"{shown(targets[0], None)}: -o and --save-npy name the same file")
     for target in targets:
         if target.exists() and not force:
             raise MlxVitError(f"{shown(target, None)}: already exists (--force replaces it)")
@@ -200,15 +206,19 @@ def write_explanation(classifier, image, output, method: str = "rollout", layer:
         npy = io.BytesIO()
         np.save(npy, explanation.maps if grid else explanation.maps[0], allow_pickle=False)
         contents.append(npy.getvalue())
-    for target, data in zip(targets, contents, strict=True):
-        temporary = None
-        try:
+    written: list[tuple[Path, Path]] = []  # (temporary, target): every file in full before any is renamed
+    target = targets[0]
+    try:
+        for target, data in zip(targets, contents, strict=True):
             fd, temporary = temporary_beside(target)
+            written.append((temporary, target))
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+        for temporary, target in written:
             os.replace(temporary, target)
-        except OSError as error:
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
-            raise MlxVitError(f"{shown(target, None)}: cannot write it ({os_reason(error)})") from None
+    except OSError as error:
+        raise MlxVitError(f"{shown(target, None)}: cannot write it ({os_reason(error)})") from None
+    finally:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
     return explanation

@@ -159,3 +159,20 @@ def test_cli_writes_the_png_and_the_numbers(vit_folder, tmp_path, isolated):
     assert grid.returncode == 0 and np.load(tmp_path / "g.npy").shape == (config["num_attention_heads"], side, side)
     wrong = run_cli("explain", PHOTOS[0], "-m", vit_folder, "--grid", env=isolated)
     assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1 and "--grid go with" in wrong.stderr
+
+
+def test_bad_output_choices_are_one_line_and_leave_nothing(vit_folder, tmp_path):
+    from mlx_vit.errors import MlxVitError
+    from mlx_vit.explain import write_explanation
+
+    classifier = load(str(vit_folder))
+    cases = [
+        ({"output": tmp_path / "a.jpg"}, "explain writes a PNG"),
+        ({"output": tmp_path / "a.png", "save_npy": tmp_path / "a.png"}, "name the same file"),
+        ({"output": tmp_path / "a.png", "method": "last", "grid": True, "head": 0}, "leave out --head"),
+        ({"output": tmp_path / "a.png", "save_npy": tmp_path / "missing" / "a.npy"}, "cannot write it"),
+    ]
+    for options, message in cases:
+        with pytest.raises(MlxVitError, match=message):
+            write_explanation(classifier, PHOTOS[0], **options)
+        assert list(tmp_path.iterdir()) == []  # not the PNG either, nor a temporary file
