@@ -7,10 +7,11 @@ MLX's `cblas_*`/`sgemm_` calls to it instead (~180 GFLOP/s with OpenBLAS on our 
 Set `MLX_VIT_BLAS` to a library path to choose one, or to `none` to keep MLX's own.
 
 An OpenBLAS built with DYNAMIC_ARCH picks its kernels when it loads, by the CPU model it knows. On a CPU newer
-than the build (Debian's 0.3.21 on recent Xeons) it falls back to generic "Prescott" kernels, ~5x slower. So the
-core it picked is read back, and when it needs less than the CPU's own flags offer (AVX-512, AVX2, AVX), the
-kernels are chosen again, for those flags, before anything calls BLAS. A user's own OPENBLAS_CORETYPE is never
-overridden; `mlx-vit --version` names the core and says when it looks wrong.
+than the build (Debian's 0.3.21 on recent Xeons) it falls back to generic "Prescott" kernels (matmuls ~4x
+slower). So the core it picked is read back, and when it needs less than the CPU's own flags offer (AVX-512,
+AVX2, AVX), the kernels are chosen again, for those flags, before anything calls BLAS (so not when mlx.core came
+first). A user's own OPENBLAS_CORETYPE is never overridden; `mlx-vit --version` names the core and says when it
+looks wrong.
 """
 
 from __future__ import annotations
@@ -97,8 +98,9 @@ def switch_core(lib: ctypes.CDLL, core: str) -> str | None:
     return _corename(lib)
 
 
-def _fit_core(lib: ctypes.CDLL) -> tuple[str | None, str]:
-    """(the OpenBLAS core in use, a note): chosen again when OpenBLAS fell back below what the CPU runs."""
+def _fit_core(lib: ctypes.CDLL, late: bool) -> tuple[str | None, str]:
+    """(the OpenBLAS core in use, a note): chosen again when OpenBLAS fell back below what the CPU runs, unless
+    the user chose it or it may be in use already (`late`: mlx.core was imported first)."""
     core = _corename(lib)
     if core is None:
         return None, ""
@@ -107,8 +109,9 @@ def _fit_core(lib: ctypes.CDLL) -> tuple[str | None, str]:
     if better is None:
         return core, ""
     cpu = LEVEL_NAMES[cpu_level(flags)]
-    if os.environ.get("OPENBLAS_CORETYPE"):
-        return core, f"core {core} looks wrong for this {cpu} CPU (OPENBLAS_CORETYPE is set; {better} would be faster)"
+    if os.environ.get("OPENBLAS_CORETYPE") or late:
+        why = "OPENBLAS_CORETYPE is set" if os.environ.get("OPENBLAS_CORETYPE") else "import mlx_vit first"
+        return core, f"core {core} looks wrong for this {cpu} CPU ({why}; {better} would be faster)"
     switched = switch_core(lib, better)
     if switched and switched.lower() != core.lower():
         return switched, f"OpenBLAS chose {core} for this CPU; mlx-vit chose {switched} for its {cpu}"
@@ -161,7 +164,7 @@ def load_blas() -> BlasInfo:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        core, note = _fit_core(lib)
+        core, note = _fit_core(lib, late)
         if late:
             note = "; ".join(filter(None, [note, "loaded after mlx.core was imported, so MLX may not use it"]))
         _info = BlasInfo(_describe(lib, path), path, note, core)
