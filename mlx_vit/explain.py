@@ -55,8 +55,8 @@ def check_options(method: str, layer: int | None, head: int | None, grid: bool, 
 
 
 def rollout(layers: list[np.ndarray]) -> np.ndarray:
-    """(T, T) joint attention of (heads, T, T) layers: heads averaged, 0.5·A + 0.5·I, rows renormalised, the
-    product from the first layer to the last."""
+    """(T, T) joint attention of (heads, T, T) layers (heads may be fused already: (1, T, T)): heads averaged,
+    0.5·A + 0.5·I, rows renormalised, the product from the first layer to the last."""
     joint = np.eye(layers[0].shape[-1])
     for weights in layers:
         mixed = 0.5 * weights.mean(axis=0) + 0.5 * np.eye(weights.shape[-1])
@@ -66,8 +66,9 @@ def rollout(layers: list[np.ndarray]) -> np.ndarray:
 
 def attention_maps(config, layers: list[np.ndarray], pool: np.ndarray | None, method: str, layer: int | None = None,
                    head: int | None = None, grid: bool = False) -> tuple[np.ndarray, str]:  # fmt: skip
-    """The patch-grid maps (maps, grid_h, grid_w) of one image's weights (layers: (heads, T, T) each; pool:
-    (heads, 1, patches) or None), and a line saying what they show."""
+    """The patch-grid maps (maps, grid_h, grid_w) of one image's weights (layers: (heads, T, T) each, or None
+    where the method does not read that layer: see `needed`; pool: (heads, 1, patches) or None), and a line
+    saying what they show."""
     prefix = config.num_prefix_tokens
     side = config.image_size // config.patch_size
     if config.class_token:
@@ -108,10 +109,17 @@ def explain(classifier, image, method: str = "rollout", layer: int | None = None
     if head is not None and not 0 <= head < config.num_attention_heads:
         raise MlxVitError(f"--head {head}: the model has heads 0..{config.num_attention_heads - 1}, or mean")
     pixels = classifier.pixels([image])
-    logits, layers, pool = classifier.model.with_attention(mx.array(pixels).astype(classifier.dtype))
-    to_numpy = lambda a: np.array(a[0].astype(mx.float32), np.float64)  # noqa: E731
-    maps, what = attention_maps(config, [to_numpy(w) for w in layers], None if pool is None else to_numpy(pool),
-                                method, layer, head, grid)  # fmt: skip
+    depth = config.num_hidden_layers
+    read = depth - 1 if method == "last" or layer is None else layer % depth
+
+    def keep(index: int, weights: mx.array) -> mx.array | None:  # what the method reads: one layer, or head means
+        if method == "rollout":
+            return weights.astype(mx.float32).mean(axis=1, keepdims=True)
+        return weights if index == read else None
+
+    logits, layers, pool = classifier.model.with_attention(mx.array(pixels).astype(classifier.dtype), keep)
+    to_numpy = lambda a: None if a is None else np.array(a[0].astype(mx.float32), np.float64)  # noqa: E731
+    maps, what = attention_maps(config, [to_numpy(w) for w in layers], to_numpy(pool), method, layer, head, grid)
     if not np.isfinite(maps).all():
         raise MlxVitError(f"{shown(image, None)}: the model computed NaN or infinite attention")
     predictions = classifier.predictions_of(np.array(logits.astype(mx.float32)), top_k)[0] if classifier.labels else []

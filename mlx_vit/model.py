@@ -494,14 +494,17 @@ class ViT(nn.Module):
     def final_norm(self, x: mx.array) -> mx.array:
         return x if self.config.fc_norm else self.norm(x)
 
-    def with_attention(self, pixels: mx.array) -> tuple[mx.array, list[mx.array], mx.array | None]:
+    def with_attention(self, pixels: mx.array, keep=None) -> tuple[mx.array, list, mx.array | None]:
         """(logits, every block's attention weights (B, heads, T, T), the attention pool's (B, heads, 1, patches)
-        or None): the explicit-softmax path for `mlx-vit explain`. The logits equal __call__'s up to rounding."""
+        or None): the explicit-softmax path for `mlx-vit explain`. The logits equal __call__'s up to rounding.
+
+        `keep(index, weights)` chooses what is kept of each block's weights (a reduction, or None), so that a big
+        model's T x T weights of every layer and head need not all be held at once."""
         x = self.embed(pixels)
         layers = []
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             x, weights = block.with_attention(x)
-            layers.append(weights)
+            layers.append(weights if keep is None else keep(index, weights))
         tokens = self.final_norm(x)
         pooled = pool = None
         if self.config.global_pool == "map":
