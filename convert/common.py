@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
+from mlx_vit.config import ViTConfig
 from mlx_vit.errors import CheckpointError, ConfigError, shown
 from mlx_vit.files import exists, read_json
-from mlx_vit.model import ViTConfig
 from mlx_vit.preprocess import PreprocessConfig
 
 from .safetensors_io import read_safetensors

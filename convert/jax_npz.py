@@ -15,9 +15,9 @@ import zipfile
 
 import numpy as np
 
+from mlx_vit.config import ViTConfig
 from mlx_vit.errors import CheckpointError, shown
 from mlx_vit.files import open_regular
-from mlx_vit.model import ViTConfig
 
 from . import timm_vit
 from .common import JAX_RESAMPLE, Checkpoint, Source, check_finite

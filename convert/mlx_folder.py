@@ -31,9 +31,10 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_vit.config import ViTConfig
 from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
 from mlx_vit.files import exists, open_regular, os_reason, read_json
-from mlx_vit.model import ViT, ViTConfig
+from mlx_vit.model import ViT
 from mlx_vit.preprocess import PreprocessConfig
 from mlx_vit.quantize import check_stored_format, layer_settings, packed_kinds
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from mlx_vit.config import ViTConfig
 from mlx_vit.errors import ConfigError, MlxVitError, shown
-from mlx_vit.model import ViTConfig
 from mlx_vit.preprocess import PreprocessConfig
 
 from .common import (

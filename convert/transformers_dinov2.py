@@ -16,8 +16,8 @@ import re
 
 import numpy as np
 
+from mlx_vit.config import ViTConfig
 from mlx_vit.errors import ConfigError, shown
-from mlx_vit.model import ViTConfig
 from mlx_vit.preprocess import PreprocessConfig
 
 from .common import (

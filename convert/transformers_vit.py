@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from mlx_vit.config import ViTConfig
 from mlx_vit.errors import ConfigError, shown
-from mlx_vit.model import ViTConfig
 
 from .common import (
     TRANSFORMERS_RESAMPLE,

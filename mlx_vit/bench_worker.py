@@ -59,8 +59,9 @@ class _MlxRunner(_Runner):
         import mlx_vit
         from mlx_vit.blas import blas_info
         from mlx_vit.classify import CPU_CACHE_LIMIT, _raise_cache_limit
+        from mlx_vit.config import ViTConfig
         from mlx_vit.loading import load_model
-        from mlx_vit.model import ViT, ViTConfig
+        from mlx_vit.model import ViT
 
         self.mx = mx
         if self.spec["kind"] == "random":

@@ -29,7 +29,8 @@ if {fixed}:
 import mlx_vit
 import mlx.core as mx
 from mlx_vit.blas import blas_info
-from mlx_vit.model import ViT, ViTConfig
+from mlx_vit.config import ViTConfig
+from mlx_vit.model import ViT
 
 def median(fn, runs=7):
     fn()

@@ -56,7 +56,7 @@ def fit_gelu() -> np.ndarray:
 
 
 def gelu_float32(x: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """mlx_vit.model._gelu_cpu's operation order, in numpy float32."""
+    """mlx_vit.ops.gelu_cpu's operation order, in numpy float32."""
     f32 = np.float32
     a = np.abs(x)
     poly = f32(p[-1]) * a + f32(p[-2])

@@ -439,7 +439,8 @@ def test_timm_layernorm_by_registry_name_is_timms_eps(tmp_path):
 
 
 def test_model_options_the_reference_refuses_or_ignores(tmp_path):
-    from mlx_vit.model import ViT, ViTConfig
+    from mlx_vit.config import ViTConfig
+    from mlx_vit.model import ViT
 
     message = one_line_error(ConfigError, ViTConfig.from_dict, {"global_pool": "", "num_labels": 10})
     assert "global_pool '' (no pooling) is for models without one" in message

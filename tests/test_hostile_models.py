@@ -27,13 +27,14 @@ import pytest
 import safetensors.numpy
 from checkpoints import IMAGES, make_checkpoint, one_line_error, peak_mb, run_cli
 
+from mlx_vit import config as config_module
 from mlx_vit import model as model_module
 from mlx_vit.classify import load
+from mlx_vit.config import ViTConfig
 from mlx_vit.convert import Quantize, convert
 from mlx_vit.convert import torch_pickle as tp
 from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
 from mlx_vit.loading import load_model
-from mlx_vit.model import ViTConfig
 
 PHOTO = IMAGES / "chelsea.png"
 CONTROL = "\x1b]0;pwned\x07\x1b[2J\x1b]52;c;ZWNobyBwd25lZA==\x07\x9b31m"  # title, clear screen, clipboard, C1 CSI
@@ -324,7 +325,7 @@ def test_heads_of_millions_of_classes_are_refused():
 
 def test_attention_in_query_blocks_equals_attention_at_once(monkeypatch):
     """Past ATTENTION_BLOCK scores, queries go in blocks, each evaluated: the same numbers, bounded memory."""
-    config = model_module.ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_attention_heads=4,
+    config = ViTConfig(image_size=64, patch_size=8, hidden_size=32, num_attention_heads=4,
                                     intermediate_size=64, num_hidden_layers=2, num_labels=5)  # fmt: skip
     mx.random.seed(0)
     model = model_module.ViT(config)
@@ -339,7 +340,7 @@ def test_a_batch_over_the_activation_limit_is_split(vit_folder, monkeypatch):
     classifier = load(str(vit_folder))
     photos = [IMAGES / n for n in ("chelsea.png", "camera.png", "rocket.jpg")]
     whole = classifier.logits(classifier.pixels(photos))
-    monkeypatch.setattr(model_module, "MAX_ACTIVATION", classifier.model.config.activation_elements())
+    monkeypatch.setattr(config_module, "MAX_ACTIVATION", classifier.model.config.activation_elements())
     assert classifier.model.config.max_batch() == 1
     calls = []
     forward = classifier.model.__call__
