@@ -13,7 +13,6 @@ in memory; reading maps the rows rather than loading them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
@@ -26,7 +25,7 @@ import numpy as np
 
 from mlx_vit.convert.safetensors_io import header_of
 from mlx_vit.errors import MlxVitError, shown
-from mlx_vit.files import MAX_JSON_BYTES, MAX_JSON_VALUES, open_regular, os_reason, parse_json, temporary_beside
+from mlx_vit.files import MAX_JSON_BYTES, MAX_JSON_VALUES, open_regular, os_reason, parse_json, replace_together
 
 TENSOR = "embeddings"
 FORMAT = "mlx-vit embeddings"
@@ -128,19 +127,9 @@ def write_embeddings(path: str | os.PathLike, parts: Sequence[np.ndarray], paths
             metadata["paths_file"] = listing.name
             siblings[listing] = "".join(json.dumps(p) + "\n" for p in paths).encode()
         header = _safetensors_header(shape, metadata)
-    written: list[tuple[Path, Path]] = []
-    try:
-        for target, pieces in [*((s, [data]) for s, data in siblings.items()),
-                               (path, [header, *(chunk for part in parts for chunk in _chunks(part))])]:  # fmt: skip
-            written.append((_temporary_with(target, pieces), target))
-        for temporary, target in written:
-            os.replace(temporary, target)
-    except OSError as error:
-        raise IndexFileError(f"{shown(path, None)}: cannot write it ({os_reason(error)})") from None
-    finally:
-        for temporary, _ in written:
-            with contextlib.suppress(FileNotFoundError):
-                temporary.unlink()
+    rows_bytes = (chunk for part in parts for chunk in _chunks(part))
+    replace_together([*((sibling, [data]) for sibling, data in siblings.items()), (path, [header, *rows_bytes])],
+                     IndexFileError)  # fmt: skip
 
 
 def _chunks(part: np.ndarray):
@@ -163,21 +152,6 @@ def _safetensors_header(shape: tuple[int, ...], metadata: dict[str, str]) -> byt
     data = json.dumps(header).encode("utf-8")
     data += b" " * (-len(data) % 8)  # the data starts 8-byte aligned
     return struct.pack("<Q", len(data)) + data
-
-
-def _temporary_with(path: Path, pieces) -> Path:
-    """A temporary file beside `path` holding `pieces` (bytes), synced to the disk."""
-    fd, temporary = temporary_beside(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for piece in pieces:
-                f.write(piece)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return temporary
 
 
 def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str | None]:

@@ -193,10 +193,9 @@ def write_explanation(classifier, image, output, method: str = "rollout", layer:
     """`mlx-vit explain`: the PNG at `output` (and the maps at `save_npy`): both are written in full before either
     is renamed into place, so a failure leaves neither; an existing file is replaced only with `force`."""
     import io
-    import os
     from pathlib import Path
 
-    from mlx_vit.files import os_reason, temporary_beside
+    from mlx_vit.files import replace_together
 
     targets = [Path(p) for p in (output, save_npy) if p is not None]
     if targets[0].suffix.lower() != ".png":
@@ -214,19 +213,5 @@ def write_explanation(classifier, image, output, method: str = "rollout", layer:
         npy = io.BytesIO()
         np.save(npy, explanation.maps if grid else explanation.maps[0], allow_pickle=False)
         contents.append(npy.getvalue())
-    written: list[tuple[Path, Path]] = []  # (temporary, target): every file in full before any is renamed
-    target = targets[0]
-    try:
-        for target, data in zip(targets, contents, strict=True):
-            fd, temporary = temporary_beside(target)
-            written.append((temporary, target))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        for temporary, target in written:
-            os.replace(temporary, target)
-    except OSError as error:
-        raise MlxVitError(f"{shown(target, None)}: cannot write it ({os_reason(error)})") from None
-    finally:
-        for temporary, _ in written:
-            temporary.unlink(missing_ok=True)
+    replace_together([(target, [data]) for target, data in zip(targets, contents, strict=True)])
     return explanation

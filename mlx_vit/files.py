@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -136,3 +137,27 @@ def temporary_beside(path: Path) -> tuple[int, Path]:
         candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
         with contextlib.suppress(FileExistsError):
             return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
+
+
+def replace_together(files: list[tuple[Path, Iterable[bytes]]], error: type[MlxVitError] = MlxVitError) -> None:
+    """Write each (path, pieces) to a temporary file beside it, synced to the disk, and only when every one is
+    complete rename them all into place, one right after the other: a failure leaves none of them, and no
+    temporary file. An OSError becomes `error`, naming the file."""
+    written: list[tuple[Path, Path]] = []
+    target = files[0][0]
+    try:
+        for target, pieces in files:
+            fd, temporary = temporary_beside(target)
+            written.append((temporary, target))
+            with os.fdopen(fd, "wb") as f:
+                for piece in pieces:
+                    f.write(piece)
+                f.flush()
+                os.fsync(f.fileno())
+        for temporary, target in written:
+            os.replace(temporary, target)
+    except OSError as failure:
+        raise error(f"{shown(target, None)}: cannot write it ({os_reason(failure)})") from None
+    finally:
+        for temporary, _ in written:
+            temporary.unlink(missing_ok=True)
