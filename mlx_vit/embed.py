@@ -156,6 +156,12 @@ def _safetensors_header(shape: tuple[int, ...], metadata: dict[str, str]) -> byt
 
 def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str | None]:
     """(rows as a read-only float32 memory map, paths, model name or None) of an index, checked."""
+    vectors, paths, settings = read_index(path)
+    return vectors, paths, settings.get("model")
+
+
+def read_index(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict[str, str]]:
+    """read_embeddings, with what made the rows (a safetensors index's metadata less its paths; {} for .npy)."""
     path = Path(path)
     name = shown(path, None)
     if path.suffix.lower() == ".npy":
@@ -171,7 +177,7 @@ def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str
             raise IndexFileError(f"{name}: not an index (float32 rows, from mlx-vit embed)")
         if path.stat().st_size != offset + 4 * int(np.prod(shape)):
             raise IndexFileError(f"{name}: its size does not match its {shape} float32 rows (cut short?)")
-        paths, model = _read_lines(paths_file(path), name), None
+        paths, settings = _read_lines(paths_file(path), name), {}
     else:
         with open_regular(path, IndexFileError) as f:
             try:
@@ -182,7 +188,8 @@ def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str
         entry = header.get(TENSOR)
         if set(header) != {TENSOR} or entry["dtype"] != "F32" or len(entry["shape"]) < 2:
             raise IndexFileError(f"{name}: not an index (one float32 tensor '{TENSOR}', from mlx-vit embed)")
-        shape, model = tuple(entry["shape"]), metadata.get("model")
+        shape = tuple(entry["shape"])
+        settings = {k: v for k, v in metadata.items() if k not in ("paths", "paths_file")}
         if "paths" in metadata:
             paths = parse_json(metadata["paths"].encode("utf-8", "surrogateescape"), f"{name}: paths", IndexFileError)
             if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
@@ -194,8 +201,8 @@ def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str
     if len(paths) != shape[0]:
         raise IndexFileError(f"{name}: holds {shape[0]} rows but {len(paths)} paths; write the index again")
     if shape[0] == 0:
-        return np.zeros(shape, np.float32), paths, model
-    return np.memmap(path, np.float32, "r", offset=offset, shape=shape), paths, model
+        return np.zeros(shape, np.float32), paths, settings
+    return np.memmap(path, np.float32, "r", offset=offset, shape=shape), paths, settings
 
 
 def _metadata(f, name: str) -> dict[str, str]:
@@ -228,16 +235,3 @@ def _read_json_lines(path: Path, index: str) -> list[str]:
         if not isinstance(paths[-1], str):
             raise IndexFileError(f"{index}: line {number} of {shown(path.name, None)} is not a JSON string")
     return paths
-
-
-def index_settings(path: str | os.PathLike) -> dict[str, str] | None:
-    """What made a safetensors index's rows (its metadata, less the paths), or None for a .npy index."""
-    path = Path(path)
-    if path.suffix.lower() == ".npy":
-        return None
-    with open_regular(path, IndexFileError) as f:
-        try:
-            header_of(f, path)
-        except MlxVitError as error:
-            raise IndexFileError(str(error)) from None
-        return {k: v for k, v in _metadata(f, shown(path, None)).items() if k not in ("paths", "paths_file")}

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.embed import index_settings, read_embeddings, write_embeddings
+from mlx_vit.embed import read_index, write_embeddings
 from mlx_vit.errors import shown
 from mlx_vit.files import os_reason, read_json
 from mlx_vit.outputs import SYNC_SECONDS, Done, OutputError
@@ -60,10 +60,10 @@ class EmbeddingSpool:
         meta = {"model": model_name, "shape": list(self.shape), **self.settings}
         hashes = [np.zeros(0, np.uint64)]
         if self.path.exists():
-            vectors, paths, made_by = read_embeddings(self.path)
+            vectors, paths, made = read_index(self.path)
             self._check(tuple(vectors.shape[1:]), "the index")
-            made = index_settings(self.path)
-            if made is not None and {k: made.get(k) for k in ("model", *self.settings)} != {
+            made_by = made.get("model")
+            if made and {k: made.get(k) for k in ("model", *self.settings)} != {
                 "model": model_name,
                 **self.settings,
             }:
@@ -123,7 +123,7 @@ class EmbeddingSpool:
                 with contextlib.suppress(ValueError, TypeError, KeyError):
                     record = json.loads(line)
                     if "error" not in record:
-                        return Done(indexed).__contains__(record["path"])
+                        return record["path"] in Done(indexed)
         return False
 
     def _open(self) -> tuple[Any, Any]:
