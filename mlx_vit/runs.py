@@ -23,7 +23,7 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 
 from mlx_vit import distributed
-from mlx_vit.embed import Embedded
+from mlx_vit.embed import Embedded, embedded_batches
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.inputs import Input, count_inputs, find_inputs
 from mlx_vit.outputs import RESULTS, Done, Output, ResultWriter
@@ -218,7 +218,6 @@ def embed_library(classifier: Any, inputs: list[str | os.PathLike], output: str 
                   workers: int | None = None, progress: bool | None = None,
                   stdin: TextIO | None = None) -> Stats:  # fmt: skip
     """Embed every input into `output` (.safetensors or .npy), spooled as it goes (see mlx_vit.spool)."""
-    from mlx_vit.embed import embedded_batches
     from mlx_vit.spool import EmbeddingSpool
 
     rank, _ = distributed.world()
