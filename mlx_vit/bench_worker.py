@@ -57,6 +57,7 @@ class _MlxRunner(_Runner):
         import mlx.core as mx
 
         import mlx_vit
+        from mlx_vit import lanes
         from mlx_vit.blas import blas_info
         from mlx_vit.classify import CPU_CACHE_LIMIT, _raise_cache_limit
         from mlx_vit.config import ViTConfig
@@ -78,7 +79,8 @@ class _MlxRunner(_Runner):
         self.image_size, self.channels = self.model.config.image_size, self.model.config.num_channels
         blas = blas_info()
         where = (f" ({blas.path})" if blas.path else "") + (f", core {blas.core}" if blas.core else "")
-        return {"version": f"mlx-vit {mlx_vit.__version__}, mlx {mx.__version__}", "device": str(mx.default_device()),
+        device = ", ".join(filter(None, [str(mx.default_device()), lanes.describe()]))
+        return {"version": f"mlx-vit {mlx_vit.__version__}, mlx {mx.__version__}", "device": device,
                 "blas": blas.name + where, "image_size": self.image_size, "channels": self.channels}  # fmt: skip
 
     def prepare(self, pixels: np.ndarray) -> np.ndarray:

@@ -119,6 +119,7 @@ def _fit_core(lib: ctypes.CDLL, late: bool) -> tuple[str | None, str]:
 
 
 _info: BlasInfo | None = None
+_lib: ctypes.CDLL | None = None  # the BLAS loaded, for set_threads
 
 
 def _candidates() -> list[str]:
@@ -144,7 +145,7 @@ def _describe(lib: ctypes.CDLL, path: str) -> str:
 
 def load_blas() -> BlasInfo:
     """Load the best BLAS available into the global symbol scope; safe to call more than once."""
-    global _info
+    global _info, _lib
     if _info is not None:
         return _info
     if sys.platform == "darwin":
@@ -167,7 +168,7 @@ def load_blas() -> BlasInfo:
         core, note = _fit_core(lib, late)
         if late:
             note = "; ".join(filter(None, [note, "loaded after mlx.core was imported, so MLX may not use it"]))
-        _info = BlasInfo(_describe(lib, path), path, note, core)
+        _info, _lib = BlasInfo(_describe(lib, path), path, note, core), lib
         return _info
     hint = (
         "slow: install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread) or `pip install mkl`, then run again"
@@ -180,3 +181,13 @@ def load_blas() -> BlasInfo:
 
 def blas_info() -> BlasInfo:
     return _info if _info is not None else load_blas()
+
+
+def set_threads(count: int) -> bool:
+    """Let each BLAS call use `count` threads (OpenBLAS or MKL, as loaded here); False when it cannot be set."""
+    for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):
+        function = getattr(_lib, name, None)
+        if function is not None:
+            function(ctypes.c_int(count))
+            return True
+    return False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_vit import ops
+from mlx_vit import lanes, ops
 from mlx_vit.config import ViTConfig
 
 # Attention scores (batch x heads x queries x keys) computed at once; beyond it queries go in blocks, each
@@ -66,18 +66,22 @@ class Attention(nn.Module):
         return tuple(t.squeeze(0) for t in mx.split(qkv, 3))
 
     def __call__(self, x: mx.array) -> mx.array:
-        B, T, D = x.shape
-        q, k, v = self._qkv(x)
-        rows = max(1, ATTENTION_BLOCK // (B * self.num_heads * T))
-        if rows >= T:
+        return self.proj(self.mix(*self._qkv(x)))
+
+    def mix(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        """(B, heads, queries, head_dim) queries over (B, heads, T, head_dim) keys and values -> (B, queries,
+        heads * head_dim), the heads side by side: what `proj` reads."""
+        B, _, queries, _ = q.shape
+        rows = max(1, ATTENTION_BLOCK // (B * q.shape[1] * k.shape[2]))
+        if rows >= queries:
             x = attend(q, k, v, self.scale)
         else:  # each query's softmax is its own: blocks of queries give exactly the same result
             blocks = []
-            for start in range(0, T, rows):
+            for start in range(0, queries, rows):
                 blocks.append(attend(q[:, :, start : start + rows], k, v, self.scale))
                 mx.eval(blocks[-1])  # lazily, MLX would hold several blocks' scores at once
             x = mx.concatenate(blocks, axis=2)
-        return self.proj(x.transpose(0, 2, 1, 3).reshape(B, T, D))
+        return x.transpose(0, 2, 1, 3).reshape(B, queries, -1)
 
     def with_weights(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """(output, the attention weights (B, heads, T, T)): the explicit softmax, which the fused kernel of
@@ -125,18 +129,18 @@ class Block(nn.Module):
             self.ls2 = LayerScale(d)
 
     def __call__(self, x: mx.array) -> mx.array:
-        if "ls1" in self:
-            x = x + self.ls1(self.attn(self.norm1(x)))
-            return x + self.ls2(self.mlp(self.norm2(x)))
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+        return self.finish(x, self.attn(self.norm1(x)))
+
+    def finish(self, x: mx.array, attended: mx.array) -> mx.array:
+        """The rest of the block once the attention branch gave `attended`: both residuals and the MLP."""
+        x = x + (self.ls1(attended) if "ls1" in self else attended)
+        mlp = self.mlp(self.norm2(x))
+        return x + (self.ls2(mlp) if "ls2" in self else mlp)
 
     def with_attention(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """(this block's output, its attention weights), through Attention.with_weights."""
         out, weights = self.attn.with_weights(self.norm1(x))
-        x = x + (self.ls1(out) if "ls1" in self else out)
-        mlp = self.mlp(self.norm2(x))
-        return x + (self.ls2(mlp) if "ls2" in self else mlp), weights
+        return self.finish(x, out), weights
 
 
 class AttentionPool(nn.Module):
@@ -223,10 +227,14 @@ class ViT(nn.Module):
         size = self.config.image_size
         if pixels.shape[1:3] != (size, size):
             raise ValueError(f"expected {size}x{size} inputs, got {pixels.shape[1]}x{pixels.shape[2]}")
-        x = self.embed(pixels)
-        for block in self.blocks:
-            x = block(x)
-        return self.final_norm(x)
+        return self.final_norm(self.run_blocks(self.embed(pixels)))
+
+    def run_blocks(self, x: mx.array) -> mx.array:
+        """The blocks on (B, T, D) tokens; on the CPU in lanes (mlx_vit.lanes), unless the attention scores are
+        too many to form at once (ATTENTION_BLOCK) and go in blocks, evaluated one after another."""
+        B, T, _ = x.shape
+        fits = B * self.config.num_attention_heads * T * T <= ATTENTION_BLOCK
+        return lanes.run(self.blocks, x, lanes.streams() if fits else [])
 
     def embed(self, pixels: mx.array) -> mx.array:
         """Pixels -> the tokens the first block reads: the prefix tokens and the patches, position-embedded."""
@@ -249,6 +257,7 @@ class ViT(nn.Module):
 
         `keep(index, weights)` chooses what is kept of each block's weights (a reduction, or None), so that a big
         model's T x T weights of every layer and head need not all be held at once."""
+        lanes.use(1)
         x = self.embed(pixels)
         layers = []
         for index, block in enumerate(self.blocks):

@@ -36,14 +36,15 @@ class _OneLine(logging.Formatter):
 def _version_line() -> str:
     import mlx.core as mx
 
+    from mlx_vit import lanes
     from mlx_vit.blas import blas_info
 
     blas = blas_info()
     where = f" ({blas.path})" if blas.path else ""
     where += f", core {blas.core}" if blas.core else ""
     note = f"; {blas.note}" if blas.note else ""
-    return (f"mlx-vit {__version__} (mlx {mx.__version__}, device {mx.default_device()}, "
-            f"BLAS {blas.name}{where}{note})")  # fmt: skip
+    device = ", ".join(filter(None, [f"device {mx.default_device()}", lanes.describe()]))
+    return f"mlx-vit {__version__} (mlx {mx.__version__}, {device}, BLAS {blas.name}{where}{note})"
 
 
 def _version(value: bool) -> None:

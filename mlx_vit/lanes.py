@@ -1,0 +1,212 @@
+"""CPU lanes: one forward pass as parts on several MLX streams, so that every core works all the time.
+
+On the CPU, MLX runs a stream's elementwise work (LayerNorm, GELU, the softmax, copies) on that stream's one
+thread, while the BLAS spreads each matmul over every core. On two cores about a third of a ViT-B pass ran on one
+core so. With two lanes, two streams that each call a BLAS of half the threads, both cores are busy throughout:
+the matmuls keep their throughput and the rest goes twice as fast.
+
+`run` splits a batch the lanes divide into one part a lane, which never meet. Any other batch (batch 1) is split
+as tensor-parallel transformers are: each lane has some of the heads and some of the MLP's hidden units, and
+the lanes add up their parts of the attention's and the MLP's output projection, twice a block. A lane's share of
+`proj` and `fc2` is a column slice, which BLAS cannot read in place, so those are copied once, per block, the
+first time (ViT-B: ~140 MB); a quantized block has no such split and runs in one lane.
+
+The threads: the cores this process may use, or OPENBLAS_NUM_THREADS / MKL_NUM_THREADS / OMP_NUM_THREADS when
+set, shared out among the lanes. MLX_VIT_CPU_LANES sets the number of lanes (default 2; 1 turns them off).
+Off the CPU (Metal, CUDA) there is one lane and nothing here runs.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_vit import blas
+
+DEFAULT_LANES = 2
+# The tensor split pays when each lane gets at least this much of the model's width: at batch 1 on 2 cores,
+# ViT-B (768, two lanes of 384) took 0.87-0.90x the one-lane time, ViT-S (384) 0.97x and ViT-Ti (192) 1.24x.
+MIN_LANE_WIDTH = 384
+THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+
+_local = threading.local()  # .streams: this thread's CPU streams, its default one first
+_threads: int | None = None  # BLAS threads per call, as last set here
+
+
+def _positive(name: str) -> int | None:
+    value = os.environ.get(name, "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def thread_budget() -> int:
+    """How many threads a forward pass may keep busy: the user's BLAS thread count, or this process's cores."""
+    for name in THREAD_VARIABLES:
+        if (count := _positive(name)) is not None:
+            return count
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def lane_count() -> int:
+    """The number of lanes a CPU pass runs in: MLX_VIT_CPU_LANES (default 2), at most one a thread."""
+    return max(1, min(_positive("MLX_VIT_CPU_LANES") or DEFAULT_LANES, thread_budget()))
+
+
+def streams() -> list[mx.Stream]:
+    """The streams a forward pass on the default device should be split over: one per lane on the CPU, else
+    just the default stream."""
+    if mx.default_device() != mx.cpu:
+        return [mx.default_stream(mx.default_device())]
+    count = lane_count()
+    made = getattr(_local, "streams", None)
+    if made is None:  # MLX's streams belong to the thread that made them: made once a thread, on first use
+        made = _local.streams = [mx.default_stream(mx.cpu)]
+    while len(made) < count:
+        made.append(mx.new_stream(mx.cpu))
+    return made[:count]
+
+
+def threads_per_lane(lanes: int) -> int:
+    return max(1, thread_budget() // lanes)
+
+
+def describe() -> str:
+    """How a CPU pass runs, for --version and bench: "2 CPU lanes of 1 BLAS thread each"; "" off the CPU."""
+    if mx.default_device() != mx.cpu:
+        return ""
+    count = lane_count()
+    threads = threads_per_lane(count)
+    return f"{count} CPU lane{'s' * (count > 1)} of {threads} BLAS thread{'s' * (threads > 1)}" + " each" * (count > 1)
+
+
+def use(lanes: int) -> None:
+    """Give each BLAS call its share of the threads for a pass in `lanes` lanes. Set as a pass is built: MLX
+    evaluates it later, and every caller here evaluates a pass before it builds the next."""
+    global _threads
+    threads = threads_per_lane(lanes)
+    if threads != _threads and mx.default_device() == mx.cpu and blas.set_threads(threads):
+        _threads = threads
+
+
+def split(count: int, parts: int) -> list[tuple[int, int]]:
+    """(start, stop) of `parts` nearly equal runs covering range(count), the longer ones first."""
+    size, extra = divmod(count, parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (part < extra))
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+def plan(blocks: list[nn.Module], batch: int, streams: list[mx.Stream]) -> str:
+    """How `run` runs a batch: "batch" (a part of the batch a lane), "tensor" (a part of each block a lane) or
+    "one": one stream, or a batch the lanes do not divide, of a quantized model, or of one too narrow to gain
+    (MIN_LANE_WIDTH) or with fewer heads than lanes."""
+    if len(streams) < 2:
+        return "one"
+    if batch % len(streams) == 0:
+        return "batch"
+    block = blocks[0]  # every block has the same shapes
+    wide = block.attn.proj.weight.shape[0] >= MIN_LANE_WIDTH * len(streams) and block.attn.num_heads >= len(streams)
+    float_layers = all(type(layer) is nn.Linear for b in blocks for layer in _linears(b))
+    return "tensor" if wide and float_layers else "one"
+
+
+def run(blocks: list[nn.Module], x: mx.array, streams: list[mx.Stream]) -> mx.array:
+    """The transformer blocks on (B, T, D) tokens in one lane a stream (see the module's docstring)."""
+    how = plan(blocks, x.shape[0], streams)
+    use(1 if how == "one" else len(streams))
+    if how == "batch":
+        parts = []
+        for stream, (start, stop) in zip(streams, split(x.shape[0], len(streams)), strict=True):
+            with mx.stream(stream):
+                part = x[start:stop]
+                for block in blocks:
+                    part = block(part)
+            parts.append(part)
+        return mx.concatenate(parts, axis=0)
+    if how == "tensor":
+        xs = [x] * len(streams)
+        for block in blocks:
+            xs = _tensor_parallel(block, xs, streams)
+        return xs[0]
+    for block in blocks:
+        x = block(x)
+    return x
+
+
+def _linears(block: nn.Module) -> tuple[nn.Module, ...]:
+    return block.attn.qkv, block.attn.proj, block.mlp.fc1, block.mlp.fc2
+
+
+class _Lane:
+    """One lane's share of a block: its heads' rows of `qkv` and its hidden units' rows of `fc1` (read in place
+    as views), and the matching columns of `proj` and `fc2` (copied once: BLAS cannot read a column slice)."""
+
+    def __init__(self, block: nn.Module, heads: tuple[int, int], hidden: tuple[int, int]):
+        self.heads, self.hidden = heads, hidden
+        self.proj = mx.contiguous(block.attn.proj.weight[:, heads[0] : heads[1]])
+        self.fc2 = mx.contiguous(block.mlp.fc2.weight[:, hidden[0] : hidden[1]])
+
+
+class _Split:
+    """A block's lanes and the weights they were made from; a plain object, which an MLX Module keeps as an
+    attribute, not as one of its parameters."""
+
+    def __init__(self, block: nn.Module, count: int):
+        self.weights = [layer.weight for layer in _linears(block)]
+        head = block.attn.proj.weight.shape[0] // block.attn.num_heads
+        heads = [(start * head, stop * head) for start, stop in split(block.attn.num_heads, count)]
+        hidden = split(block.mlp.fc1.weight.shape[0], count)
+        self.lanes = [_Lane(block, *share) for share in zip(heads, hidden, strict=True)]
+        mx.eval([(lane.proj, lane.fc2) for lane in self.lanes])
+
+    def fits(self, block: nn.Module, count: int) -> bool:
+        now = [layer.weight for layer in _linears(block)]
+        return len(self.lanes) == count and all(a is b for a, b in zip(self.weights, now, strict=True))
+
+
+def _lanes_of(block: nn.Module, count: int) -> list[_Lane]:
+    """The block's `count` lanes: made the first time, and again when its weights were replaced."""
+    kept = getattr(block, "_split", None)
+    if kept is None or not kept.fits(block, count):
+        kept = block._split = _Split(block, count)
+    return kept.lanes
+
+
+def _rows(layer: nn.Module, start: int, stop: int, x: mx.array) -> mx.array:
+    """x through the output units start:stop of a Linear: a row slice of its weight, which BLAS reads in place."""
+    out = x @ layer.weight[start:stop].T
+    return out + layer.bias[start:stop] if "bias" in layer else out
+
+
+def _tensor_parallel(block: nn.Module, xs: list[mx.array], streams: list[mx.Stream]) -> list[mx.array]:
+    """One block, each lane with its heads and hidden units; `xs` holds every lane's (equal) copy of the input."""
+    attn, mlp = block.attn, block.mlp
+    shares = list(zip(streams, xs, _lanes_of(block, len(streams)), strict=True))
+    B, T, D = xs[0].shape
+    attended = []
+    for stream, x, lane in shares:
+        with mx.stream(stream):
+            h = block.norm1(x)
+            a, b = lane.heads
+            q, k, v = (_rows(attn.qkv, i * D + a, i * D + b, h).reshape(B, T, -1, D // attn.num_heads)
+                       .transpose(0, 2, 1, 3) for i in range(3))  # fmt: skip
+            attended.append(attn.mix(q, k, v) @ lane.proj.T)
+    ys, mlps = [], []
+    for stream, x, lane in shares:
+        with mx.stream(stream):  # every lane adds up the same parts in the same order: equal copies
+            out = sum(attended) + attn.proj.bias
+            y = x + (block.ls1(out) if "ls1" in block else out)
+            ys.append(y)
+            mlps.append(mlp.act(_rows(mlp.fc1, *lane.hidden, block.norm2(y))) @ lane.fc2.T)
+    out = []
+    for (stream, _, _), y in zip(shares, ys, strict=True):
+        with mx.stream(stream):
+            m = sum(mlps) + mlp.fc2.bias
+            out.append(y + (block.ls2(m) if "ls2" in block else m))
+    return out
