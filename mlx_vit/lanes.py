@@ -9,7 +9,8 @@ the matmuls keep their throughput and the rest goes twice as fast.
 as tensor-parallel transformers are: each lane has some of the heads and some of the MLP's hidden units, and
 the lanes add up their parts of the attention's and the MLP's output projection, twice a block. A lane's share of
 `proj` and `fc2` is a column slice, which BLAS cannot read in place, so those are copied once, per block, the
-first time (ViT-B: ~140 MB); a quantized block has no such split and runs in one lane.
+first time (ViT-B: ~140 MB). A quantized model, or one too narrow to gain (MIN_LANE_WIDTH), runs such a batch
+in one lane.
 
 The threads: the cores this process may use, or OPENBLAS_NUM_THREADS / MKL_NUM_THREADS / OMP_NUM_THREADS when
 set, shared out among the lanes. MLX_VIT_CPU_LANES sets the number of lanes (default 2; 1 turns them off).
@@ -200,13 +201,11 @@ def _tensor_parallel(block: nn.Module, xs: list[mx.array], streams: list[mx.Stre
     ys, mlps = [], []
     for stream, x, lane in shares:
         with mx.stream(stream):  # every lane adds up the same parts in the same order: equal copies
-            out = sum(attended) + attn.proj.bias
-            y = x + (block.ls1(out) if "ls1" in block else out)
+            y = block.add_attention(x, sum(attended) + attn.proj.bias)
             ys.append(y)
             mlps.append(mlp.act(_rows(mlp.fc1, *lane.hidden, block.norm2(y))) @ lane.fc2.T)
     out = []
     for (stream, _, _), y in zip(shares, ys, strict=True):
         with mx.stream(stream):
-            m = sum(mlps) + mlp.fc2.bias
-            out.append(y + (block.ls2(m) if "ls2" in block else m))
+            out.append(block.add_mlp(y, sum(mlps) + mlp.fc2.bias))
     return out

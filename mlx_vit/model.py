@@ -133,8 +133,13 @@ class Block(nn.Module):
 
     def finish(self, x: mx.array, attended: mx.array) -> mx.array:
         """The rest of the block once the attention branch gave `attended`: both residuals and the MLP."""
-        x = x + (self.ls1(attended) if "ls1" in self else attended)
-        mlp = self.mlp(self.norm2(x))
+        x = self.add_attention(x, attended)
+        return self.add_mlp(x, self.mlp(self.norm2(x)))
+
+    def add_attention(self, x: mx.array, attended: mx.array) -> mx.array:
+        return x + (self.ls1(attended) if "ls1" in self else attended)
+
+    def add_mlp(self, x: mx.array, mlp: mx.array) -> mx.array:
         return x + (self.ls2(mlp) if "ls2" in self else mlp)
 
     def with_attention(self, x: mx.array) -> tuple[mx.array, mx.array]:
