@@ -183,6 +183,15 @@ def blas_info() -> BlasInfo:
     return _info if _info is not None else load_blas()
 
 
+def shares_threads(threads: int) -> bool:
+    """Whether several threads may each call this BLAS with `threads` threads of its own (CPU lanes): not
+    Accelerate, whose threads are its own, nor, beyond one, an OpenMP OpenBLAS, whose count is per calling thread."""
+    if sys.platform == "darwin":
+        return False
+    parallel = getattr(_lib, "openblas_get_parallel", None)
+    return threads == 1 or parallel is None or parallel() != 2  # 0 single-threaded, 1 pthreads, 2 OpenMP
+
+
 def set_threads(count: int) -> bool:
     """Let each BLAS call use `count` threads (OpenBLAS or MKL, as loaded here); False when it cannot be set."""
     for name in ("openblas_set_num_threads", "MKL_Set_Num_Threads"):

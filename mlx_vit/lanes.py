@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -37,9 +38,15 @@ _local = threading.local()  # .streams: this thread's CPU streams, its default o
 _threads: int | None = None  # BLAS threads per call, as last set here
 
 
-def _positive(name: str) -> int | None:
+def _count(name: str) -> int | None:
+    """The environment variable `name` as a count (ASCII digits), or None when unset or not a count."""
     value = os.environ.get(name, "").strip()
-    return int(value) if value.isdigit() and int(value) > 0 else None
+    return int(value) if value.isascii() and value.isdigit() else None
+
+
+def _positive(name: str) -> int | None:
+    count = _count(name)
+    return count if count else None
 
 
 def thread_budget() -> int:
@@ -54,8 +61,14 @@ def thread_budget() -> int:
 
 
 def lane_count() -> int:
-    """The number of lanes a CPU pass runs in: MLX_VIT_CPU_LANES (default 2), at most one a thread."""
-    return max(1, min(_positive("MLX_VIT_CPU_LANES") or DEFAULT_LANES, thread_budget()))
+    """The number of lanes a CPU pass runs in: MLX_VIT_CPU_LANES (default 2; 0 or 1: one), at most one a thread.
+    One where the BLAS's threads cannot be shared out: Accelerate's, or an OpenMP OpenBLAS's beyond one a lane
+    (its count is per calling thread, so the lanes' threads would each use every core)."""
+    wanted = _count("MLX_VIT_CPU_LANES")
+    count = max(1, min(DEFAULT_LANES if wanted is None else wanted, thread_budget()))
+    if count > 1 and not blas.shares_threads(threads_per_lane(count)):
+        return 1
+    return count
 
 
 def streams() -> list[mx.Stream]:
@@ -77,12 +90,14 @@ def threads_per_lane(lanes: int) -> int:
 
 
 def describe() -> str:
-    """How a CPU pass runs, for --version and bench: "2 CPU lanes of 1 BLAS thread each"; "" off the CPU."""
+    """How a CPU pass runs, for --version and bench: "up to 2 CPU lanes of 1 BLAS thread each" (plan says when
+    a pass runs in one); "" off the CPU."""
     if mx.default_device() != mx.cpu:
         return ""
     count = lane_count()
     threads = threads_per_lane(count)
-    return f"{count} CPU lane{'s' * (count > 1)} of {threads} BLAS thread{'s' * (threads > 1)}" + " each" * (count > 1)
+    lane = f"up to {count} CPU lanes" if count > 1 else "1 CPU lane"
+    return f"{lane} of {threads} BLAS thread{'s' * (threads > 1)}" + " each" * (count > 1)
 
 
 def use(lanes: int) -> None:
@@ -105,22 +120,27 @@ def split(count: int, parts: int) -> list[tuple[int, int]]:
 
 def plan(blocks: list[nn.Module], batch: int, streams: list[mx.Stream]) -> str:
     """How `run` runs a batch: "batch" (a part of the batch a lane), "tensor" (a part of each block a lane) or
-    "one": one stream, or a batch the lanes do not divide, of a quantized model, or of one too narrow to gain
-    (MIN_LANE_WIDTH) or with fewer heads than lanes."""
+    "one": one stream, or a batch the lanes do not divide, of a model not in float32 (quantized, half), or of one
+    too narrow to gain (MIN_LANE_WIDTH) or with fewer heads than lanes."""
     if len(streams) < 2:
         return "one"
     if batch % len(streams) == 0:
         return "batch"
     block = blocks[0]  # every block has the same shapes
     wide = block.attn.proj.weight.shape[0] >= MIN_LANE_WIDTH * len(streams) and block.attn.num_heads >= len(streams)
-    float_layers = all(type(layer) is nn.Linear for b in blocks for layer in _linears(b))
-    return "tensor" if wide and float_layers else "one"
+    # float32 only: in half precision the lanes' partial sums would be rounded before they are added
+    float32 = all(
+        type(layer) is nn.Linear and layer.weight.dtype == mx.float32 for b in blocks for layer in _linears(b)
+    )
+    return "tensor" if wide and float32 else "one"
 
 
 def run(blocks: list[nn.Module], x: mx.array, streams: list[mx.Stream]) -> mx.array:
     """The transformer blocks on (B, T, D) tokens in one lane a stream (see the module's docstring)."""
     how = plan(blocks, x.shape[0], streams)
     use(1 if how == "one" else len(streams))
+    if how != "tensor":
+        forget(blocks, stale_only=True)  # copies of replaced weights (quantized, say) would hold memory for nothing
     if how == "batch":
         parts = []
         for stream, (start, stop) in zip(streams, split(x.shape[0], len(streams)), strict=True):
@@ -155,20 +175,27 @@ class _Lane:
 
 
 class _Split:
-    """A block's lanes and the weights they were made from; a plain object, which an MLX Module keeps as an
-    attribute, not as one of its parameters."""
+    """A block's lanes and (weakly) the `proj` and `fc2` weights their copies were made from; a plain object,
+    which an MLX Module keeps as an attribute, not as one of its parameters. A weight replaced (update,
+    load_weights, set_dtype, quantize) makes it stale; one edited in place (`w[:] = ...`) does not: call
+    `forget` then."""
 
     def __init__(self, block: nn.Module, count: int):
-        self.weights = [layer.weight for layer in _linears(block)]
+        self.sources = [weakref.ref(layer.weight) for layer in _copied(block)]
         head = block.attn.proj.weight.shape[0] // block.attn.num_heads
         heads = [(start * head, stop * head) for start, stop in split(block.attn.num_heads, count)]
         hidden = split(block.mlp.fc1.weight.shape[0], count)
+        # Not evaluated here: the pass evaluates them, also under mx.compile, where weights are placeholders.
         self.lanes = [_Lane(block, *share) for share in zip(heads, hidden, strict=True)]
-        mx.eval([(lane.proj, lane.fc2) for lane in self.lanes])
 
-    def fits(self, block: nn.Module, count: int) -> bool:
-        now = [layer.weight for layer in _linears(block)]
-        return len(self.lanes) == count and all(a is b for a, b in zip(self.weights, now, strict=True))
+    def fits(self, block: nn.Module, count: int | None = None) -> bool:
+        now = [layer.weight for layer in _copied(block)]
+        same = all(source() is weight for source, weight in zip(self.sources, now, strict=True))
+        return same and count in (None, len(self.lanes))
+
+
+def _copied(block: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return block.attn.proj, block.mlp.fc2
 
 
 def _lanes_of(block: nn.Module, count: int) -> list[_Lane]:
@@ -177,6 +204,14 @@ def _lanes_of(block: nn.Module, count: int) -> list[_Lane]:
     if kept is None or not kept.fits(block, count):
         kept = block._split = _Split(block, count)
     return kept.lanes
+
+
+def forget(blocks: list[nn.Module], stale_only: bool = False) -> None:
+    """Drop the blocks' lane copies (all, or those whose weights were replaced), so they are made again."""
+    for block in blocks:
+        kept = getattr(block, "_split", None)
+        if kept is not None and not (stale_only and kept.fits(block)):
+            del block._split
 
 
 def _rows(layer: nn.Module, start: int, stop: int, x: mx.array) -> mx.array:

@@ -44,9 +44,8 @@ def in_lanes(monkeypatch):
         assert lanes.lane_count() == count
 
     yield set_lanes
-    monkeypatch.delenv("MLX_VIT_CPU_LANES", raising=False)
-    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-    lanes.use(1)  # back to every core for the tests after
+    monkeypatch.undo()
+    lanes.use(1)  # back to every thread for the tests after
 
 
 def model(seed: int = 0, **options) -> ViT:
@@ -124,6 +123,51 @@ def test_new_weights_are_split_again(in_lanes):
     assert np.abs(after - before).max() > 1e-2
 
 
+def test_in_place_edits_need_forget(in_lanes):
+    vit, x = model(seed=0), pixels(1)
+    in_lanes(2)
+    vit(x).tolist()
+    for block in vit.blocks:
+        block.mlp.fc2.weight[:] = 0.5 * block.mlp.fc2.weight
+    lanes.forget(vit.blocks)
+    edited = np.array(vit(x))
+    in_lanes(1)
+    np.testing.assert_allclose(edited, np.array(vit(x)), rtol=0, atol=1e-5)
+
+
+def test_compiled_forward_in_lanes(in_lanes, monkeypatch):
+    """Under mx.compile the weights are placeholders: the lane copies are not evaluated while tracing."""
+    vit, x = model(), pixels(1)
+    in_lanes(2)
+    plans = spy_plans(monkeypatch)
+    compiled = mx.compile(vit, inputs=vit.state)
+    np.testing.assert_allclose(np.array(compiled(x)), np.array(vit(x)), rtol=0, atol=1e-6)
+    assert plans[0] == "tensor"
+
+
+def test_half_precision_runs_an_odd_batch_in_one_lane(in_lanes, monkeypatch):
+    """The lanes' partial sums would be rounded to half precision before they are added: float32 only."""
+    vit = model()
+    vit.set_dtype(mx.float16)
+    plans = spy_plans(monkeypatch)
+    in_lanes(2)
+    vit(pixels(1).astype(mx.float16))
+    vit(pixels(2).astype(mx.float16))
+    assert plans == ["one", "batch"]
+
+
+def test_copies_of_replaced_weights_are_dropped(in_lanes):
+    vit = model(seed=0, hidden_size=64, intermediate_size=128)
+    in_lanes(2)
+    vit(pixels(1)).tolist()
+    assert all(hasattr(block, "_split") for block in vit.blocks)
+    vit(pixels(2)).tolist()  # the same weights: the copies stay for the next batch 1
+    assert all(hasattr(block, "_split") for block in vit.blocks)
+    nn.quantize(vit, group_size=32, bits=8)
+    vit(pixels(2)).tolist()
+    assert not any(hasattr(block, "_split") for block in vit.blocks)
+
+
 def test_a_quantized_model_splits_only_its_batch(in_lanes, monkeypatch):
     vit = model(seed=0, hidden_size=64, intermediate_size=128)
     nn.quantize(vit, group_size=32, bits=8)
@@ -175,15 +219,36 @@ def test_lane_count_and_thread_budget(monkeypatch):
     assert lanes.lane_count() == 3  # never more lanes than threads
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "1")
     assert lanes.lane_count() == 1
-    monkeypatch.setenv("MLX_VIT_CPU_LANES", "two")  # not a count: the default
-    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "0")
-    assert lanes.lane_count() == 2 and lanes.thread_budget() == 6
+    monkeypatch.setenv("MLX_VIT_CPU_LANES", "0")
+    assert lanes.lane_count() == 1
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "0")  # not a thread count: the next variable's
+    assert lanes.thread_budget() == 6
+    for junk in ("two", "\u00b2", "-2", ""):  # not counts: the default
+        monkeypatch.setenv("MLX_VIT_CPU_LANES", junk)
+        assert lanes.lane_count() == 2
+
+
+def test_no_lanes_where_the_blas_keeps_its_own_threads(monkeypatch):
+    """An OpenMP OpenBLAS counts threads per calling thread: lanes only with one thread each."""
+
+    class OpenMP:
+        openblas_get_parallel = staticmethod(lambda: 2)
+
+    monkeypatch.setattr(blas, "_lib", OpenMP())
+    monkeypatch.setenv("MLX_VIT_CPU_LANES", "2")
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert lanes.lane_count() == 2  # one thread a lane
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    assert lanes.lane_count() == 1
+    monkeypatch.setattr(blas.sys, "platform", "darwin")  # Accelerate
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
+    assert lanes.lane_count() == 1
 
 
 def test_describe(in_lanes, monkeypatch):
     in_lanes(2)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
-    assert lanes.describe() == "2 CPU lanes of 2 BLAS threads each"
+    assert lanes.describe() == "up to 2 CPU lanes of 2 BLAS threads each"
     in_lanes(1)
     assert lanes.describe() == "1 CPU lane of 1 BLAS thread"
 
@@ -205,4 +270,9 @@ def test_each_lane_gets_its_share_of_the_blas_threads(in_lanes, monkeypatch):
     model()(pixels(2)).tolist()
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "1")
     model()(pixels(2))
+    assert get() == 4
+    monkeypatch.setenv("MLX_VIT_CPU_LANES", "2")
+    model()(pixels(2))
+    assert get() == 2
+    model().with_attention(pixels(2))  # explain's pass: one lane, every thread
     assert get() == 4
