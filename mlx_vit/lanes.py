@@ -1,19 +1,19 @@
 """CPU lanes: one forward pass as parts on several MLX streams, so that every core works all the time.
 
 On the CPU, MLX runs a stream's elementwise work (LayerNorm, GELU, the softmax, copies) on that stream's one
-thread, while the BLAS spreads each matmul over every core. On two cores about a third of a ViT-B pass ran on one
-core so. With two lanes, two streams that each call a BLAS of half the threads, both cores are busy throughout:
+thread, while the BLAS spreads each matmul over every core. On two cores about a quarter of a ViT-B pass ran on
+one core so. With two lanes, two streams that each call a BLAS of half the threads, both cores are busy throughout:
 the matmuls keep their throughput and the rest goes twice as fast.
 
 `run` splits a batch the lanes divide into one part a lane, which never meet. Any other batch (batch 1) is split
 as tensor-parallel transformers are: each lane has some of the heads and some of the MLP's hidden units, and
 the lanes add up their parts of the attention's and the MLP's output projection, twice a block. A lane's share of
 `proj` and `fc2` is a column slice, which BLAS cannot read in place, so those are copied once, per block, the
-first time (ViT-B: ~140 MB). A quantized model, or one too narrow to gain (MIN_LANE_WIDTH), runs such a batch
-in one lane.
+first time (ViT-B: ~140 MB), and again when the weights are replaced (`forget` after editing them in place). A
+model not in float32, or one too narrow to gain (MIN_LANE_WIDTH), runs such a batch in one lane.
 
 The threads: the cores this process may use, or OPENBLAS_NUM_THREADS / MKL_NUM_THREADS / OMP_NUM_THREADS when
-set, shared out among the lanes. MLX_VIT_CPU_LANES sets the number of lanes (default 2; 1 turns them off).
+set, shared out among the lanes. MLX_VIT_CPU_LANES sets the number of lanes (default 2; 0 or 1 turn them off).
 Off the CPU (Metal, CUDA) there is one lane and nothing here runs.
 """
 
