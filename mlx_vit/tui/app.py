@@ -27,7 +27,7 @@ from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.images import open_image
 from mlx_vit.tui import messages
 from mlx_vit.tui.backend import MAX_TOP_K, Backend, ModelInfo, Superseded, cached_models, error_text
-from mlx_vit.tui.camera_session import CameraSession
+from mlx_vit.tui.camera_session import CameraSession, WebcamMode
 from mlx_vit.tui.screens import HelpScreen, ModelScreen, PromptScreen
 from mlx_vit.tui.widgets import (
     FolderBrowser,
@@ -70,7 +70,7 @@ def display_path(path: str | Path) -> str:
         return shown(path, None)
 
 
-class MlxVitApp(App[None]):
+class MlxVitApp(WebcamMode, App[None]):
     """Browse, preview and classify images and camera frames."""
 
     CSS_PATH = Path(__file__).parent / "app.tcss"  # absolute, so subclasses elsewhere find it too
@@ -317,80 +317,6 @@ class MlxVitApp(App[None]):
     def on_model_failed(self, message: messages.ModelFailed) -> None:
         self.status.busy = ""
         self.notify(message.error, title="model not loaded", severity="error", timeout=10)
-
-    # Webcam mode
-
-    @property
-    def webcam_on(self) -> bool:
-        return self._camera is not None
-
-    def start_camera(self, spec: str) -> None:
-        """Open the camera or video file `spec` and classify its newest frames until stopped."""
-        self.stop_camera()
-        from mlx_vit.camera import FrameSource, source_from_arg
-
-        factory = self._frame_source or FrameSource
-        try:
-            source = factory(source_from_arg(spec))
-            # On the main thread: on macOS OpenCV can only ask for camera permission from there.
-            source.open()
-        except (MlxVitError, OSError) as error:
-            self.notify(error_text(error), title="webcam", severity="error", timeout=10)
-            return
-        self._camera_source = spec
-        self._camera_sessions += 1
-        camera = self._camera = CameraSession(self._camera_sessions, spec, source)
-        camera.attention = self.attention
-        self._request += 1  # drop any image classification still on its way
-        self.sub_title = f"webcam {shown(spec, None)}"
-        self.preview.set_image(None)
-        self.predictions.show_note("waiting for the first frame …")
-        self.status.position = camera.name
-        self._camera_title()
-        self._run_camera(camera)
-
-    def _camera_title(self) -> None:
-        attention = " · attention" if self.attention else ""
-        self.preview.border_title = Text(f"webcam · {self._camera.name}{attention}")  # Text: names are not markup
-
-    def stop_camera(self) -> None:
-        """Leave webcam mode (the camera thread ends after its current frame) and show the current image again."""
-        if self._camera is None:
-            return
-        self._camera.stop.set()
-        self._camera = None
-        self.preview.border_title = "preview"
-        self.preview.set_image(None)
-        self.predictions.show_note("choose an image")
-        current, self.current = self.current, None
-        if current is not None:
-            self.show_image(current)
-        else:
-            self.sub_title = ""
-            self._update_position()
-
-    @work(thread=True, group="camera")
-    def _run_camera(self, camera: CameraSession) -> None:
-        camera.run(self.backend, self.post_message)
-
-    def on_camera_frame(self, message: messages.CameraFrame) -> None:
-        if self._camera is None or message.session != self._camera.number:
-            return
-        self.preview.set_image(message.image)
-        status = self.status
-        fps = f" · {message.fps:.1f} fps" if message.fps is not None else ""
-        status.position = f"{self._camera.name} · frame {message.index}{fps}"
-        if message.result is None:
-            self.predictions.show_note(message.error or "")
-            return
-        self.predictions.show(message.result.predictions)
-        status.timing = f"inference {seconds_text(message.result.seconds)}"
-
-    def on_camera_stopped(self, message: messages.CameraStopped) -> None:
-        if self._camera is None or message.session != self._camera.number:
-            return
-        self.stop_camera()
-        self.notify(message.error or "camera stopped", title="webcam", severity="warning")
 
     # Actions
 
