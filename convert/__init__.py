@@ -99,8 +99,8 @@ def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | No
     }
     if checkpoint.image_size not in (None, checkpoint.config.image_size):  # DINOv2: a 518-px table, 224-px crops
         config["image_size"] = checkpoint.image_size
-    config = at_image_size(config, image_size, shown(folder, None))
-    check_config(config, shown(folder, None))  # what load_model will check, checked before writing
+    config = at_image_size(config, image_size, shown(folder))
+    check_config(config, shown(folder))  # what load_model will check, checked before writing
     return weights, config
 
 
@@ -122,8 +122,8 @@ def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, r
     target = Path(mlx_path) if mlx_path else Path(f"{(named.name if is_dir(named) else named.stem) or 'model'}-mlx")
     check_target(target, force)  # fail before the slow part
     if target.resolve() == folder.resolve():
-        raise MlxVitError(f"{shown(target, None)}: is the checkpoint being converted; choose another output folder")
-    log.info("converting %s", shown(src, None))
+        raise MlxVitError(f"{shown(target)}: is the checkpoint being converted; choose another output folder")
+    log.info("converting %s", shown(src))
     weights, config = convert_folder(folder, source, quantize, dtype, arch, image_size)
     build_model(config, weights, str(folder))  # what is written must load: names, shapes, dtypes, finite values
     q = config["quantization"]

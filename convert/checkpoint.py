@@ -24,13 +24,13 @@ def open_source(path: Path, arch: str | None = None) -> Source:
         raise MlxVitError(f"--arch must be a timm model name, got {shown(arch, 60, quote=True)}")
     if is_dir(path):
         if not exists(path / "config.json"):
-            raise CheckpointError(f"{shown(path, None)}: folder has no config.json (not a checkpoint folder)")
+            raise CheckpointError(f"{shown(path)}: folder has no config.json (not a checkpoint folder)")
         if arch is not None:
-            raise MlxVitError(f"{shown(path, None)}: --arch is for bare weight files; this folder's config.json "
+            raise MlxVitError(f"{shown(path)}: --arch is for bare weight files; this folder's config.json "
                               "names its architecture")  # fmt: skip
         return Source(path, config=read_json(path / "config.json"))
     if not exists(path):
-        raise CheckpointError(f"{shown(path, None)}: no such file or folder")
+        raise CheckpointError(f"{shown(path)}: no such file or folder")
     return Source(path, arch=arch)
 
 
@@ -45,6 +45,6 @@ def read_checkpoint(path: str | Path, arch: str | None = None) -> Checkpoint:
     tried = "; ".join(f"{f.NAME} ({f.LOOKS_FOR[kind]})" for f in FORMATS if kind in f.LOOKS_FOR)
     if source.is_folder:  # config.json's fault
         model_type = shown(source.config.get("model_type"), 40, quote=True)
-        raise ConfigError(f"{shown(source.path / 'config.json', None)}: model_type {model_type} is not supported; "
+        raise ConfigError(f"{shown(source.path / 'config.json')}: model_type {model_type} is not supported; "
                           f"mlx-vit reads {tried}")  # fmt: skip
     raise CheckpointError(f"{source.name}: not a weight file mlx-vit reads; it reads {tried}")

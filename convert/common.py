@@ -39,7 +39,7 @@ class Source:
 
     @property
     def name(self) -> str:
-        return shown(self.path, None)
+        return shown(self.path)
 
     @property
     def is_folder(self) -> bool:
@@ -69,23 +69,23 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
         if name.endswith(".index.json"):
             weight_map = read_json(path, CheckpointError).get("weight_map")
             if not isinstance(weight_map, dict):
-                raise CheckpointError(f"{shown(path, None)}: has no weight_map")
+                raise CheckpointError(f"{shown(path)}: has no weight_map")
             values = list(weight_map.values())
             if any(not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") or not s for s in values):
-                raise CheckpointError(f"{shown(path, None)}: shard names must be plain file names in the same folder")
+                raise CheckpointError(f"{shown(path)}: shard names must be plain file names in the same folder")
             files = [folder / s for s in sorted(set(values))]
         else:
             files = [path]
         tensors: dict[str, np.ndarray] = {}
         for file in files:
             if not exists(file):
-                raise CheckpointError(f"{shown(file, None)}: shard listed in {name} is missing")
+                raise CheckpointError(f"{shown(file)}: shard listed in {name} is missing")
             for key, value in read_weight_file(file).items():
                 if key in tensors:  # two shards holding one tensor: which would transformers take?
-                    raise CheckpointError(f"{shown(file, None)}: tensor '{shown(key, 80)}' is in another shard too")
+                    raise CheckpointError(f"{shown(file)}: tensor '{shown(key, 80)}' is in another shard too")
                 tensors[key] = value
         return tensors
-    raise CheckpointError(f"{shown(folder, None)}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
+    raise CheckpointError(f"{shown(folder)}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
 def read_weight_file(path: Path) -> dict[str, np.ndarray]:
@@ -228,4 +228,4 @@ def hf_preprocessing(folder: Path, model_type: str, image_size: int) -> dict[str
     processor_file = folder / "preprocessor_config.json"
     # Without a preprocessor config transformers has no processor at all; class defaults at the model's size.
     processor = read_json(processor_file) if exists(processor_file) else {"size": image_size}
-    return PreprocessConfig.from_hf(processor, model_type, shown(processor_file, None)).to_dict()
+    return PreprocessConfig.from_hf(processor, model_type, shown(processor_file)).to_dict()

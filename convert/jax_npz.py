@@ -35,7 +35,7 @@ def detect(source: Source) -> bool:
 
 def read_npz(path) -> dict[str, np.ndarray]:
     """Every float array of an .npz, each member's header checked before its data is read."""
-    name = shown(path, None)
+    name = shown(path)
     arrays: dict[str, np.ndarray] = {}
     with open_regular(path, CheckpointError) as file:
         size = file.seek(0, io.SEEK_END)

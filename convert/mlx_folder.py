@@ -155,7 +155,7 @@ def check_manifest(folder: Path) -> None:
         and all(isinstance(e, dict) and type(e.get("size")) is int for e in files.values())
         and all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..") for n in files)
     ):
-        raise CheckpointError(f"{shown(path, None)}: malformed; convert the model again with --force")
+        raise CheckpointError(f"{shown(path)}: malformed; convert the model again with --force")
     for name, entry in files.items():
         file = folder / name
         try:
@@ -163,23 +163,23 @@ def check_manifest(folder: Path) -> None:
         except OSError:
             size = None
         if size != entry["size"]:
-            raise CheckpointError(f"{shown(file, None)}: missing or incomplete; convert the model again with --force")
+            raise CheckpointError(f"{shown(file)}: missing or incomplete; convert the model again with --force")
 
 
 def read_mlx_folder(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
     """(config.json, weights) of an mlx-vit folder, each checked; the weights are evaluated (in memory)."""
     config = read_json(folder / "config.json")
-    check_config(config, shown(folder / "config.json", None))
+    check_config(config, shown(folder / "config.json"))
     check_manifest(folder)
     path = folder / WEIGHTS
     if not exists(path):
-        raise CheckpointError(f"{shown(path, None)}: missing (an incomplete conversion? convert again with --force)")
+        raise CheckpointError(f"{shown(path)}: missing (an incomplete conversion? convert again with --force)")
     with open_regular(path, CheckpointError) as f:
         header, _ = header_of(f, path)  # validates offsets before MLX's loader touches the bytes
         # Names, shapes and dtypes before a byte is loaded: a sparse file can declare gigabytes of anything.
-        model, packed = _skeleton(config, header, shown(folder, None))
+        model, packed = _skeleton(config, header, shown(folder))
         stored = {key: (tuple(entry["shape"]), _stored_kind(entry["dtype"])) for key, entry in header.items()}
-        check_tensors(model, packed, stored, shown(folder, None))
+        check_tensors(model, packed, stored, shown(folder))
         try:
             # The very file checked, by its descriptor's name (the path could be swapped for a FIFO meanwhile).
             # Not the file object itself: MLX's loader keeps a Python reader alive on its own I/O threads, whose
@@ -189,7 +189,7 @@ def read_mlx_folder(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
             weights = mx.load(f"/dev/fd/{f.fileno()}", format="safetensors")
             mx.eval(list(weights.values()))
         except (RuntimeError, ValueError) as error:
-            raise CheckpointError(f"{shown(path, None)}: unreadable ({shown(str(error), 200)})") from None
+            raise CheckpointError(f"{shown(path)}: unreadable ({shown(str(error), 200)})") from None
     return config, weights
 
 
@@ -295,9 +295,9 @@ def check_target(target: Path, force: bool) -> None:
     if not exists(target):
         return
     if not force:
-        raise MlxVitError(f"{shown(target, None)}: already exists; pass --force to replace it")
+        raise MlxVitError(f"{shown(target)}: already exists; pass --force to replace it")
     if not (is_mlx_folder(target) or (target.is_dir() and not any(target.iterdir()))):
-        raise MlxVitError(f"{shown(target, None)}: exists and is not an mlx-vit model folder; refusing to replace it")
+        raise MlxVitError(f"{shown(target)}: exists and is not an mlx-vit model folder; refusing to replace it")
 
 
 def write_mlx_folder(target: Path, weights: dict, config: dict[str, Any], force: bool) -> Path:
@@ -312,7 +312,7 @@ def write_mlx_folder(target: Path, weights: dict, config: dict[str, Any], force:
     try:
         return _write(target, weights, config)
     except OSError as error:  # disk full, read-only or missing location: one line naming the target
-        raise MlxVitError(f"{shown(target, None)}: cannot write the model ({os_reason(error)})") from None
+        raise MlxVitError(f"{shown(target)}: cannot write the model ({os_reason(error)})") from None
 
 
 def sha256(path: Path) -> str:

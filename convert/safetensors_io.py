@@ -37,7 +37,7 @@ def read_header(path: str | Path) -> tuple[dict, int]:
 
 def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
     """read_header on an open file (so that the file checked is the file then read)."""
-    name = shown(path, None)
+    name = shown(path)
     size = f.seek(0, 2)
     f.seek(0)
     prefix = f.read(8)
@@ -127,12 +127,12 @@ def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
                 array = np.empty(entry["shape"], dtype=dtype)
             except MemoryError:  # a sparse file's size is not memory: its tensors must fit
                 raise CheckpointError(
-                    f"{shown(path, None)}: tensor '{shown(key, 80)}' of {end - begin:,} bytes does not fit in memory"
+                    f"{shown(path)}: tensor '{shown(key, 80)}' of {end - begin:,} bytes does not fit in memory"
                 ) from None
             f.seek(data_start + begin)
             if f.readinto(memoryview(array.reshape(-1)).cast("B")) != end - begin:
                 raise CheckpointError(
-                    f"{shown(path, None)}: tensor '{shown(key, 80)}' was cut short (did the file change while read?)"
+                    f"{shown(path)}: tensor '{shown(key, 80)}' was cut short (did the file change while read?)"
                 )
             array = array.astype(dtype.newbyteorder("="), copy=False)
             tensors[key] = bf16_to_f32(array) if entry["dtype"] == "BF16" else array

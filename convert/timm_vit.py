@@ -243,7 +243,7 @@ def checkpoint(name: str, config: ViTConfig, weights: dict[str, np.ndarray], pre
 
 def read(source: Source) -> Checkpoint:
     if source.is_folder:
-        config_file = shown(source.path / "config.json", None)
+        config_file = shown(source.path / "config.json")
         name, overrides = source.config["architecture"], source.config.get("model_args")
         if not isinstance(name, str):
             raise ConfigError(f"{config_file}: architecture must be a timm model name")

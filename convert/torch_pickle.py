@@ -113,7 +113,7 @@ def _state_dict(state: object) -> dict[str, Tensor] | None:
 def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
     """Tensors of a torch.save()d state dict (zip format), as numpy arrays. Never imports torch."""
     path = Path(path)
-    name = shown(path, None)
+    name = shown(path)
     with open_regular(path, CheckpointError) as file:
         size = file.seek(0, io.SEEK_END)
         try:

@@ -98,7 +98,7 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
 
 
 def read(source: Source) -> Checkpoint:
-    hf, config_file = source.config, shown(source.path / "config.json", None)
+    hf, config_file = source.config, shown(source.path / "config.json")
     registers = "WithRegisters" if hf["model_type"] == "dinov2_with_registers" else ""
     architecture = hf_architecture(hf, ARCHITECTURES, f"Dinov2{registers}Model", config_file)
     id2label = hf.get("id2label")

@@ -123,7 +123,7 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
 
 def read(source: Source) -> Checkpoint:
     """An HF-layout ViT/DeiT folder, in the MLX model's names and layouts."""
-    hf, folder, config_file = source.config, source.path, shown(source.path / "config.json", None)
+    hf, folder, config_file = source.config, source.path, shown(source.path / "config.json")
     check_config(hf, config_file)  # absurd sizes are refused before any weight is read
     tensors = read_weights(folder)
     check_finite(tensors, source.name)

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.errors import MlxVitError, ModelNotFoundError, shown
+from mlx_vit.errors import MlxVitError, ModelNotFoundError, line, shown
+from mlx_vit.numbers import NumberError, parse_int
 
 RUNTIMES = ("mlx-vit", "torch", "onnxruntime")
 DTYPES = ("float32", "float16", "bfloat16")
@@ -48,6 +49,7 @@ PRESETS = {
 DEFAULT_BENCH_MODEL = "random:vit-base-patch16-224"
 PAUSE_S = 0.3  # between two runtimes' runs; OpenBLAS's idle threads spin for ~0.1 s
 SEED = 0
+MAX_BATCH_SIZES = 64  # --batch-sizes: more than any table shows
 
 
 @dataclass
@@ -78,11 +80,11 @@ class BenchReport:
 def parse_batch_sizes(text: str) -> list[int]:
     """'1,8,32' -> [1, 8, 32]; raises ValueError on anything else."""
     try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+        sizes = [parse_int(part, "", 1) for part in text.split(",")[:MAX_BATCH_SIZES] if part.strip()]
+    except NumberError:
         sizes = []
-    if not sizes or any(size < 1 for size in sizes):
-        raise ValueError(f"{text!r}: give positive integers separated by commas, like 1,8,32")
+    if not sizes:
+        raise ValueError(f"{shown(text, 60, quote=True)}: give positive integers separated by commas, like 1,8,32")
     return sorted(set(sizes))
 
 
@@ -256,8 +258,8 @@ def to_table(report: BenchReport) -> Any:
         value = f"{diff:.1e}" if diff is not None else "n/a (other weights)"
         lines.append(f"{name}: max |logit difference| from mlx-vit {value}")
     machine = report.machine
-    title = shown(f"mlx-vit bench: {report.model}, {report.dtype}, {machine['cpu']} ({machine['cores']} cores)", None)
-    caption = Text("\n".join(shown(line, None) for line in lines))  # model names, paths: no markup, no controls
+    title = line(f"mlx-vit bench: {report.model}, {report.dtype}, {machine['cpu']} ({machine['cores']} cores)")
+    caption = Text("\n".join(line(text) for text in lines))  # model names, paths: no markup, no controls
     table = Table(title=Text(title), title_justify="left", caption=caption, caption_justify="left")
     for name in ("batch", "runtime", "images/s", "p50 ms", "p95 ms", "peak MiB", "mlx-vit speedup"):
         table.add_column(name, justify="left" if name == "runtime" else "right")

@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from mlx_vit.errors import CameraError
+from mlx_vit.files import exists
+from mlx_vit.numbers import parse_int
 
 if TYPE_CHECKING:
     from mlx_vit.classify import Classifier, Prediction
@@ -62,7 +64,9 @@ def is_live(source: int | str | os.PathLike) -> bool:
 
 def source_from_arg(text: str) -> int | str:
     """A command-line `--camera` value: digits are a camera index unless a file of that name exists."""
-    return int(text) if text.isdigit() and not Path(text).exists() else text
+    if text.isascii() and text.isdigit() and not exists(text):
+        return parse_int(text, "--camera", 0)
+    return text
 
 
 class FrameSource:

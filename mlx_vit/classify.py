@@ -220,7 +220,7 @@ def decode_workers() -> int:
 
 
 def _not_finite(path: str | os.PathLike) -> str:
-    return (f"{shown(path, None)}: the model computed NaN or infinite scores (its weights or preprocessing "
+    return (f"{shown(path)}: the model computed NaN or infinite scores (its weights or preprocessing "
             "overflow float32?)")  # fmt: skip
 
 

@@ -55,7 +55,7 @@ def embedded_batches(classifier: Any, items: Iterable[Any], batch_size: int = 8,
         good = []
         for record, (_, pixels) in zip(records, batch, strict=True):
             if one_per_line and pixels is not None and "\n" in record.path:
-                record.error = f"{shown(record.path, None)}: a path with a line break cannot go in a .paths.txt"
+                record.error = f"{shown(record.path)}: a path with a line break cannot go in a .paths.txt"
             elif pixels is not None:
                 good.append((record, pixels))
         if good:
@@ -64,7 +64,7 @@ def embedded_batches(classifier: Any, items: Iterable[Any], batch_size: int = 8,
                 if ok:
                     record.vector = vector
                 else:
-                    record.error = f"{shown(record.path, None)}: the model computed NaN or infinite features"
+                    record.error = f"{shown(record.path)}: the model computed NaN or infinite features"
         yield records
 
 
@@ -97,7 +97,7 @@ def _fits_in_header(text: str) -> bool:
 def _lines(paths: Sequence[str]) -> bytes:
     for path in paths:
         if "\n" in path:
-            raise IndexFileError(f"{shown(path, None)}: a path with a line break cannot be listed in a .paths.txt")
+            raise IndexFileError(f"{shown(path)}: a path with a line break cannot be listed in a .paths.txt")
     return "".join(f"{p}\n" for p in paths).encode("utf-8", "surrogateescape")
 
 
@@ -163,7 +163,7 @@ def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str
 def read_index(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict[str, str]]:
     """read_embeddings, with what made the rows (a safetensors index's metadata less its paths; {} for .npy)."""
     path = Path(path)
-    name = shown(path, None)
+    name = shown(path)
     if path.suffix.lower() == ".npy":
         try:
             with open_regular(path, IndexFileError) as f:
@@ -222,7 +222,7 @@ def _read_lines(path: Path, index: str) -> list[str]:
     except IndexFileError as error:
         raise IndexFileError(f"{index}: cannot read its paths ({error})") from None
     except OSError as error:
-        raise IndexFileError(f"{index}: cannot read its paths, {shown(path, None)} ({os_reason(error)})") from None
+        raise IndexFileError(f"{index}: cannot read its paths, {shown(path)} ({os_reason(error)})") from None
 
 
 def _read_json_lines(path: Path, index: str) -> list[str]:
@@ -233,5 +233,5 @@ def _read_json_lines(path: Path, index: str) -> list[str]:
         except ValueError:
             paths.append(None)
         if not isinstance(paths[-1], str):
-            raise IndexFileError(f"{index}: line {number} of {shown(path.name, None)} is not a JSON string")
+            raise IndexFileError(f"{index}: line {number} of {shown(path.name)} is not a JSON string")
     return paths

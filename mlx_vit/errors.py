@@ -38,6 +38,10 @@ _UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\
 _ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxstring, _repr.maxother = 3, 200, 200
+# A path or value quoted in a message: a longer one keeps its start and its end (the file name), the middle
+# elided. Whole lines are cut to LINE_LIMIT where they are printed (an `error:` line is at most ~300 characters).
+NAME_LIMIT = 160
+LINE_LIMIT = 300
 
 
 def _escape(match: re.Match) -> str:
@@ -50,13 +54,14 @@ def _escape(match: re.Match) -> str:
     return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
 
 
-def shown(value: object, limit: int | None = 120, quote: bool = False) -> str:
+def shown(value: object, limit: int = NAME_LIMIT, quote: bool = False) -> str:
     """`value` (from a file, a path, a label: anything untrusted) as text safe to print for a person.
 
     Every control character is escaped, so the text stays on one line and the terminal acts on none of it;
-    strings and paths are shown as they are (in quotes with `quote`), anything else as a bounded repr; with a
-    `limit`, longer text is cut to it (file names are usually shown whole: `shown(path, None)`).
-    The one helper for every value quoted in a message, a table or the TUI (JSON and csv keep exact strings).
+    strings and paths are shown as they are (in quotes with `quote`), anything else as a bounded repr. Text
+    longer than `limit` keeps its start and its end with `...` between them: every value from outside is
+    bounded, so a 100 kB path or a 5,000-digit number makes a short line. The one helper for every value quoted
+    in a message, a table or the TUI (JSON and csv keep exact strings).
     """
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
@@ -71,9 +76,16 @@ def shown(value: object, limit: int | None = 120, quote: bool = False) -> str:
             text = _repr.repr(value)
         except Exception:  # a hostile object's repr: say what it is, nothing more
             text = f"<{type(value).__name__}>"
-    if limit is not None and len(text) > limit:
-        text = text[: max(limit - 3, 0)] + "..."
+    limit = max(limit, 5)
+    if len(text) > 4 * limit:  # the middle goes anyway: escape no more than can be shown
+        text = text[: 2 * limit] + text[-2 * limit :]
     text = _UNSAFE.sub(_escape, text)
-    if limit is not None and len(text) > limit + 8:  # escapes lengthened it
-        text = text[: max(limit - 3, 0)] + "..."
+    if len(text) > limit:
+        head = (limit - 3) // 2
+        text = f"{text[:head]}...{text[len(text) - (limit - 3 - head) :]}"
     return text
+
+
+def line(message: str) -> str:
+    """A whole message as one printable line of at most LINE_LIMIT characters."""
+    return shown(message, LINE_LIMIT)

@@ -121,10 +121,10 @@ def explain(classifier, image, method: str = "rollout", layer: int | None = None
     to_numpy = lambda a: None if a is None else np.array(a[0].astype(mx.float32), np.float64)  # noqa: E731
     maps, what = attention_maps(config, [to_numpy(w) for w in layers], to_numpy(pool), method, layer, head, grid)
     if not np.isfinite(maps).all():
-        raise MlxVitError(f"{shown(image, None)}: the model computed NaN or infinite attention")
+        raise MlxVitError(f"{shown(image)}: the model computed NaN or infinite attention")
     predictions = classifier.predictions_of(np.array(logits.astype(mx.float32)), top_k)[0] if classifier.labels else []
     if predictions is None:
-        raise MlxVitError(f"{shown(image, None)}: the model computed NaN or infinite scores")
+        raise MlxVitError(f"{shown(image)}: the model computed NaN or infinite scores")
     titles = [f"head {h}" for h in range(len(maps))] if grid else [""]
     return Explanation(maps, model_view(pixels[0], classifier.preprocessing), predictions, what, titles)
 
@@ -199,12 +199,12 @@ def write_explanation(classifier, image, output, method: str = "rollout", layer:
 
     targets = [Path(p) for p in (output, save_npy) if p is not None]
     if targets[0].suffix.lower() != ".png":
-        raise MlxVitError(f"{shown(targets[0], None)}: explain writes a PNG; name it .png")
+        raise MlxVitError(f"{shown(targets[0])}: explain writes a PNG; name it .png")
     if save_npy is not None and targets[0].resolve() == targets[1].resolve():
-        raise MlxVitError(f"{shown(targets[0], None)}: -o and --save-npy name the same file")
+        raise MlxVitError(f"{shown(targets[0])}: -o and --save-npy name the same file")
     for target in targets:
         if target.exists() and not force:
-            raise MlxVitError(f"{shown(target, None)}: already exists (--force replaces it)")
+            raise MlxVitError(f"{shown(target)}: already exists (--force replaces it)")
     explanation = explain(classifier, image, method, layer, head, grid, top_k)
     png = io.BytesIO()
     render(explanation, classifier.name, label).save(png, format="PNG")

@@ -31,7 +31,7 @@ _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S
 
 def refusal(path: str | os.PathLike, mode: int, wanted: str = "a file") -> str:
     """The line for a path that is not a regular file: what it is instead (a FIFO, a device, ...)."""
-    return f"{shown(path, None)}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not {wanted}"
+    return f"{shown(path)}: is {_KINDS.get(stat.S_IFMT(mode), 'not a regular file')}, not {wanted}"
 
 
 def os_reason(error: OSError) -> str:
@@ -48,7 +48,7 @@ def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError
     cannot be swapped for a FIFO in between: the open itself does not block).
     """
     path = Path(path)
-    name = shown(path, None)
+    name = shown(path)
     try:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):
@@ -81,9 +81,9 @@ def read_limited(
         try:
             raw = f.read(limit + 1)
         except OSError as failure:
-            raise error(f"{shown(path, None)}: cannot read ({os_reason(failure)})") from None
+            raise error(f"{shown(path)}: cannot read ({os_reason(failure)})") from None
     if len(raw) > limit:
-        raise error(f"{shown(path, None)}: over {limit // 2**20} MiB, too large for a {what}")
+        raise error(f"{shown(path)}: over {limit // 2**20} MiB, too large for a {what}")
     return raw
 
 
@@ -105,7 +105,7 @@ def parse_json(raw: bytes, source: str, error: type[MlxVitError] = ConfigError, 
 
 def read_json(path: str | os.PathLike, error: type[MlxVitError] = ConfigError) -> dict[str, Any]:
     """A JSON object from a regular file of at most MAX_JSON_BYTES; `error` (one line naming it) otherwise."""
-    source = shown(path, None)
+    source = shown(path)
     value = parse_json(read_limited(path, MAX_JSON_BYTES, error, "config file"), source, error)
     if not isinstance(value, dict):
         raise error(f"{source}: expected a JSON object")
@@ -157,7 +157,7 @@ def replace_together(files: list[tuple[Path, Iterable[bytes]]], error: type[MlxV
         for temporary, target in written:
             os.replace(temporary, target)
     except OSError as failure:
-        raise error(f"{shown(target, None)}: cannot write it ({os_reason(failure)})") from None
+        raise error(f"{shown(target)}: cannot write it ({os_reason(failure)})") from None
     finally:
         for temporary, _ in written:
             temporary.unlink(missing_ok=True)

@@ -68,7 +68,7 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """
     path = Path(path)
     limit = checked_limit(max_pixels)
-    name = shown(path, None)
+    name = shown(path)
     try:
         with open_regular(path, ImageError) as f:
             if _is_heif(f.read(64)):

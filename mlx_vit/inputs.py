@@ -71,7 +71,7 @@ def find_inputs(arguments: Iterable[str | os.PathLike], stdin: TextIO | None = N
                 matched = True
                 yield from _expand(path, seen, named=False)
             if not matched:
-                yield Input(argument, f"{shown(argument, None)}: no file matches this pattern")
+                yield Input(argument, f"{shown(argument)}: no file matches this pattern")
 
 
 def count_inputs(arguments: Iterable[str | os.PathLike]) -> int | None:
@@ -109,17 +109,17 @@ class _Seen:
 def _expand(path: str, seen: _Seen, named: bool = True) -> Iterator[Input]:
     """A path as inputs: a folder's images, or the file itself (a named file is taken whatever its extension)."""
     if "\0" in path:
-        yield Input(path, f"{shown(path, None)}: not a path (it holds a NUL byte)")
+        yield Input(path, f"{shown(path)}: not a path (it holds a NUL byte)")
         return
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         if seen.first(path, True):
-            yield Input(path, f"{shown(path, None)}: no such file or folder")
+            yield Input(path, f"{shown(path)}: no such file or folder")
         return
     except OSError as error:
         if seen.first(path, True):
-            yield Input(path, f"{shown(path, None)}: cannot read ({os_reason(error)})")
+            yield Input(path, f"{shown(path)}: cannot read ({os_reason(error)})")
         return
     if stat.S_ISDIR(mode):
         key = os.path.abspath(path)
@@ -135,7 +135,7 @@ def _expand(path: str, seen: _Seen, named: bool = True) -> Iterator[Input]:
             if key not in seen.named and not any(_inside(key, f, False) for f in seen.folders[:earlier]):
                 yield item
         if not found and named:
-            yield Input(path, f"{shown(path, None)}: holds no image files (of the formats mlx-vit reads)")
+            yield Input(path, f"{shown(path)}: holds no image files (of the formats mlx-vit reads)")
     elif named or is_image_name(os.path.basename(path)):
         if seen.first(path, True):
             yield Input(path) if stat.S_ISREG(mode) else Input(path, refusal(path, mode, "an image file"))
@@ -170,14 +170,14 @@ def _walk(folder: str) -> Iterator[Input]:
                     entries = sorted((e.name, e.path, e.is_dir(follow_symlinks=False)) for e in listing
                                      if not e.name.startswith("."))  # fmt: skip
             except OSError as error:
-                yield Input(path, f"{shown(path, None)}: cannot list folder ({os_reason(error)})")
+                yield Input(path, f"{shown(path)}: cannot list folder ({os_reason(error)})")
                 continue
             stack.append((p, d) for name, p, d in entries if d or is_image_name(name))
             continue
         try:
             mode = os.stat(path).st_mode  # follows a symlinked file to what it names
         except OSError as error:
-            yield Input(path, f"{shown(path, None)}: cannot read ({os_reason(error)})")
+            yield Input(path, f"{shown(path)}: cannot read ({os_reason(error)})")
             continue
         yield Input(path) if stat.S_ISREG(mode) else Input(path, refusal(path, mode, "an image file"))
 

@@ -26,22 +26,28 @@ import weakref
 import mlx.core as mx
 import mlx.nn as nn
 
-from mlx_vit import blas
+from mlx_vit import blas, numbers
 
 DEFAULT_LANES = 2
 # The tensor split pays when each lane gets at least this much of the model's width: at batch 1 on 2 cores,
 # ViT-B (768, two lanes of 384) took 0.87-0.90x the one-lane time, ViT-S (384) 0.97x and ViT-Ti (192) 1.24x.
 MIN_LANE_WIDTH = 384
 THREAD_VARIABLES = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS")
+MAX_COUNT = 4096  # lanes or BLAS threads: more than any machine has cores
 
 _local = threading.local()  # .streams: this thread's CPU streams, its default one first
 _threads: int | None = None  # BLAS threads per call, as last set here
 
 
 def _count(name: str) -> int | None:
-    """The environment variable `name` as a count (ASCII digits), or None when unset or not a count."""
-    value = os.environ.get(name, "").strip()
-    return int(value) if value.isascii() and value.isdigit() else None
+    """The environment variable `name` as a count, or None when unset. MLX_VIT_CPU_LANES must be a count (else
+    NumberError); the BLAS's own variables are taken as their libraries take them (atoi): others are ignored."""
+    try:
+        return numbers.environment_int(name, 0, MAX_COUNT)
+    except numbers.NumberError:
+        if name == "MLX_VIT_CPU_LANES":
+            raise
+        return None
 
 
 def _positive(name: str) -> int | None:

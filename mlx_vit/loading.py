@@ -52,19 +52,19 @@ def on_cpu() -> bool:
 def load_mlx_folder(folder: Path, image_size: int | None = None) -> LoadedModel:
     config, weights = read_mlx_folder(folder)
     if image_size is not None:
-        config = at_image_size(config, image_size, shown(folder / "config.json", None))
-        check_config(config, shown(folder / "config.json", None))
+        config = at_image_size(config, image_size, shown(folder / "config.json"))
+        check_config(config, shown(folder / "config.json"))
     dtype = config["dtype"]
     if on_cpu() and (config["quantization"] or dtype != "float32"):
         # MLX's CPU quantized/half matmuls are scalar loops, ~15-30x slower than float32 with a real BLAS.
-        log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", shown(folder, None),
+        log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", shown(folder),
                  describe(config))  # fmt: skip
         try:
             weights = to_float32(weights, config["quantization"])
         except (CheckpointError, ValueError) as error:
-            raise CheckpointError(f"{shown(folder / 'model.safetensors', None)}: {shown(str(error), 200)}") from None
+            raise CheckpointError(f"{shown(folder / 'model.safetensors')}: {shown(str(error), 200)}") from None
         dtype = "float32"
-    model = build_model(config, weights, shown(folder, None))
+    model = build_model(config, weights, shown(folder))
     return LoadedModel(model, config, str(folder), runtime_dtype=dtype)
 
 
@@ -77,7 +77,7 @@ def describe(config: dict[str, Any]) -> str:
 def load_checkpoint(path: Path, image_size: int | None = None, arch: str | None = None) -> LoadedModel:
     """A checkpoint folder or bare weight file of any supported format, converted in memory."""
     weights, config = convert_folder(path, {"path": str(path.resolve())}, arch=arch, image_size=image_size)
-    model = build_model(config, weights, shown(path, None))
+    model = build_model(config, weights, shown(path))
     return LoadedModel(model, config, str(path))
 
 
@@ -90,16 +90,16 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
     folder = Path(name).expanduser()
     if is_dir(folder):
         if not exists(folder / "config.json"):
-            raise ModelNotFoundError(f"{shown(folder, None)}: folder has no config.json (not a model folder)")
+            raise ModelNotFoundError(f"{shown(folder)}: folder has no config.json (not a model folder)")
         if read_json(folder / "config.json").get("format") == FORMAT:
             if arch is not None:
-                raise ModelNotFoundError(f"{shown(folder, None)}: --arch is for bare weight files")
+                raise ModelNotFoundError(f"{shown(folder)}: --arch is for bare weight files")
             return load_mlx_folder(folder, image_size)
         return load_checkpoint(folder, image_size, arch)
     if exists(folder):
         return load_checkpoint(folder, image_size, arch)
     if name.startswith((".", "/", "~")) or os.sep in name.strip(os.sep).replace("/", "", 1):
-        raise ModelNotFoundError(f"{shown(name, None)}: no such folder")
+        raise ModelNotFoundError(f"{shown(name)}: no such folder")
     try:
         snapshot = download(name, revision)
     except HubUnreachableError:

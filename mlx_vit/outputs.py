@@ -107,7 +107,7 @@ def read_done(path: Path, format: str) -> tuple[Done, int, Tail | None]:
     cut short of its rank: it is redone if it comes up again, and its rows are put back if it does not (see
     ResultWriter). Anything else in the file stops the resume with one line.
     """
-    name = shown(path, None)
+    name = shown(path)
     hashes = array("Q")
     end, tail = 0, None
     try:
@@ -194,7 +194,7 @@ class Output:
             if resume:
                 raise OutputError("--resume needs -o FILE: the results to continue are read from it")
             return
-        name = shown(self.path, None)
+        name = shown(self.path)
         if resume and format not in RESUMABLE:
             raise OutputError(f"{name}: --resume continues jsonl or csv output, not {format}")
         try:
@@ -232,7 +232,7 @@ class Output:
                 fd, self._temporary = temporary_beside(self.path)
                 self.file = os.fdopen(fd, "w", **options)
         except OSError as error:
-            raise OutputError(f"{shown(self.path, None)}: cannot write ({os_reason(error)})") from None
+            raise OutputError(f"{shown(self.path)}: cannot write ({os_reason(error)})") from None
         return self.file
 
     def write_text(self, text: str) -> None:
@@ -246,7 +246,7 @@ class Output:
                 os.fsync(file.fileno())
                 self._synced = time.monotonic()
         except OSError as error:
-            raise OutputError(f"{shown(self.path or 'stdout', None)}: cannot write ({os_reason(error)})") from None
+            raise OutputError(f"{shown(self.path or 'stdout')}: cannot write ({os_reason(error)})") from None
 
     def finish(self) -> None:
         """Close the file; a json or table output is moved into place only now."""
@@ -263,7 +263,7 @@ class Output:
                 self._temporary = None
         except OSError as error:
             self.abort()
-            raise OutputError(f"{shown(self.path, None)}: cannot write ({os_reason(error)})") from None
+            raise OutputError(f"{shown(self.path)}: cannot write ({os_reason(error)})") from None
 
     def abort(self) -> None:
         """After a failure: jsonl/csv keep what was finished; a json or table output is removed."""
@@ -380,7 +380,7 @@ def cell(value: object):
     """Text from a file, a path or a label, for a rich table: no markup, emoji code or control character acts."""
     from rich.text import Text
 
-    return Text(shown(value, None))
+    return Text(shown(value))
 
 
 class ResultCodec:

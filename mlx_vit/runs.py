@@ -24,7 +24,7 @@ import numpy as np
 
 from mlx_vit import distributed
 from mlx_vit.embed import Embedded, embedded_batches
-from mlx_vit.errors import MlxVitError, shown
+from mlx_vit.errors import MlxVitError, line
 from mlx_vit.inputs import Input, count_inputs, find_inputs
 from mlx_vit.outputs import RESULTS, Done, Output, ResultWriter
 
@@ -96,11 +96,11 @@ class Progress:
 
     def error(self, message: str) -> None:
         """An error line, above the bar (or plainly without one)."""
-        line = f"error: {shown(message, None)}"
+        text = line(f"error: {message}")
         if self.bar is not None:
-            self.bar.console.print(line, markup=False, highlight=False, emoji=False, soft_wrap=True)
+            self.bar.console.print(text, markup=False, highlight=False, emoji=False, soft_wrap=True)
         else:
-            print(line, file=sys.stderr, flush=True)
+            print(text, file=sys.stderr, flush=True)
 
     def update(self) -> None:
         if self.bar is not None:
@@ -165,10 +165,10 @@ def run_library(arguments: list[str | os.PathLike], batches: Callable[[Iterator[
             sink.abort()
         if rank == 0 and isinstance(error, KeyboardInterrupt):  # what was finished, and how to go on
             after = "; --resume goes on from there" if sink is not None and sink.resumable else ""
-            print(shown(f"{stats.summary(what)}, then interrupted{after}", None), file=sys.stderr, flush=True)
+            print(line(f"{stats.summary(what)}, then interrupted{after}"), file=sys.stderr, flush=True)
         raise
     if rank == 0:
-        print(shown(stats.summary(what), None), file=sys.stderr, flush=True)
+        print(line(stats.summary(what)), file=sys.stderr, flush=True)
     return stats
 
 

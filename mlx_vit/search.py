@@ -83,7 +83,7 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
     from mlx_vit.images import DEFAULT_MAX_PIXELS
 
     vectors, paths, made_by = read_embeddings(index)
-    name = shown(index, None)
+    name = shown(index)
     if vectors.ndim != 2:
         raise IndexFileError(f"{name}: holds every token (--all-tokens); search needs one vector an image")
     if model is None and made_by is None:
@@ -101,7 +101,7 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
                 rows, similarities = nearest(np.stack([r.vector for r in found]), vectors, top_k)
             except NotFiniteRow as error:
                 row = error.args[0]
-                raise IndexFileError(f"{name}: row {row} ({shown(paths[row], None)}) holds NaN or infinite values; "
+                raise IndexFileError(f"{name}: row {row} ({shown(paths[row])}) holds NaN or infinite values; "
                                      "embed it again") from None  # fmt: skip
             matches = iter(zip(rows, similarities, strict=True))
         for record in records:

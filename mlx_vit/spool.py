@@ -30,7 +30,7 @@ INDEX_SUFFIXES = (".safetensors", ".npy")
 
 def check_index_path(path: str | os.PathLike) -> None:
     if Path(path).suffix.lower() not in INDEX_SUFFIXES:
-        raise OutputError(f"{shown(path, None)}: embeddings are written as .safetensors or .npy")
+        raise OutputError(f"{shown(path)}: embeddings are written as .safetensors or .npy")
 
 
 class EmbeddingSpool:
@@ -39,7 +39,7 @@ class EmbeddingSpool:
     def __init__(self, path: str | os.PathLike, model_name: str, shape: tuple[int, ...], resume: bool = False,
                  settings: dict[str, str] | None = None):  # fmt: skip
         self.path = Path(path)
-        self.name = shown(self.path, None)
+        self.name = shown(self.path)
         check_index_path(self.path)
         self.model_name = model_name
         self.shape = tuple(shape)
@@ -67,8 +67,8 @@ class EmbeddingSpool:
                 "model": model_name,
                 **self.settings,
             }:
-                raise OutputError(f"{self.name}: was made by {shown(made_by, None)} with {_settings(made)}; this "
-                                  f"run is {shown(model_name, None)} with {_settings(self.settings)}: embed into a "
+                raise OutputError(f"{self.name}: was made by {shown(made_by)} with {_settings(made)}; this "
+                                  f"run is {shown(model_name)} with {_settings(self.settings)}: embed into a "
                                   "new file")  # fmt: skip
             self.previous = vectors, paths
             hashes.append(np.array([Done.key(p) for p in paths], dtype=np.uint64))

@@ -21,6 +21,7 @@ from mlx_vit import model as model_module
 from mlx_vit.config import ViTConfig
 from mlx_vit.loading import load_model
 from mlx_vit.model import ViT
+from mlx_vit.numbers import NumberError
 
 SMALL = dict(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=2, num_attention_heads=4,
              intermediate_size=96, num_labels=7)  # fmt: skip
@@ -223,9 +224,17 @@ def test_lane_count_and_thread_budget(monkeypatch):
     assert lanes.lane_count() == 1
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "0")  # not a thread count: the next variable's
     assert lanes.thread_budget() == 6
-    for junk in ("two", "\u00b2", "-2", ""):  # not counts: the default
+    monkeypatch.setenv("MLX_VIT_CPU_LANES", "")  # unset
+    assert lanes.lane_count() == 2
+    for junk in ("two", "\u00b2", "\u0663", "-2", "9" * 5000):  # not counts: one short line
         monkeypatch.setenv("MLX_VIT_CPU_LANES", junk)
-        assert lanes.lane_count() == 2
+        with pytest.raises(NumberError, match="^MLX_VIT_CPU_LANES: .{,60} is not an integer|out of range") as error:
+            lanes.lane_count()
+        assert len(str(error.value)) < 120
+    monkeypatch.setenv("MLX_VIT_CPU_LANES", "2")
+    for junk in ("two", "\u00b2", "9" * 5000):  # the BLAS's own variable: ignored as OpenBLAS's atoi does
+        monkeypatch.setenv("OPENBLAS_NUM_THREADS", junk)
+        assert lanes.thread_budget() == 6
 
 
 def test_no_lanes_where_the_blas_keeps_its_own_threads(monkeypatch):

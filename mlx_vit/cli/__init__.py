@@ -14,8 +14,8 @@ import typer
 
 from mlx_vit import __version__
 from mlx_vit.cli import bench, classify, convert, embed, explain, search, tui
-from mlx_vit.cli.errors import fail, state
-from mlx_vit.errors import shown
+from mlx_vit.cli.errors import echo, fail, flushed, state
+from mlx_vit.errors import MlxVitError, line
 
 app = typer.Typer(
     help="Vision Transformers on Apple's MLX: classify and embed images, search a library, see attention, convert "
@@ -30,7 +30,7 @@ for command in (classify.classify, embed.embed, search.search, explain.explain, 
 
 class _OneLine(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return shown(super().format(record), None)
+        return line(super().format(record))
 
 
 def _version_line() -> str:
@@ -49,7 +49,7 @@ def _version_line() -> str:
 
 def _version(value: bool) -> None:
     if value:
-        typer.echo(_version_line())
+        echo(_version_line())
         raise typer.Exit()
 
 
@@ -70,8 +70,24 @@ def main_options(
 
 
 def main() -> None:
+    """The `mlx-vit` command: usage errors as Typer shows them, but bounded; any library error that escaped a
+    command (a callback's, stdout's) as one line; nothing left unflushed to fail again at exit."""
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)
+    except typer.TyperException as error:  # a usage error: its message may quote a value from outside whole
+        from typer.rich_utils import rich_format_error
+
+        error.message = line(error.message)
+        rich_format_error(error)
+        code = error.exit_code
+    except (KeyboardInterrupt, typer.Abort):
         fail("interrupted")
-        sys.exit(130)
+        code = 130
+    except MlxVitError as error:
+        if state["debug"]:
+            raise
+        fail(str(error))
+        code = 1
+    if not flushed(sys.stdout):
+        code = code or 1
+    sys.exit(code or 0)

@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
-from mlx_vit.cli.errors import run
-from mlx_vit.cli.options import DType
+from mlx_vit.cli.errors import echo, print_rich, run
+from mlx_vit.cli.options import DType, integer
 
 
 class BenchFormat(str, Enum):
@@ -34,8 +34,8 @@ def bench(
         str | None,
         typer.Option("--compare", help="torch, onnxruntime, both comma-separated, or none [default: those installed]."),
     ] = None,
-    runs: Annotated[int, typer.Option("--runs", min=1, help="Timed runs per batch size and runtime.")] = 5,
-    warmup: Annotated[int, typer.Option("--warmup", min=0, help="Untimed runs first.")] = 1,
+    runs: Annotated[int, typer.Option("--runs", parser=integer(), help="Timed runs per batch size and runtime.")] = 5,
+    warmup: Annotated[int, typer.Option("--warmup", parser=integer(0), help="Untimed runs first.")] = 1,
     format: Annotated[BenchFormat, typer.Option("--format", help="table or json.")] = BenchFormat.table,
 ) -> None:
     """Time mlx-vit against PyTorch and ONNX Runtime on the same random input: images/s, latency, peak memory."""
@@ -48,8 +48,6 @@ def bench(
     others = None if compare is None else [n.strip() for n in compare.split(",") if n.strip() not in ("", "none")]
     report = run(run_bench, model, sizes, dtype.value, others, runs=runs, warmup=warmup)
     if format is BenchFormat.json:
-        typer.echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
+        echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:
-        from rich.console import Console
-
-        Console().print(to_table(report))
+        print_rich(to_table(report))

@@ -6,9 +6,9 @@ import json
 
 import typer
 
-from mlx_vit.cli.errors import fail, state
+from mlx_vit.cli.errors import echo, fail, state
 from mlx_vit.cli.options import Format
-from mlx_vit.errors import MlxVitError, shown
+from mlx_vit.errors import MlxVitError, line
 from mlx_vit.outputs import cell
 
 
@@ -30,7 +30,7 @@ def classify_camera(camera: str, classifier, top_k: int, format: Format, frames:
             if format is Format.jsonl:
                 for result in results:
                     stats.add(result)
-                    typer.echo(json.dumps(_frame_json(result), allow_nan=False))
+                    echo(json.dumps(_frame_json(result), allow_nan=False))
             else:
                 _live_table(results, stats, classifier.name)
         if frames is not None and stats.count == frames:
@@ -42,9 +42,9 @@ def classify_camera(camera: str, classifier, top_k: int, format: Format, frames:
             raise
         fail(str(error))
         if stats.count:
-            typer.echo(shown(stats.summary("the error above"), None), err=True)
+            typer.echo(line(stats.summary("the error above")), err=True)
         raise typer.Exit(1) from None
-    typer.echo(shown(stats.summary(stopped), None), err=True)
+    typer.echo(line(stats.summary(stopped)), err=True)
 
 
 def _frame_json(result) -> dict:

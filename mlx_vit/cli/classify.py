@@ -9,13 +9,13 @@ import typer
 
 from mlx_vit.cli import options
 from mlx_vit.cli.errors import run
-from mlx_vit.cli.options import Arch, Format, ImageSize, Inputs, Model, Revision
+from mlx_vit.cli.options import Arch, Format, ImageSize, Inputs, Model, Revision, decimal, integer
 
 
 def classify(
     images: Inputs = None,
     model: Model = options.DEFAULT_MODEL,
-    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Predictions per image.")] = 5,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", parser=integer(), help="Predictions per image.")] = 5,
     output: options.Output = None,
     format: Annotated[
         Format | None,
@@ -27,7 +27,8 @@ def classify(
         ),
     ] = None,  # fmt: skip
     threshold: Annotated[
-        float, typer.Option("--threshold", min=0.0, help="Drop predictions scoring below P.", metavar="P")
+        float,
+        typer.Option("--threshold", parser=decimal(0.0), help="Drop predictions scoring below P.", metavar="P"),
     ] = 0.0,
     resume: options.Resume = False,
     batch_size: options.BatchSize = 8,
@@ -41,9 +42,12 @@ def classify(
         bool,
         typer.Option("--camera", help="Classify frames instead: the argument is a camera index (default 0) or video."),
     ] = False,
-    frames: Annotated[int | None, typer.Option("--frames", min=1, help="--camera: stop after N frames.")] = None,
+    frames: Annotated[
+        int | None, typer.Option("--frames", parser=integer(), help="--camera: stop after N frames.")
+    ] = None,
     fps: Annotated[
-        float | None, typer.Option("--fps", min=0.01, help="--camera: classify at most F frames per second.")
+        float | None,
+        typer.Option("--fps", parser=decimal(0.01), help="--camera: classify at most F frames per second."),
     ] = None,
     image_size: ImageSize = None,
     arch: Arch = None,

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
-from mlx_vit.cli.errors import run
-from mlx_vit.cli.options import Arch, DType, ImageSize, Revision
+from mlx_vit.cli.errors import echo, run
+from mlx_vit.cli.options import Arch, DType, ImageSize, Revision, integer
 from mlx_vit.errors import MlxVitError, shown
 
 
@@ -23,10 +23,12 @@ def convert(
     revision: Revision = None,
     quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize the linear layers' weights.")] = False,
     q_bits: Annotated[
-        int | None, typer.Option("--q-bits", help="Bits per weight with -q: 2, 3, 4, 5, 6 or 8.  [default: 4]")
+        int | None,
+        typer.Option("--q-bits", parser=integer(), help="Bits per weight with -q: 2, 3, 4, 5, 6 or 8.  [default: 4]"),
     ] = None,
     q_group_size: Annotated[
-        int | None, typer.Option("--q-group-size", help="Weights sharing a scale: 32, 64, 128.  [default: 64]")
+        int | None,
+        typer.Option("--q-group-size", parser=integer(), help="Weights sharing a scale: 32, 64, 128.  [default: 64]"),
     ] = None,
     q_mode: Annotated[
         str | None,
@@ -71,4 +73,4 @@ def convert(
     )  # fmt: skip
     size = sum(p.stat().st_size for p in folder.iterdir())
     amount = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
-    typer.echo(f"wrote {shown(str(folder), None)} ({amount})")
+    echo(f"wrote {shown(str(folder))} ({amount})")

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+
 import typer
 
-from mlx_vit.errors import MlxVitError, shown
+from mlx_vit.errors import MlxVitError, line
+from mlx_vit.files import os_reason
 
 state = {"debug": False}
 
 
 def fail(message: str) -> None:
-    typer.echo(f"error: {shown(message, None)}", err=True)
+    typer.echo(line(f"error: {message}"), err=True)
 
 
 def run(fn, *args, **kwargs):
@@ -22,3 +27,41 @@ def run(fn, *args, **kwargs):
             raise
         fail(str(error))
         raise typer.Exit(1) from None
+
+
+def flushed(stream) -> bool:
+    """Flush `stream` (stdout); when it cannot take the rest (a full disk, a closed pipe) say so in one line.
+    False when it failed."""
+    try:
+        stream.flush()
+        return True
+    except OSError as error:
+        fail(f"stdout: cannot write ({os_reason(error)})")
+        _silence(stream)
+        return False
+
+
+def _silence(stream) -> None:
+    """Point a failed stream at /dev/null, so that the interpreter's flush at exit fails no more."""
+    with contextlib.suppress(OSError, ValueError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+
+
+def echo(text: str) -> None:
+    """typer.echo to stdout; a write that fails is an MlxVitError naming stdout (main prints it on one line)."""
+    try:
+        typer.echo(text)
+    except OSError as error:
+        _silence(sys.stdout)
+        raise MlxVitError(f"stdout: cannot write ({os_reason(error)})") from None
+
+
+def print_rich(renderable) -> None:
+    """A rich table (or text) on stdout, failing as `echo` does."""
+    from rich.console import Console
+
+    try:
+        Console().print(renderable)
+    except OSError as error:
+        _silence(sys.stdout)
+        raise MlxVitError(f"stdout: cannot write ({os_reason(error)})") from None

@@ -10,7 +10,8 @@ import typer
 
 from mlx_vit.cli import options
 from mlx_vit.cli.errors import run
-from mlx_vit.cli.options import Arch, ImageSize, Model, Revision
+from mlx_vit.cli.options import Arch, ImageSize, Model, Revision, integer
+from mlx_vit.numbers import NumberError, parse_int
 
 
 class Method(str, Enum):
@@ -35,7 +36,8 @@ def explain(
         ),
     ] = Method.rollout,  # fmt: skip
     layer: Annotated[
-        int | None, typer.Option("--layer", help="With --method cls: the layer, from 0 (-1 is the last).")
+        int | None,
+        typer.Option("--layer", parser=integer(None), help="With --method cls: the layer, from 0 (-1 is the last)."),
     ] = None,
     head: Annotated[
         str, typer.Option("--head", help="With last or cls: one head's map (from 0), or mean of them all.")
@@ -52,7 +54,7 @@ def explain(
         ),
     ] = None,  # fmt: skip
     grid: Annotated[bool, typer.Option("--grid", help="Every head of one layer, side by side.")] = False,
-    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Predictions in the legend.")] = 5,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", parser=integer(), help="Predictions in the legend.")] = 5,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     revision: Revision = None,
     max_pixels: options.MaxPixels = options.DEFAULT_MAX_PIXELS,
@@ -61,11 +63,13 @@ def explain(
 ) -> None:
     """Show which patches the model attended to: a heatmap over the image as the model saw it, with the top-k
     predictions as a legend. Register and distillation tokens are left out of the map."""
-    if head != "mean" and not head.isdigit():
-        raise typer.BadParameter("a head number (from 0) or mean", param_hint="--head")
+    try:
+        head_number = None if head == "mean" else parse_int(head, "", 0)
+    except NumberError as error:
+        raise typer.BadParameter(f"{error}: give a head number (from 0) or mean", param_hint="--head") from None
     output = output or Path(f"{image.stem}-{method.value}.png")
-    run(_explain, image, model, output, method.value, layer, None if head == "mean" else int(head), label, save_npy,
-        grid, top_k, force, revision, max_pixels, image_size, arch)  # fmt: skip
+    run(_explain, image, model, output, method.value, layer, head_number, label, save_npy, grid, top_k, force,
+        revision, max_pixels, image_size, arch)  # fmt: skip
 
 
 def _explain(image: Path, model: str, output: Path, method: str, layer: int | None, head: int | None,

@@ -3,12 +3,34 @@
 from __future__ import annotations
 
 from enum import Enum
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mlx_vit import numbers
+
 DEFAULT_MODEL = "google/vit-base-patch16-224"  # kept in step with mlx_vit.loading.DEFAULT_MODEL by a test
+
+
+def integer(low: int | None = 1, high: int | None = None):
+    """A `parser` for an integer option: mlx_vit.numbers' rules (ASCII digits, bounded, range-checked)."""
+    return partial(_parse, numbers.parse_int, low, high)
+
+
+def decimal(low: float | None = None, high: float | None = None):
+    """A `parser` for a number option: finite, ASCII, bounded, range-checked."""
+    return partial(_parse, numbers.parse_float, low, high)
+
+
+def _parse(parse, low, high, value):
+    if not isinstance(value, str):  # a default
+        return value
+    try:
+        return parse(value, "", low, high)
+    except numbers.NumberError as error:  # a ValueError would be quoted whole by the option machinery
+        raise typer.BadParameter(str(error)) from None
 
 
 class DType(str, Enum):
@@ -28,8 +50,8 @@ Model = Annotated[str, typer.Option("-m", "--model", help="MLX folder, checkpoin
 Revision = Annotated[str | None, typer.Option("--revision", help="Hub revision (branch, tag, commit).")]
 ImageSize = Annotated[
     int | None,
-    typer.Option("--image-size", min=1, help="Run at N x N pixels: position embeddings resampled as the checkpoint's "
-                 "reference does, preprocessing scaled to match.", show_default=False),
+    typer.Option("--image-size", parser=integer(), help="Run at N x N pixels: position embeddings resampled as the "
+                 "checkpoint's reference does, preprocessing scaled to match.", show_default=False),
 ]  # fmt: skip
 Arch = Annotated[
     str | None,
@@ -41,9 +63,12 @@ Inputs = Annotated[
     typer.Argument(help="Image files, folders (searched recursively; hidden files skipped), quoted globs "
                    "('photos/**/*.jpg'), or - to read paths from stdin, one per line.", show_default=False),
 ]  # fmt: skip
-BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", parser=integer(), help="Images per forward pass.")]
 MaxPixels = Annotated[
-    int, typer.Option("--max-pixels", min=1, help="Refuse larger images as decompression bombs (never disabled).")
+    int,
+    typer.Option(
+        "--max-pixels", parser=integer(), help="Refuse larger images as decompression bombs (never disabled)."
+    ),
 ]
 DEFAULT_MAX_PIXELS = 128_000_000  # mlx_vit.images.DEFAULT_MAX_PIXELS: a test keeps them equal
 Resume = Annotated[
@@ -53,8 +78,8 @@ Resume = Annotated[
 ]  # fmt: skip
 Workers = Annotated[
     int | None,
-    typer.Option("--workers", min=1, help="Threads decoding images ahead of the model [default: cores - 1, at most "
-                 "8].", show_default=False),
+    typer.Option("--workers", parser=integer(), help="Threads decoding images ahead of the model [default: cores - 1, "
+                 "at most 8].", show_default=False),
 ]  # fmt: skip
 Progress = Annotated[
     bool | None,

@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from mlx_vit.cli import options
-from mlx_vit.cli.errors import fail, run
-from mlx_vit.cli.options import Inputs, Revision
+from mlx_vit.cli.errors import echo, fail, print_rich, run
+from mlx_vit.cli.options import Inputs, Revision, integer
 
 
 class SearchFormat(str, Enum):
@@ -24,7 +24,7 @@ def search(
     index: Annotated[
         Path, typer.Option("--index", help="An index from `mlx-vit embed` (.safetensors or .npy).", show_default=False)
     ] = ...,
-    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Matches per query.")] = 10,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", parser=integer(), help="Matches per query.")] = 10,
     format: Annotated[SearchFormat, typer.Option("--format", help="table or json.")] = SearchFormat.table,
     model: Annotated[
         str | None,
@@ -46,9 +46,8 @@ def search(
         if answer.error:
             fail(answer.error)
     if format is SearchFormat.json:
-        typer.echo(json.dumps([a.to_json() for a in answers], indent=2, allow_nan=False))
+        echo(json.dumps([a.to_json() for a in answers], indent=2, allow_nan=False))
     else:
-        from rich.console import Console
         from rich.table import Table
 
         table = Table(title=cell(f"mlx-vit search · {index}"), title_justify="left")
@@ -60,7 +59,7 @@ def search(
             for rank, (path, similarity) in enumerate(answer.matches, 1):
                 table.add_row(cell(answer.query) if rank == 1 else "", str(rank), cell(path), f"{similarity:.4f}",
                               end_section=rank == len(answer.matches))  # fmt: skip
-        Console().print(table)
+        print_rich(table)
     raise typer.Exit(1 if any(a.error for a in answers) else 0)
 
 

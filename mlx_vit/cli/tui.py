@@ -8,13 +8,13 @@ from typing import Annotated
 import typer
 
 from mlx_vit.cli.errors import run
-from mlx_vit.cli.options import DEFAULT_MODEL, Model
+from mlx_vit.cli.options import DEFAULT_MODEL, Model, integer
 
 
 def tui(
     path: Annotated[Path, typer.Argument(help="An image (classified at start) or a folder to browse.")] = Path("."),
     model: Model = DEFAULT_MODEL,
-    top_k: Annotated[int, typer.Option("-k", "--top-k", min=1, max=20, help="Predictions shown.")] = 5,
+    top_k: Annotated[int, typer.Option("-k", "--top-k", parser=integer(1, 20), help="Predictions shown.")] = 5,
     camera: Annotated[
         str | None, typer.Option("--camera", help="Start in webcam mode: a camera index (0) or a video file.")
     ] = None,

@@ -59,15 +59,15 @@ def display_path(path: str | Path) -> str:
     characters escaped, as everywhere text from a file name or a model reaches the screen."""
     path = Path(path)
     if not path.is_absolute():
-        return shown(path, None)
+        return shown(path)
     try:
-        return shown(str(path.relative_to(Path.cwd())), None)
+        return shown(str(path.relative_to(Path.cwd())))
     except ValueError:
         pass
     try:
-        return shown(str(Path("~") / path.relative_to(Path.home())), None)
+        return shown(str(Path("~") / path.relative_to(Path.home())))
     except (ValueError, RuntimeError):
-        return shown(path, None)
+        return shown(path)
 
 
 class MlxVitApp(WebcamMode, App[None]):
@@ -224,7 +224,7 @@ class MlxVitApp(WebcamMode, App[None]):
     def _update_position(self) -> None:
         images = self.browser.images()
         where = f"{images.index(self.current) + 1}/{len(images)} " if self.current in images else ""
-        self.status.position = f"{where}{shown(self.current.name, None)}" if self.current else ""
+        self.status.position = f"{where}{shown(self.current.name)}" if self.current else ""
 
     @work(thread=True, exclusive=True, group="open")
     def _open_image(self, path: Path) -> None:
@@ -401,7 +401,7 @@ class MlxVitApp(WebcamMode, App[None]):
             return
         what = f"webcam {self._camera_source}" if self.webcam_on else str(self.current)
         # Pasted into a terminal, a control character in a label would act there: escaped, as on screen.
-        lines = [shown(what, None)] + [f"{shown(p.label, None)}\t{p.score:.4f}\t{p.class_id}" for p in predictions]
+        lines = [shown(what)] + [f"{shown(p.label)}\t{p.score:.4f}\t{p.class_id}" for p in predictions]
         self.copy_to_clipboard("\n".join(lines) + "\n")
         self.notify(f"copied {len(predictions)} predictions")
 

@@ -49,7 +49,7 @@ class CameraSession:
 
     @property
     def name(self) -> str:
-        return f"camera {self.spec}" if self.spec.isdigit() else f"video {shown(Path(self.spec).name, None)}"
+        return f"camera {self.spec}" if self.spec.isdigit() else f"video {shown(Path(self.spec).name)}"
 
     def run(self, backend: Backend, post: Callable[[Any], Any]) -> None:
         """Read the newest frame, classify it, post it; repeat until stopped or the stream ends. Closes the source."""
@@ -107,7 +107,7 @@ class WebcamMode:
         camera = self._camera = CameraSession(self._camera_sessions, spec, source)
         camera.attention = self.attention
         self._request += 1  # drop any image classification still on its way
-        self.sub_title = f"webcam {shown(spec, None)}"
+        self.sub_title = f"webcam {shown(spec)}"
         self.preview.set_image(None)
         self.predictions.show_note("waiting for the first frame …")
         self.status.position = camera.name

@@ -53,10 +53,10 @@ class ModelScreen(ModalScreen[tuple[str, str | None] | None]):
             yield Input(placeholder="Hub id (org/name) or model folder, then enter", id="model-input")
             if self._cached:
                 yield Label("or one converted before (tab, then ↑ ↓ enter):", classes="dialog-hint")
-                yield OptionList(*[Option(Text(shown(m.label, None))) for m in self._cached], id="cached-models")
+                yield OptionList(*[Option(Text(shown(m.label))) for m in self._cached], id="cached-models")
             else:
                 yield Label("(no converted models in mlx-vit's cache yet)", classes="dialog-hint")
-            current = f"current: {shown(self._current, None)} · " if self._current else ""
+            current = f"current: {shown(self._current)} · " if self._current else ""
             yield Label(Text(f"{current}escape: cancel"), classes="dialog-hint")
 
     def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:

@@ -66,9 +66,9 @@ class FolderBrowser(OptionList):
         self._images = images
         # File names as Text (not markup), control characters escaped (a name must not retitle the terminal).
         labels = [Text("▲ ..", style="bold") for _ in up]
-        labels += [Text(f"▸ {shown(p.name, None)}/", style="bold") for p in folders]
-        self.set_options([Option(label) for label in labels + [Text(f"  {shown(p.name, None)}") for p in images]])
-        self.border_title = Text(shown(folder.name or str(folder), None))
+        labels += [Text(f"▸ {shown(p.name)}/", style="bold") for p in folders]
+        self.set_options([Option(label) for label in labels + [Text(f"  {shown(p.name)}") for p in images]])
+        self.border_title = Text(shown(folder.name or str(folder)))
         self.border_subtitle = f"{len(self.images())} images"
         if highlight is not None and highlight in self.entries:
             self.highlighted = self.entries.index(highlight)
@@ -228,7 +228,7 @@ class PredictionBars(Widget):
         bar_width = width - 7  # " 100.0%"
         text = Text(no_wrap=True, overflow="ellipsis")
         for rank, prediction in enumerate(self.shown(), 1):
-            label = f"{rank}. {shown(prediction.label, None)}"
+            label = f"{rank}. {shown(prediction.label)}"
             if len(label) > width:
                 label = label[: width - 1] + "…"
             text.append(label + "\n", self.get_component_rich_style("bars--label"))
