@@ -16,6 +16,7 @@ import numpy as np
 from mlx_vit.config import ViTConfig
 from mlx_vit.errors import CheckpointError, ConfigError, shown
 from mlx_vit.files import exists, read_json
+from mlx_vit.numbers import is_number
 from mlx_vit.preprocess import PreprocessConfig
 
 from .safetensors_io import read_safetensors
@@ -171,7 +172,7 @@ def numbered_labels(num_labels: int, names: dict[int, str] | None = None, fallba
 
 def mlp_width(width: Any, ratio: Any, source: str, names: str) -> int:
     """int(width * mlp_ratio), as timm and transformers size the MLP; refused unless both are numbers."""
-    if not (type(width) is int and type(ratio) in (int, float) and 0 < ratio <= 64):
+    if not (is_number(width, integer=True) and is_number(ratio) and 0 < ratio <= 64):
         raise ConfigError(f"{source}: {names} must be numbers, got {shown([width, ratio])}")
     return int(width * ratio)
 

@@ -4,11 +4,11 @@ a hostile one from allocating or running away: checked before any module is buil
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from mlx_vit.errors import ConfigError, shown
+from mlx_vit.numbers import is_number
 from mlx_vit.ops import ACTIVATIONS
 
 # Refuse configs whose weights would not fit any Mac before allocating anything (ViT-G/14 is ~1.8B parameters).
@@ -167,7 +167,7 @@ class ViTConfig:
         if self.distillation_token and self.reg_tokens:
             fail("a distillation token and register tokens together are not a known layout")
         init = self.init_values
-        if init is not None and not (type(init) in (int, float) and math.isfinite(init)):
+        if init is not None and not is_number(init):
             fail(f"init_values must be a number or null, got {shown(init, 40, quote=True)}")
         if self.num_hidden_layers > MAX_LAYERS:
             fail(f"num_hidden_layers {self.num_hidden_layers} is over the limit of {MAX_LAYERS}")

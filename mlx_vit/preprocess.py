@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from mlx_vit.errors import ConfigError, ImageError, shown
+from mlx_vit.numbers import is_number
 
 IMAGENET_STANDARD = [0.5, 0.5, 0.5]
 IMAGENET_DEFAULT_MEAN = [0.485, 0.456, 0.406]
@@ -255,11 +256,11 @@ class PreprocessConfig:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return is_number(value, integer=True)
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return is_number(value)
 
 
 def _scaled(side: int, size: int, crop: int) -> int:
