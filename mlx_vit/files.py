@@ -1,19 +1,29 @@
-"""Opening and reading files that may be hostile: only regular files, every read bounded before it allocates.
+"""The safe file primitives: every file a user or an attacker may have made is read and written through here.
 
-A FIFO blocks `open` forever, `/dev/zero` never ends and a sparse file claims gigabytes it does not hold, so every
-file mlx-vit reads (configs, manifests, weights, images) comes through `open_regular`, and every JSON file through
-`read_json`, which caps its size and the number of values it may hold.
+Reading. A FIFO blocks `open` forever, `/dev/zero` never ends and a sparse file claims gigabytes it does not hold,
+so every file mlx-vit reads (configs, manifests, weights, images, indexes, outputs being resumed, spools, stdin)
+comes through `open_regular` (a regular file only, checked on the open descriptor; links not followed for the
+files mlx-vit keeps beside an output) and is read with a bound (`read_limited`, `lines`). JSON, a file's or a
+line's, comes through `parse_json`: strict UTF-8, bounded size and depth, no NaN; `path_string` checks the paths
+in it.
+
+Writing. Nothing is written in place of a file mlx-vit did not make: a file beside an output is created with
+O_EXCL | O_NOFOLLOW (`create_beside`: a link, FIFO or file planted there is refused, never followed), reopened on
+--resume without following links (`open_beside`), and whole files are written to a temporary beside their target
+and renamed into place (`replace_together`). Names that would pass the file system's 255-byte limit are
+shortened (`beside`). Every OSError becomes one line naming the file (`os_reason`, `failing`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import secrets
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -24,9 +34,18 @@ from mlx_vit.errors import ConfigError, MlxVitError, shown
 MAX_JSON_BYTES = 16 * 2**20
 # json.loads makes ~40-100 bytes of Python objects per value; a file of a million values is already absurd.
 MAX_JSON_VALUES = 1_000_000
+# Linux's PATH_MAX (macOS's is 1,024): a longer line on stdin or in a list of paths is not a path.
+MAX_PATH_BYTES = 4096
+# NAME_MAX on Linux and macOS: one component of a path.
+MAX_NAME_BYTES = 255
+# One line of a file mlx-vit writes a record a line to (a jsonl result, a spool's paths): a path escaped as JSON
+# (up to 6 bytes a byte), its error line, and room for a result's labels.
+MAX_LINE_BYTES = 256 * 1024
 
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
-          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder"}  # fmt: skip
+          stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symbolic link"}  # fmt: skip
+_NONBLOCKING = getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 
 
 def refusal(path: str | os.PathLike, mode: int, wanted: str = "a file") -> str:
@@ -38,35 +57,52 @@ def os_reason(error: OSError) -> str:
     """A short reason for an OSError, without the path (messages name the file themselves)."""
     if error.errno == errno.ENAMETOOLONG:
         return "file name too long"
+    if error.errno == errno.ELOOP:
+        return "a symbolic link, which mlx-vit does not follow here"
     return shown(error.strerror or str(error) or type(error).__name__, 200)
 
 
-def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError) -> BinaryIO:
-    """Open `path` for reading if it is a regular file (after symlinks); raise `error` naming it otherwise.
+@contextlib.contextmanager
+def failing(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError, doing: str = "cannot write it"):
+    """Turn an OSError inside the block (a full disk, a name too long, permission) into one line naming `path`."""
+    try:
+        yield
+    except OSError as failure:
+        raise error(f"{shown(path)}: {doing} ({os_reason(failure)})") from None
 
-    The kind is checked before opening (a device is never opened) and again on the open descriptor (the file
-    cannot be swapped for a FIFO in between: the open itself does not block).
+
+def _regular(fd: int, path, error: type[MlxVitError]) -> None:
+    """Refuse what an open descriptor shows is not a regular file; blocking again from here on."""
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        raise error(refusal(path, mode))
+    if hasattr(os, "set_blocking"):
+        os.set_blocking(fd, True)
+
+
+def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError, follow: bool = True) -> BinaryIO:
+    """Open `path` for reading if it is a regular file; raise `error` naming it otherwise.
+
+    `follow=False` (the files mlx-vit keeps beside an output) refuses a symbolic link instead of reading what it
+    names. The kind is checked before opening (a device is never opened) and again on the open descriptor (the
+    file cannot be swapped for a FIFO in between: the open itself does not block).
     """
     path = Path(path)
     name = shown(path)
     try:
-        mode = os.stat(path).st_mode
+        mode = (os.stat if follow else os.lstat)(path).st_mode
         if not stat.S_ISREG(mode):
             raise error(refusal(path, mode))
-        flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
-        fd = os.open(path, flags)
+        fd = os.open(path, os.O_RDONLY | _NONBLOCKING | (0 if follow else _NOFOLLOW))
     except FileNotFoundError:
         raise error(f"{name}: no such file") from None
     except PermissionError:
         raise error(f"{name}: permission denied") from None
-    except OSError as failure:  # ENAMETOOLONG, ELOOP, ENOTDIR, EIO ...
-        raise error(f"{name}: cannot open ({os_reason(failure)})") from None
+    except (OSError, ValueError) as failure:  # ENAMETOOLONG, ELOOP, ENOTDIR, EIO; a NUL in the name
+        reason = os_reason(failure) if isinstance(failure, OSError) else "not a file name"
+        raise error(f"{name}: cannot open ({reason})") from None
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise error(refusal(path, mode))
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
+        _regular(fd, path, error)
         return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
@@ -77,30 +113,60 @@ def read_limited(
     path: str | os.PathLike, limit: int, error: type[MlxVitError] = MlxVitError, what: str = "file"
 ) -> bytes:
     """The bytes of a regular file of at most `limit` bytes; never reads (or allocates) more than limit + 1."""
-    with open_regular(path, error) as f:
-        try:
-            raw = f.read(limit + 1)
-        except OSError as failure:
-            raise error(f"{shown(path)}: cannot read ({os_reason(failure)})") from None
+    with open_regular(path, error) as f, failing(path, error, "cannot read it"):
+        raw = f.read(limit + 1)
     if len(raw) > limit:
         raise error(f"{shown(path)}: over {limit // 2**20} MiB, too large for a {what}")
     return raw
+
+
+def lines(file: BinaryIO, limit: int, source: str, error: type[MlxVitError] = MlxVitError) -> Iterator[bytes]:
+    """The lines of an open binary file, each with its b"\\n" (the last may lack it), none over `limit` bytes:
+    a longer one raises `error` after reading at most limit + 1 of its bytes (a sparse file, /dev/zero)."""
+    number = 0
+    while True:
+        try:
+            line = file.readline(limit + 1)
+        except OSError as failure:
+            raise error(f"{source}: cannot read it ({os_reason(failure)})") from None
+        if not line:
+            return
+        number += 1
+        if len(line) > limit:
+            raise error(f"{source}: line {number} is over {limit:,} bytes, longer than any record mlx-vit writes")
+        yield line
 
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
-def parse_json(raw: bytes, source: str, error: type[MlxVitError] = ConfigError, object_pairs_hook=None) -> Any:
-    """JSON from untrusted bytes: at most MAX_JSON_VALUES values, no NaN or Infinity, errors one line."""
+def parse_json(raw: bytes, source: str, error: type[MlxVitError] = ConfigError, object_pairs_hook=None,
+               parse_int=None) -> Any:  # fmt: skip
+    """JSON from untrusted bytes: strict UTF-8 (no BOM, no UTF-16/32 guessing), at most MAX_JSON_VALUES values,
+    nesting as deep as the parser allows, no NaN or Infinity; every failure is `error`, one line naming `source`."""
     # Every value but the first follows a comma, a colon or an opening bracket (more if some are inside strings).
     values = raw.count(b",") + raw.count(b":") + raw.count(b"[") + raw.count(b"{")
     if values > MAX_JSON_VALUES:
         raise error(f"{source}: holds over {MAX_JSON_VALUES:,} JSON values, too many for a config")
     try:
-        return json.loads(raw, parse_constant=_no_constant, object_pairs_hook=object_pairs_hook)
-    except (ValueError, RecursionError) as failure:  # also UnicodeDecodeError, over-long ints, deep nesting
-        raise error(f"{source}: not valid JSON ({shown(str(failure) or type(failure).__name__, 200)})") from None
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant, object_pairs_hook=object_pairs_hook,
+                          parse_int=parse_int)  # fmt: skip
+    except (ValueError, RecursionError) as failure:  # UnicodeDecodeError, a BOM, over-long ints, deep nesting
+        reason = "nested too deeply" if isinstance(failure, RecursionError) else str(failure)
+        raise error(f"{source}: not valid JSON ({shown(reason or type(failure).__name__, 200)})") from None
+
+
+def path_string(value: Any) -> str | None:
+    """`value` if it is a path as mlx-vit writes one (a str the file system can take: no NUL, at most
+    MAX_PATH_BYTES, lone surrogates only as os.fsdecode makes them for undecodable bytes), else None."""
+    if not isinstance(value, str) or not value or "\0" in value or len(value) > MAX_PATH_BYTES:
+        return None
+    try:
+        encoded = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # "\ud800": no byte sequence makes it
+        return None
+    return value if len(encoded) <= MAX_PATH_BYTES else None
 
 
 def read_json(path: str | os.PathLike, error: type[MlxVitError] = ConfigError) -> dict[str, Any]:
@@ -116,27 +182,66 @@ def is_dir(path: str | os.PathLike) -> bool:
     """Path.is_dir without the OSError a name over 255 bytes raises (ENAMETOOLONG)."""
     try:
         return Path(path).is_dir()
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
 def exists(path: str | os.PathLike) -> bool:
     """Path.exists (a dangling symlink counts) without raising for names the system cannot look up."""
     try:
-        return Path(path).exists() or Path(path).is_symlink()
-    except OSError as failure:
-        if failure.errno == errno.ENAMETOOLONG:
-            raise MlxVitError(f"{shown(str(path))}: file name too long") from None
+        return os.path.lexists(path)
+    except ValueError:  # a NUL in the name
         return False
+
+
+def beside(path: str | os.PathLike, suffix: str, prefix: str = ".") -> Path:
+    """`PREFIX + NAME + SUFFIX` beside `path` (a spool, a temporary file), shortened to fit the file system:
+    past 255 bytes, the name keeps its start and a hash of the whole, so each output still has its own."""
+    path = Path(path)
+    name = f"{prefix}{path.name}{suffix}"
+    if len(os.fsencode(name)) <= MAX_NAME_BYTES:
+        return path.with_name(name)
+    digest = hashlib.blake2b(os.fsencode(path.name), digest_size=8).hexdigest()
+    room = MAX_NAME_BYTES - len(os.fsencode(f"{prefix}~{digest}{suffix}"))
+    start = os.fsencode(path.name)[:room].decode("utf-8", "ignore")  # whole characters only
+    return path.with_name(f"{prefix}{start}~{digest}{suffix}")
+
+
+def create_beside(path: Path, error: type[MlxVitError] = MlxVitError) -> int:
+    """A new, empty file at `path` for writing (its descriptor), created with O_EXCL | O_NOFOLLOW: whatever is
+    there already (a file, a link, even a dangling one, a FIFO) is refused, never followed or opened."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _NONBLOCKING, 0o666)
+    except FileExistsError:
+        raise error(f"{shown(path)}: already exists; mlx-vit writes only files it creates here") from None
+    except OSError as failure:
+        raise error(f"{shown(path)}: cannot create it ({os_reason(failure)})") from None
+
+
+def open_beside(path: Path, error: type[MlxVitError] = MlxVitError) -> int:
+    """An existing regular file beside an output, to go on writing it (--resume): a link is not followed, a FIFO
+    or device not waited on."""
+    try:
+        fd = os.open(path, os.O_WRONLY | _NOFOLLOW | _NONBLOCKING)
+    except OSError as failure:
+        if failure.errno == errno.ENXIO:  # a FIFO with no reader
+            raise error(refusal(path, stat.S_IFIFO)) from None
+        raise error(f"{shown(path)}: cannot open it ({os_reason(failure)})") from None
+    try:
+        _regular(fd, path, error)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def temporary_beside(path: Path) -> tuple[int, Path]:
     """A new, empty file `.NAME.XXXXXXXX.partial` beside `path`, for a write that is renamed into place when it is
     complete; created with the permissions a plain open gives (tempfile's are private to the user)."""
     while True:
-        candidate = path.with_name(f".{path.name}.{secrets.token_hex(4)}.partial")
+        candidate = beside(path, f".{secrets.token_hex(4)}.partial")
         with contextlib.suppress(FileExistsError):
-            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), candidate
+            return os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666), candidate
 
 
 def replace_together(files: list[tuple[Path, Iterable[bytes]]], error: type[MlxVitError] = MlxVitError) -> None:
@@ -160,4 +265,5 @@ def replace_together(files: list[tuple[Path, Iterable[bytes]]], error: type[MlxV
         raise error(f"{shown(target)}: cannot write it ({os_reason(failure)})") from None
     finally:
         for temporary, _ in written:
-            temporary.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)

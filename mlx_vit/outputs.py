@@ -13,13 +13,14 @@ import contextlib
 import csv
 import hashlib
 import io
+import itertools
 import json
 import os
 import stat
 import sys
 import time
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +28,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from mlx_vit.errors import MlxVitError, shown
-from mlx_vit.files import os_reason, temporary_beside
+from mlx_vit.files import MAX_JSON_BYTES, lines, open_regular, os_reason, parse_json, path_string, temporary_beside
 
 FORMATS = ("table", "json", "jsonl", "csv")
 RESUMABLE = ("jsonl", "csv")
@@ -35,6 +36,8 @@ CSV_HEADER = ["path", "rank", "label", "score", "class_id", "error"]
 # How often appended results are also forced to the disk itself (flushing after every batch already keeps them
 # when the process dies; this bounds what a power cut loses).
 SYNC_SECONDS = 1.0
+# A result's line (jsonl) or record (csv) is at most this long: a path, and labels from a config file.
+MAX_RECORD_BYTES = MAX_JSON_BYTES
 
 
 class OutputError(MlxVitError):
@@ -93,10 +96,12 @@ class Done:
 
 @dataclass
 class Tail:
-    """A csv's last image, set aside by a resume: its path and its complete rows (bytes)."""
+    """A resumed csv's last image: its path, and where its complete rows end (they start where the finished part
+    of the file ends). A killed batch may have cut it short of its ranks, so it is redone if it comes up first;
+    if it does not, its rows are kept where they are."""
 
     path: str
-    rows: bytes
+    end: int
 
 
 def read_done(path: Path, format: str) -> tuple[Done, int, Tail | None]:
@@ -105,68 +110,89 @@ def read_done(path: Path, format: str) -> tuple[Done, int, Tail | None]:
 
     jsonl: every complete line. csv: every complete record but the last image's, which a killed batch may have
     cut short of its rank: it is redone if it comes up again, and its rows are put back if it does not (see
-    ResultWriter). Anything else in the file stops the resume with one line.
+    ResultWriter). Only the one incomplete last line or record may be left out; anything else wrong with the
+    file stops the resume with one line, and the file is not touched. One pass, each line bounded.
     """
     name = shown(path)
+    with open_regular(path, OutputError) as f:
+        return _read_jsonl(f, name) if format == "jsonl" else _read_csv(f, name)
+
+
+def _read_jsonl(f, name: str) -> tuple[Done, int, None]:
     hashes = array("Q")
-    end, tail = 0, None
-    try:
-        with open(path, "rb") as f:
-            if format == "jsonl":
-                for number, line in enumerate(f, 1):
-                    if not line.endswith(b"\n"):
-                        break  # cut short: redone
-                    hashes.append(Done.key(_json_path(line, name, number)))
-                    end += len(line)
-            else:
-                end, tail = _read_csv(f, hashes, name)
-    except OSError as error:
-        raise OutputError(f"{name}: cannot read to resume ({os_reason(error)})") from None
-    return Done(np.frombuffer(hashes, dtype=np.uint64)), end, tail
-
-
-def _json_path(line: bytes, name: str, number: int) -> str:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or not isinstance(record.get("path"), str):
-        raise OutputError(f"{name}: line {number} is not an mlx-vit result; not resuming (remove the file?)")
-    return record["path"]
-
-
-def _read_csv(f, hashes: array, name: str) -> tuple[int, Tail | None]:
-    """Reads records line by line: a record ends at a newline outside quotes (an even count of quotes so far)."""
-    end = last_start = 0
-    last_path = None
-    record = b""
-    number = 0
-    rows = []  # the records of the last image
-    for line in f:
-        record += line
-        if record.count(b'"') % 2 or not line.endswith(b"\n"):
-            continue  # a quoted newline inside a label, or a cut-off tail
-        number += 1
+    end = 0
+    for number, line in enumerate(lines(f, MAX_RECORD_BYTES, name, OutputError), 1):
+        if not line.endswith(b"\n"):
+            break  # the last line, cut short: redone
         try:
-            (row,) = list(csv.reader(io.StringIO(record.decode("utf-8", "surrogateescape"), newline="")))
-        except (csv.Error, ValueError):
-            row = None
+            record = parse_json(line, "", OutputError)
+        except OutputError:  # not JSON, or nested too deeply
+            record = None
+        path = path_string(record.get("path")) if isinstance(record, dict) else None
+        if path is None:
+            raise OutputError(f"{name}: line {number} is not an mlx-vit result; not resuming (remove the file?)")
+        hashes.append(Done.key(path))
+        end += len(line)
+    return Done(np.frombuffer(hashes, dtype=np.uint64)), end, None
+
+
+def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
+    """Records as Python's csv reader parses them (quoted line breaks and all), over the file's lines as they are
+    read: when the reader hands a record back it has taken exactly the lines that hold it, so `taken` is where
+    the record ends. An unclosed quote reaches the end of the file; that is the one incomplete record only if it
+    is the last line (a write cut short), never when it swallowed whole lines after it."""
+    taken = 0  # bytes of the lines the csv reader has taken so far
+    last_line = b""
+
+    def text() -> Iterator[str]:
+        nonlocal taken, last_line
+        for line in lines(f, MAX_RECORD_BYTES, name, OutputError):
+            taken, last_line = taken + len(line), line
+            yield line.decode("utf-8", "surrogateescape")
+
+    hashes = array("Q")
+    reader = csv.reader(text(), strict=True)
+    end = last_start = 0  # where the finished records end; where the last image's start
+    last_path = None
+    for number in itertools.count(1):
+        try:
+            row = next(reader, None)
+        except csv.Error as error:
+            if f.read(1) or _swallows_a_record(f, end, taken):  # damage, not a write cut short
+                raise OutputError(f"{name}: record {number} is damaged ({shown(str(error), 80)}); not resuming "
+                                  "(remove the file?)") from None  # fmt: skip
+            break  # the last record, cut short inside a quoted field: redone
+        if row is None or not last_line.endswith(b"\n"):
+            break  # the end, or the last line cut short: redone
         if number == 1:
             if row != CSV_HEADER:
                 raise OutputError(f"{name}: does not start with mlx-vit's csv header; not resuming")
-        elif row is None or len(row) != len(CSV_HEADER):
+        elif len(row) != len(CSV_HEADER) or path_string(row[0]) is None:
             raise OutputError(f"{name}: record {number} is not an mlx-vit result; not resuming (remove the file?)")
         elif row[0] != last_path:
             if last_path is not None:
                 hashes.append(Done.key(last_path))
-            last_path, last_start, rows = row[0], end, []
-        if number > 1:
-            rows.append(record)
-        end += len(record)
-        record = b""
-    if last_path is None:
-        return end, None
-    return last_start, Tail(last_path, b"".join(rows))
+            last_path, last_start = row[0], end
+        end = taken
+    done = Done(np.frombuffer(hashes, dtype=np.uint64))
+    return (done, end, None) if last_path is None else (done, last_start, Tail(last_path, end))
+
+
+def _swallows_a_record(f, start: int, end: int) -> bool:
+    """Whether the unfinished last record (bytes start..end) is more than one record cut short: a quote left open
+    that ran over finished records, each a whole line that is a record on its own (a quoted label or path may
+    hold a line break, but not a record)."""
+    if end - start > MAX_RECORD_BYTES:
+        return True
+    f.seek(start)
+    for line in f.read(end - start).split(b"\r\n")[1:-1]:  # the whole lines after the record's first
+        try:
+            rows = list(csv.reader([line.decode("utf-8", "surrogateescape") + "\r\n"], strict=True))
+        except csv.Error:
+            continue
+        if len(rows) == 1 and len(rows[0]) == len(CSV_HEADER):
+            return True
+    return False
 
 
 class Output:
@@ -186,7 +212,7 @@ class Output:
         self.file: TextIO | None = sys.stdout if path is None else None
         self.fresh = True  # nothing written yet: a csv starts with its header
         self._end: int | None = None  # where a resumed file's finished part ends
-        self.tail: Tail | None = None  # a resumed csv's last image, until it is redone or put back
+        self.tail: Tail | None = None  # a resumed csv's last image, until it is redone or kept
         self._special = False
         self._temporary: Path | None = None
         self._synced = time.monotonic()
@@ -213,6 +239,11 @@ class Output:
         else:
             self.done, self._end, self.tail = read_done(self.path, format)
             self.fresh = self._end == 0
+
+    def keep_tail(self) -> None:
+        """A resumed csv's last image was not redone: its rows stay, and writing goes on after them."""
+        if self.tail is not None:
+            self._end, self.tail = self.tail.end, None
 
     def stream(self) -> TextIO:
         """The open file (opened now, at the first write)."""
@@ -303,8 +334,13 @@ class ResultWriter:
             self.output.write_text("".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results))
         elif format == "csv":
             tail = self.output.tail
-            if tail is not None and Done.key(tail.path) in {Done.key(r.path) for r in results}:
-                self.output.tail = None  # redone: its new rows replace the set-aside ones
+            if tail is not None:  # the last image of the file resumed: redone now, or never (it would come first)
+                again = [r for r in results if Done.key(r.path) == Done.key(tail.path)]
+                if again and not any(r.error for r in again):
+                    self.output.tail = None  # redone: its new rows replace the old ones
+                else:  # kept where it is; an error now does not replace what was finished
+                    self.output.keep_tail()
+                    results = [r for r in results if r not in again]
             text = io.StringIO()
             writer = csv.writer(text)  # lines end in \r\n (RFC 4180), so a field holding a lone \r is quoted
             if self.output.fresh and results:
@@ -320,7 +356,7 @@ class ResultWriter:
         self.count += len(results)
 
     def close(self) -> None:
-        self._put_back_tail()
+        self.output.keep_tail()
         if self.output.format == "json":
             self.output.write_text("[]\n" if self.count == 0 else "\n]\n")
         elif self.output.format == "csv" and self.output.fresh:
@@ -333,18 +369,13 @@ class ResultWriter:
         from rich.console import Console
 
         file = self.output.stream()
-        Console(file=None if file is sys.stdout else file).print(results_table(self.table_rows, self.model_name))
+        try:
+            Console(file=None if file is sys.stdout else file).print(results_table(self.table_rows, self.model_name))
+        except OSError as error:  # a full disk, /dev/full
+            raise OutputError(f"{shown(self.output.path or 'stdout')}: cannot write ({os_reason(error)})") from None
         self.table_rows = []
 
-    def _put_back_tail(self) -> None:
-        """A resumed csv's last image, when this run did not redo it: its rows go back, at the end."""
-        tail, self.output.tail = self.output.tail, None
-        if tail is not None and tail.rows:
-            self.output.write_text(tail.rows.decode("utf-8", "surrogateescape"))
-
     def abort(self) -> None:
-        with contextlib.suppress(OutputError):  # the run is failing already; keep what can be kept
-            self._put_back_tail()
         self.output.abort()
 
 
