@@ -20,6 +20,7 @@ from mlx_vit.files import MAX_JSON_BYTES, open_regular, parse_json
 # bounds the Python objects parsing it makes.
 MAX_HEADER_BYTES = MAX_JSON_BYTES
 MAX_DIMS = 32  # numpy 1.x's limit (2.x allows 64)
+MAX_SIDE = 2**31 - 1  # MLX's shapes are 32-bit: a longer side (even beside a zero one) cannot become an array
 
 DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -37,6 +38,16 @@ def read_header(path: str | Path) -> tuple[dict, int]:
 
 def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
     """read_header on an open file (so that the file checked is the file then read)."""
+    header, data_start, _ = parse_header(f, path)
+    return header, data_start
+
+
+def parse_header(f: BinaryIO, path: Path) -> tuple[dict, int, dict[str, str]]:
+    """header_of, with the header's `__metadata__` ({} where it has none).
+
+    The header is read as the reference reads it (serde_json into unsigned integers and Rust strings): UTF-8
+    only, integers without a sign, strings without lone surrogates; and stricter where the reference guesses:
+    a name twice, or an entry with other keys, is refused."""
     name = shown(path)
     size = f.seek(0, 2)
     f.seek(0)
@@ -48,9 +59,13 @@ def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
         raise CheckpointError(f"{name}: not a safetensors file (header length {header_len} is past the end)")
     raw = f.read(header_len)
     try:
-        header = parse_json(raw, f"{name}: safetensors header", CheckpointError, object_pairs_hook=_no_duplicates)
+        header = parse_json(raw, f"{name}: safetensors header", CheckpointError, object_pairs_hook=_strict_object,
+                            parse_int=_unsigned)  # fmt: skip
     except _DuplicateKey as error:
         raise CheckpointError(f"{name}: safetensors header names '{shown(str(error), 80)}' twice") from None
+    except _NotUtf8 as error:
+        raise CheckpointError(f"{name}: safetensors header holds {shown(str(error), 80, quote=True)}, which is not "
+                              "UTF-8 (a lone surrogate)") from None  # fmt: skip
     if not isinstance(header, dict):
         raise CheckpointError(f"{name}: safetensors header is not a JSON object")
     metadata = header.pop("__metadata__", None)
@@ -69,7 +84,7 @@ def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
         if not (
             isinstance(shape, list)
             and len(shape) <= MAX_DIMS
-            and all(type(d) is int and d >= 0 for d in shape)
+            and all(type(d) is int and 0 <= d <= MAX_SIDE for d in shape)
             and math.prod(d for d in shape if d) * itemsize < 2**63  # what numpy can shape, even when empty
         ):
             raise CheckpointError(f"{where} has an invalid shape {shown(shape, 120)}")
@@ -83,6 +98,8 @@ def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
         if end - begin != math.prod(shape) * itemsize:
             raise CheckpointError(f"{where}: shape {shape} of {dtype} does not match its {end - begin} bytes")
         spans.append((begin, end, key))
+    if metadata is None:
+        metadata = {}
     position = 0
     for begin, end, key in sorted(spans):
         if begin != position:
@@ -91,15 +108,34 @@ def header_of(f: BinaryIO, path: Path) -> tuple[dict, int]:
         position = end
     if position != data_len:
         raise CheckpointError(f"{name}: {data_len - position} bytes after the last tensor belong to none")
-    return header, data_start
+    return header, data_start, metadata
 
 
 class _DuplicateKey(Exception):
     pass
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
-    # json.loads would keep the last of two entries silently, leaving the first one's bytes unaccounted for.
+class _NotUtf8(Exception):
+    pass
+
+
+class _Signed(int):
+    """An integer written with a sign ("-0" too): never a shape or an offset (serde reads those unsigned)."""
+
+
+def _unsigned(text: str) -> int:
+    return _Signed(int(text)) if text.startswith("-") else int(text)
+
+
+def _strict_object(pairs: list[tuple[str, object]]) -> dict:
+    # json.loads would keep the last of two entries silently, leaving the first one's bytes unaccounted for; and
+    # it accepts "\ud800", which is no Rust string.
+    for key, value in pairs:
+        for text in (key, value) if isinstance(value, str) else (key,):
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise _NotUtf8(text) from None
     result = dict(pairs)
     if len(result) != len(pairs):
         seen = set()

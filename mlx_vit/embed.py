@@ -14,6 +14,7 @@ in memory; reading maps the rows rather than loading them.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,9 +24,18 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.convert.safetensors_io import header_of
+from mlx_vit.convert.safetensors_io import MAX_SIDE, parse_header
 from mlx_vit.errors import MlxVitError, shown
-from mlx_vit.files import MAX_JSON_BYTES, MAX_JSON_VALUES, open_regular, os_reason, parse_json, replace_together
+from mlx_vit.files import (
+    MAX_JSON_BYTES,
+    MAX_JSON_VALUES,
+    MAX_PATH_BYTES,
+    lines,
+    open_regular,
+    parse_json,
+    path_string,
+    replace_together,
+)
 
 TENSOR = "embeddings"
 FORMAT = "mlx-vit embeddings"
@@ -161,77 +171,109 @@ def read_embeddings(path: str | os.PathLike) -> tuple[np.ndarray, list[str], str
 
 
 def read_index(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict[str, str]]:
-    """read_embeddings, with what made the rows (a safetensors index's metadata less its paths; {} for .npy)."""
+    """read_embeddings, with what made the rows (a safetensors index's metadata less its paths; {} for .npy).
+
+    Every number is checked against the file before it sizes anything: the rows against the file's length, the
+    paths (read a line at a time, each at most a path long) against the rows."""
     path = Path(path)
     name = shown(path)
-    if path.suffix.lower() == ".npy":
-        try:
-            with open_regular(path, IndexFileError) as f:
-                major, _ = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-                shape, fortran, dtype = read(f)
-                offset = f.tell()
-        except (ValueError, OSError) as error:
-            raise IndexFileError(f"{name}: not a .npy file ({shown(str(error), 200)})") from None
-        if fortran or dtype != np.dtype("<f4") or len(shape) < 2:
-            raise IndexFileError(f"{name}: not an index (float32 rows, from mlx-vit embed)")
-        if path.stat().st_size != offset + 4 * int(np.prod(shape)):
-            raise IndexFileError(f"{name}: its size does not match its {shape} float32 rows (cut short?)")
-        paths, settings = _read_lines(paths_file(path), name), {}
-    else:
-        with open_regular(path, IndexFileError) as f:
+    with open_regular(path, IndexFileError) as f:
+        size = os.fstat(f.fileno()).st_size
+        if path.suffix.lower() == ".npy":
+            shape, offset = _npy_rows(f, name)
+            settings = {}
+            listing = paths_file(path)
+        else:
             try:
-                header, offset = header_of(f, path)
+                header, offset, metadata = parse_header(f, path)
             except MlxVitError as error:
                 raise IndexFileError(str(error)) from None
-            metadata = _metadata(f, name)
-        entry = header.get(TENSOR)
-        if set(header) != {TENSOR} or entry["dtype"] != "F32" or len(entry["shape"]) < 2:
-            raise IndexFileError(f"{name}: not an index (one float32 tensor '{TENSOR}', from mlx-vit embed)")
-        shape = tuple(entry["shape"])
-        settings = {k: v for k, v in metadata.items() if k not in ("paths", "paths_file")}
-        if "paths" in metadata:
-            paths = parse_json(metadata["paths"].encode("utf-8", "surrogateescape"), f"{name}: paths", IndexFileError)
-            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
-                raise IndexFileError(f"{name}: its metadata's paths are not a list of strings")
-        elif "paths_file" in metadata and Path(metadata["paths_file"]).name == metadata["paths_file"]:
-            paths = _read_json_lines(path.with_name(metadata["paths_file"]), name)
+            entry = header.get(TENSOR)
+            if metadata.get("format") != FORMAT:
+                raise IndexFileError(f"{name}: not an index from mlx-vit embed (its metadata names no such format)")
+            if set(header) != {TENSOR} or entry["dtype"] != "F32" or len(entry["shape"]) < 2:
+                raise IndexFileError(f"{name}: not an index (one float32 tensor '{TENSOR}', from mlx-vit embed)")
+            shape = tuple(entry["shape"])
+            settings = {k: v for k, v in metadata.items() if k not in ("paths", "paths_file")}
+            listing = _listing(path, metadata, name)
+        rows = shape[0]
+        if size != offset + 4 * math.prod(shape):
+            raise IndexFileError(f"{name}: its size does not match its {shape} float32 rows (cut short?)")
+        if listing is None:
+            paths = _paths(parse_json(metadata["paths"].encode(), f"{name}: paths", IndexFileError), rows, name)
+        elif path.suffix.lower() == ".npy":
+            paths = _read_listing(listing, rows, name, _text_line)
         else:
-            raise IndexFileError(f"{name}: not an index (no paths in its metadata; was it written by mlx-vit embed?)")
-    if len(paths) != shape[0]:
-        raise IndexFileError(f"{name}: holds {shape[0]} rows but {len(paths)} paths; write the index again")
-    if shape[0] == 0:
-        return np.zeros(shape, np.float32), paths, settings
-    return np.memmap(path, np.float32, "r", offset=offset, shape=shape), paths, settings
+            paths = _read_listing(listing, rows, name, _json_line)
+        if rows == 0:
+            return np.zeros(shape, np.float32), paths, settings
+        return np.memmap(f, np.float32, "r", offset=offset, shape=shape), paths, settings
 
 
-def _metadata(f, name: str) -> dict[str, str]:
-    """The metadata of a safetensors file whose header `header_of` has checked."""
-    f.seek(0)
-    (length,) = struct.unpack("<Q", f.read(8))
-    metadata = json.loads(f.read(length)).get("__metadata__") or {}
-    if metadata.get("format") != FORMAT:
-        raise IndexFileError(f"{name}: not an index from mlx-vit embed (its metadata names no such format)")
-    return metadata
-
-
-def _read_lines(path: Path, index: str) -> list[str]:
+def _npy_rows(f, name: str) -> tuple[tuple[int, ...], int]:
+    """The shape of a .npy index's float32 rows and where they start, its header checked before any arithmetic."""
     try:
-        with open_regular(path, IndexFileError) as f:
-            return f.read().decode("utf-8", "surrogateescape").split("\n")[:-1]
+        major, _ = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+    except (ValueError, OSError, SyntaxError, TypeError) as error:
+        raise IndexFileError(f"{name}: not a .npy file ({shown(str(error), 200)})") from None
+    if fortran or dtype != np.dtype("<f4") or len(shape) < 2:
+        raise IndexFileError(f"{name}: not an index (float32 rows, from mlx-vit embed)")
+    if not all(type(side) is int and 0 <= side <= MAX_SIDE for side in shape):
+        raise IndexFileError(f"{name}: its header's shape {shown(shape, 80)} is not the shape of an index")
+    return shape, f.tell()
+
+
+def _listing(path: Path, metadata: dict[str, str], name: str) -> Path | None:
+    """The file beside a safetensors index that holds its paths, or None where its metadata holds them."""
+    if "paths" in metadata:
+        return None
+    listed = metadata.get("paths_file")
+    if listed is None:
+        raise IndexFileError(f"{name}: not an index (no paths in its metadata; was it written by mlx-vit embed?)")
+    plain = listed not in ("", ".", "..") and not set("/\\\0") & set(listed) and len(os.fsencode(listed)) <= 255
+    if not plain:  # only a file beside the index: never another folder, never the index itself
+        raise IndexFileError(f"{name}: its paths_file {shown(listed, 60, quote=True)} is not a file name beside it")
+    return path.with_name(listed)
+
+
+def _paths(values: Any, rows: int, name: str) -> list[str]:
+    if not isinstance(values, list) or len(values) != rows:
+        raise IndexFileError(f"{name}: its metadata's paths are not a list of {rows} paths")
+    paths = [path_string(value) for value in values]
+    if None in paths:
+        raise IndexFileError(f"{name}: path {paths.index(None) + 1} of its metadata is not a file path")
+    return paths
+
+
+def _text_line(line: bytes) -> Any:
+    return line.decode("utf-8", "surrogateescape")
+
+
+def _json_line(line: bytes) -> Any:
+    return parse_json(line, "", IndexFileError)
+
+
+def _read_listing(listing: Path, rows: int, index: str, parse) -> list[str]:
+    """An index's paths, a line each (`parse` makes the path of a line without its newline): exactly `rows`
+    of them, each line at most a path long (as JSON: 6 bytes a byte), never more read than that."""
+    source = shown(listing)
+    paths = []
+    try:
+        f = open_regular(listing, IndexFileError)
     except IndexFileError as error:
         raise IndexFileError(f"{index}: cannot read its paths ({error})") from None
-    except OSError as error:
-        raise IndexFileError(f"{index}: cannot read its paths, {shown(path)} ({os_reason(error)})") from None
-
-
-def _read_json_lines(path: Path, index: str) -> list[str]:
-    paths = []
-    for number, line in enumerate(_read_lines(path, index), 1):
-        try:
-            paths.append(json.loads(line))
-        except ValueError:
-            paths.append(None)
-        if not isinstance(paths[-1], str):
-            raise IndexFileError(f"{index}: line {number} of {shown(path.name)} is not a JSON string")
+    with f:
+        for number, line in enumerate(lines(f, 6 * MAX_PATH_BYTES + 3, source, IndexFileError), 1):
+            if number > rows or not line.endswith(b"\n"):
+                raise IndexFileError(f"{index}: {source} holds more than its {rows} paths, or ends cut short")
+            try:
+                paths.append(path_string(parse(line[:-1])))
+            except IndexFileError:
+                paths.append(None)
+            if paths[-1] is None:
+                raise IndexFileError(f"{index}: line {number} of {source} is not a file path")
+    if len(paths) != rows:
+        raise IndexFileError(f"{index}: holds {rows} rows but {len(paths)} paths; write the index again")
     return paths

@@ -13,28 +13,55 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import stat
 import time
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from mlx_vit.embed import read_index, write_embeddings
+from mlx_vit.embed import paths_file, read_index, write_embeddings
 from mlx_vit.errors import shown
-from mlx_vit.files import os_reason, read_json
+from mlx_vit.files import (
+    MAX_NAME_BYTES,
+    beside,
+    create_beside,
+    exists,
+    failing,
+    lines,
+    open_beside,
+    open_regular,
+    parse_json,
+    path_string,
+    refusal,
+)
 from mlx_vit.outputs import SYNC_SECONDS, Done, OutputError
 
 INDEX_SUFFIXES = (".safetensors", ".npy")
+# A spool line: a path (at most MAX_PATH_BYTES, up to 6 bytes a byte as JSON) and its error line.
+MAX_SPOOL_LINE = 64 * 1024
 
 
 def check_index_path(path: str | os.PathLike) -> None:
-    if Path(path).suffix.lower() not in INDEX_SUFFIXES:
+    """Refuse, before a model loads, an output that is not an index, or whose files beside it could not be named."""
+    path = Path(path)
+    if path.suffix.lower() not in INDEX_SUFFIXES:
         raise OutputError(f"{shown(path)}: embeddings are written as .safetensors or .npy")
+    listing = paths_file(path) if path.suffix.lower() == ".npy" else path.with_name(f"{path.stem}.paths.jsonl")
+    if len(os.fsencode(listing.name)) > MAX_NAME_BYTES:
+        raise OutputError(f"{shown(path)}: name too long to put {shown(listing.name, 60)} beside it (255 bytes at "
+                          "most); choose a shorter one")  # fmt: skip
 
 
 class EmbeddingSpool:
-    """Rank 0's sink for `mlx-vit embed`: records with .path, .error and .vector (float32, `shape` each)."""
+    """Rank 0's sink for `mlx-vit embed`: records with .path, .error and .vector (float32, `shape` each).
+
+    The spool files are created with O_EXCL | O_NOFOLLOW, and reopened by --resume without following links: a
+    link, FIFO or device found at their names is refused, never written through or waited on."""
 
     def __init__(self, path: str | os.PathLike, model_name: str, shape: tuple[int, ...], resume: bool = False,
                  settings: dict[str, str] | None = None):  # fmt: skip
@@ -43,40 +70,40 @@ class EmbeddingSpool:
         check_index_path(self.path)
         self.model_name = model_name
         self.shape = tuple(shape)
+        self.row_bytes = 4 * math.prod(self.shape)
         self.settings = dict(settings or {})  # what made the rows: a resume must not mix other ones in
-        self.rows_path = self.path.with_name(f".{self.path.name}.rows")
-        self.paths_path = self.path.with_name(f".{self.path.name}.paths.jsonl")
-        self.meta_path = self.path.with_name(f".{self.path.name}.spool.json")
+        self.rows_path = beside(self.path, ".rows")
+        self.paths_path = beside(self.path, ".paths.jsonl")
+        self.meta_path = beside(self.path, ".spool.json")
         self.previous: tuple[np.ndarray, list[str]] | None = None  # a complete index being extended
         self.resumable = True  # the spool stays
         self.rows = 0
         self._end = 0
         self._files: tuple[Any, Any] | None = None
         self._synced = time.monotonic()
-        spooled = self.paths_path.exists()
-        if (self.path.exists() or spooled) and not resume:
-            what = "already exists" if self.path.exists() else "has an unfinished run's spool beside it"
+        found = [p for p in (self.paths_path, self.rows_path, self.meta_path) if exists(p)]
+        for spooled in found:  # only regular files of ours: a link or FIFO planted there is refused
+            mode = os.lstat(spooled).st_mode
+            if not stat.S_ISREG(mode):
+                raise OutputError(f"{refusal(spooled, mode, 'a spool file mlx-vit wrote')} (remove it)")
+        if (exists(self.path) or found) and not resume:
+            what = "already exists" if exists(self.path) else "has an unfinished run's spool beside it"
             raise OutputError(f"{self.name}: {what}; --resume continues it, or remove it first")
+        spooled = self.paths_path in found
         meta = {"model": model_name, "shape": list(self.shape), **self.settings}
         hashes = [np.zeros(0, np.uint64)]
-        if self.path.exists():
+        if exists(self.path):
             vectors, paths, made = read_index(self.path)
             self._check(tuple(vectors.shape[1:]), "the index")
-            made_by = made.get("model")
-            if made and {k: made.get(k) for k in ("model", *self.settings)} != {
-                "model": model_name,
-                **self.settings,
-            }:
-                raise OutputError(f"{self.name}: was made by {shown(made_by)} with {_settings(made)}; this "
-                                  f"run is {shown(model_name)} with {_settings(self.settings)}: embed into a "
-                                  "new file")  # fmt: skip
+            if made and {k: made.get(k) for k in ("model", *self.settings)} != {"model": model_name, **self.settings}:
+                raise OutputError(f"{self.name}: {_difference(made, meta)}: embed into a new file")
             self.previous = vectors, paths
             hashes.append(np.array([Done.key(p) for p in paths], dtype=np.uint64))
             if spooled and self._committed(hashes[-1]):
                 self._remove_spool()  # a run killed after writing the index, before removing its spool
-                spooled = False
+                spooled, found = False, []
         if spooled:
-            if read_json(self.meta_path, OutputError) != meta:
+            if self._read_meta() != meta:
                 raise OutputError(f"{self.name}: its spool was made by another model or setting (--all-tokens, "
                                   "--normalize, --image-size); not resuming (remove the dot files beside "
                                   "it)")  # fmt: skip
@@ -84,11 +111,35 @@ class EmbeddingSpool:
             hashes.append(finished)
         self.done = Done(np.concatenate(hashes))
         self._meta = meta
+        self._found = found  # spool files there already (a resume): reopened, not created
 
     def _check(self, shape: tuple[int, ...], what: str) -> None:
         if shape != self.shape:
             raise OutputError(f"{self.name}: {what} holds vectors of shape {shape}, this model makes {self.shape}; "
                               "embed into a new file")  # fmt: skip
+
+    def _read_meta(self) -> Any:
+        with open_regular(self.meta_path, OutputError, follow=False) as f, failing(self.meta_path, OutputError):
+            raw = f.read(MAX_SPOOL_LINE + 1)
+        return parse_json(raw, shown(self.meta_path), OutputError) if len(raw) <= MAX_SPOOL_LINE else None
+
+    def _records(self) -> Iterator[tuple[str, bool, int]]:
+        """(path, failed, bytes) of each complete line of the paths file, in order; a damaged line stops the
+        resume with one line (the piece after the last newline is a line cut short, and is not a record)."""
+        source = shown(self.paths_path)
+        with open_regular(self.paths_path, OutputError, follow=False) as f:
+            for number, line in enumerate(lines(f, MAX_SPOOL_LINE, source, OutputError), 1):
+                if not line.endswith(b"\n"):
+                    return
+                try:
+                    record = parse_json(line, "", OutputError)
+                except OutputError:
+                    record = None
+                path = path_string(record.get("path")) if isinstance(record, dict) else None
+                if path is None or not isinstance(record.get("error", ""), str):
+                    raise OutputError(f"{self.name}: line {number} of its spool is damaged; not resuming (remove "
+                                      "the dot files beside it)")  # fmt: skip
+                yield path, "error" in record, len(line)
 
     def _spooled(self) -> tuple[np.ndarray, int, int]:
         """(hashes of the paths embedded, bytes of the paths file to keep, rows to keep) of a spool to resume.
@@ -96,56 +147,43 @@ class EmbeddingSpool:
         Only complete lines count, and only as far as the rows file holds their rows (after a power cut the
         paths may have reached the disk before the rows). A line with an error is no result: it is tried again.
         """
-        row_bytes = 4 * int(np.prod(self.shape))
-        available = self.rows_path.stat().st_size // row_bytes if self.rows_path.exists() else 0
-        with open(self.paths_path, "rb") as f:
-            lines = f.read().split(b"\n")[:-1]  # the piece after the last newline is a cut line
-        hashes, end, rows = [], 0, 0
-        for number, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-                path, failed = record["path"], "error" in record
-            except (ValueError, TypeError, KeyError):
-                raise OutputError(f"{self.name}: line {number} of its spool is damaged; not resuming (remove the "
-                                  "dot files beside it)") from None  # fmt: skip
+        available = os.lstat(self.rows_path).st_size // self.row_bytes if exists(self.rows_path) else 0
+        hashes, end, rows = array("Q"), 0, 0
+        for path, failed, length in self._records():
             if not failed:
                 if rows == available:
                     break
                 rows += 1
                 hashes.append(Done.key(path))
-            end += len(line) + 1
-        return np.array(hashes, dtype=np.uint64), end, rows
+            end += length
+        return np.frombuffer(hashes, dtype=np.uint64), end, rows
 
     def _committed(self, indexed: np.ndarray) -> bool:
         """Whether the spool's first embedded path is in the index: the index was written, the spool not removed."""
-        with open(self.paths_path, "rb") as f:
-            for line in f:
-                with contextlib.suppress(ValueError, TypeError, KeyError):
-                    record = json.loads(line)
-                    if "error" not in record:
-                        return record["path"] in Done(indexed)
+        for path, failed, _ in self._records():
+            if not failed:
+                return path in Done(indexed)
         return False
 
     def _open(self) -> tuple[Any, Any]:
         if self._files is None:
-            try:
-                if not self.meta_path.exists():
-                    self.meta_path.write_text(json.dumps(self._meta) + "\n")
-                rows = open(self.rows_path, "ab")
-                rows.truncate(self.rows * int(np.prod(self.shape)) * 4)
-                paths = open(self.paths_path, "ab")
-                paths.truncate(self._end)
-            except OSError as error:
-                raise OutputError(f"{self.name}: cannot write its spool ({os_reason(error)})") from None
-            self._files = rows, paths
+            files = []
+            with failing(self.name, OutputError, "cannot write its spool"):
+                if self.meta_path not in self._found:
+                    with os.fdopen(create_beside(self.meta_path, OutputError), "w") as f:
+                        f.write(json.dumps(self._meta) + "\n")
+                for path, keep in ((self.rows_path, self.rows * self.row_bytes), (self.paths_path, self._end)):
+                    fd = open_beside(path, OutputError) if path in self._found else create_beside(path, OutputError)
+                    os.ftruncate(fd, keep)  # what a killed run left past the whole records
+                    os.lseek(fd, keep, os.SEEK_SET)
+                    files.append(os.fdopen(fd, "wb"))
+            self._files = files[0], files[1]
         return self._files
 
     def _write(self, file, data: bytes) -> None:
-        try:
+        with failing(self.name, OutputError, "cannot write its spool"):
             file.write(data)
             file.flush()
-        except OSError as error:
-            raise OutputError(f"{self.name}: cannot write its spool ({os_reason(error)})") from None
 
     def write(self, records: list[Any]) -> None:
         """Append a batch: its rows first, then the lines that count them."""
@@ -153,24 +191,26 @@ class EmbeddingSpool:
         good = [r.vector for r in records if not r.error]
         if good:
             self._write(rows, np.stack(good).astype(np.float32).tobytes())
-        lines = [{"path": r.path, "error": r.error} if r.error else {"path": r.path} for r in records]
-        self._write(paths, "".join(json.dumps(line) + "\n" for line in lines).encode("utf-8", "surrogateescape"))
+        listed = [{"path": r.path, "error": r.error} if r.error else {"path": r.path} for r in records]
+        self._write(paths, "".join(json.dumps(item) + "\n" for item in listed).encode("utf-8", "surrogateescape"))
         self.rows += len(good)
         if time.monotonic() - self._synced > SYNC_SECONDS:  # as outputs.Output: on the disk within a second or so
-            for file in (rows, paths):
-                os.fsync(file.fileno())
+            with failing(self.name, OutputError, "cannot write its spool"):
+                for file in (rows, paths):
+                    os.fsync(file.fileno())
             self._synced = time.monotonic()
 
     def close(self) -> None:
         """Write the index: the previous one's rows, then the spool's; then remove the spool."""
-        self._open()
-        for file in self._files:
+        for file in self._open():
             file.close()
-        with open(self.paths_path, encoding="utf-8", errors="surrogateescape") as f:
-            paths = [record["path"] for record in map(json.loads, f) if "error" not in record]
-        if paths:
-            vectors = np.memmap(self.rows_path, np.float32, "r", shape=(len(paths), *self.shape))
-        else:
+        paths = [path for path, failed, _ in self._records() if not failed]
+        with open_regular(self.rows_path, OutputError, follow=False) as f:
+            if os.fstat(f.fileno()).st_size != len(paths) * self.row_bytes:
+                raise OutputError(f"{self.name}: its spool's rows do not match its paths (changed while written?); "
+                                  "--resume goes on from what is whole")  # fmt: skip
+            vectors = np.memmap(f, np.float32, "r", shape=(len(paths), *self.shape)) if paths else None
+        if vectors is None:
             vectors = np.zeros((0, *self.shape), np.float32)
         parts = [vectors]
         if self.previous is not None:
@@ -197,5 +237,9 @@ class EmbeddingSpool:
                     file.close()
 
 
-def _settings(values: dict[str, str]) -> str:
-    return ", ".join(f"{k} {shown(values.get(k), 40)}" for k in ("normalize", "image_size", "all_tokens")) or "none"
+def _difference(made: dict[str, str], wanted: dict[str, Any]) -> str:
+    """What differs between the index's settings and this run's, by name: the model, normalize, ..."""
+    keys = [k for k in ("model", "normalize", "image_size", "all_tokens") if k in wanted and made.get(k) != wanted[k]]
+    was = ", ".join(f"{k} {shown(made.get(k), 60)}" for k in keys)
+    now = ", ".join(f"{k} {shown(wanted[k], 60)}" for k in keys)
+    return f"was made with {was}; this run has {now}"

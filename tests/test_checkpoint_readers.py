@@ -572,7 +572,7 @@ MALFORMED = {
     "bool_shape": (dict(header={"a": _entry("U8", [True], 0, 1)}, data=b"\x00"), "invalid shape"),
     "shape_not_list": (dict(header={"a": _entry("F32", 2, 0, 8)}, data=F32_8), "invalid shape"),
     "offsets_past_end": (dict(header={"a": _entry("F32", [2], 0, 16)}, data=F32_8), "outside the file"),
-    "offsets_negative": (dict(header={"a": _entry("F32", [2], -8, 0)}, data=F32_8), "outside the file"),
+    "offsets_negative": (dict(header={"a": _entry("F32", [2], -8, 0)}, data=F32_8), "invalid data_offsets"),  # signed: never an offset
     "offsets_end_before_begin": (dict(header={"a": _entry("U8", [0], 8, 4)}, data=F32_8), "outside the file"),
     "offsets_three": (dict(header={"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1, 2]}},
                            data=b"\x00"), "invalid data_offsets"),
