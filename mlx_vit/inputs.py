@@ -13,6 +13,7 @@ error, which the run reports in one line and moves past.
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import os
 import re
 import stat
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import TextIO
 
 from mlx_vit.errors import shown
-from mlx_vit.files import os_reason, refusal
+from mlx_vit.files import MAX_PATH_BYTES, os_reason, refusal
 
 # What folders and globs yield: the extensions of the formats open_image reads (see images.FORMATS), written
 # out so that finding files needs no Pillow; tests/test_inputs.py keeps them in step with Pillow's registry.
@@ -57,12 +58,8 @@ def find_inputs(arguments: Iterable[str | os.PathLike], stdin: TextIO | None = N
     for argument in arguments:
         argument = os.fspath(argument)
         if argument == "-":
-            # Bytes, decoded as the OS decodes file names: any path a shell can print, whatever the locale.
-            for line in stdin if stdin is not None else sys.stdin.buffer:
-                line = os.fsdecode(line) if isinstance(line, bytes) else line
-                line = line.rstrip("\n").removesuffix("\r")
-                if line:
-                    yield from _expand(line, seen)
+            for line in _stdin_paths(stdin if stdin is not None else sys.stdin.buffer):
+                yield from _expand(line, seen) if isinstance(line, str) else [line]
         elif not _MAGIC.search(argument) or os.path.lexists(argument):
             yield from _expand(argument, seen)
         else:
@@ -72,6 +69,24 @@ def find_inputs(arguments: Iterable[str | os.PathLike], stdin: TextIO | None = N
                 yield from _expand(path, seen, named=False)
             if not matched:
                 yield Input(argument, f"{shown(argument)}: no file matches this pattern")
+
+
+def _stdin_paths(stream) -> Iterator[str | Input]:
+    """Paths from stdin, one a line, as bytes decoded the way the OS decodes file names (any path a shell can
+    print, whatever the locale). No line is held past MAX_PATH_BYTES: a longer one is not a path but binary data
+    (`< /dev/zero`), so it is one error Input and stdin is read no further."""
+    for number in itertools.count(1):
+        line = stream.readline(MAX_PATH_BYTES + 2)
+        if not line:
+            return
+        line = os.fsdecode(line) if isinstance(line, bytes) else line
+        if not line.endswith("\n") and len(line) > MAX_PATH_BYTES:
+            yield Input("-", f"stdin: line {number} is over {MAX_PATH_BYTES:,} bytes, not a path; "
+                        "stopped reading paths from stdin")  # fmt: skip
+            return
+        line = line.rstrip("\n").removesuffix("\r")
+        if line:
+            yield line
 
 
 def count_inputs(arguments: Iterable[str | os.PathLike]) -> int | None:
@@ -91,7 +106,7 @@ class _Seen:
 
     def __init__(self):
         self.named: set[str] = set()
-        self.folders: list[str] = []
+        self.folders: dict[str, int] = {}  # each walked folder (absolute), numbered in the order walked
 
     def first(self, path: str, named: bool) -> bool:
         key = os.path.abspath(path)
@@ -101,9 +116,17 @@ class _Seen:
             self.named.add(key)
         return True
 
-    def walked(self, key: str, folder: bool = False) -> bool:
-        """Whether an earlier folder's walk yielded `key` (a file), or walked it (a `folder`)."""
-        return any(_inside(key, walked, folder) for walked in self.folders)
+    def walked(self, key: str, folder: bool = False, before: int | None = None) -> bool:
+        """Whether a folder walked earlier (numbered below `before`) yielded `key` (a file), or walked it (a
+        `folder`). Only `key`'s own ancestors can have: a lookup each, however many folders were walked."""
+        parent = os.path.dirname(key)
+        while True:
+            number = self.folders.get(parent)
+            if number is not None and (before is None or number < before) and _inside(key, parent, folder):
+                return True
+            if os.path.dirname(parent) == parent:
+                return False
+            parent = os.path.dirname(parent)
 
 
 def _expand(path: str, seen: _Seen, named: bool = True) -> Iterator[Input]:
@@ -126,13 +149,13 @@ def _expand(path: str, seen: _Seen, named: bool = True) -> Iterator[Input]:
         if seen.walked(key, folder=True):
             return
         earlier = len(seen.folders)
-        seen.folders.append(key)
+        seen.folders.setdefault(key, earlier)
         found = False
         for item in _walk(path):
             found = True
             # Only a folder given before this one (its parent, named later) or a file named before can repeat.
             key = os.path.abspath(item.path)
-            if key not in seen.named and not any(_inside(key, f, False) for f in seen.folders[:earlier]):
+            if key not in seen.named and not seen.walked(key, before=earlier):
                 yield item
         if not found and named:
             yield Input(path, f"{shown(path)}: holds no image files (of the formats mlx-vit reads)")
@@ -191,18 +214,31 @@ def _glob(pattern: str) -> Iterator[str]:
     yield from _match(root, list(parts[anchor:]), prefix=bool(anchor))
 
 
-def _match(folder: str, parts: list[str], prefix: bool) -> Iterator[str]:
+def _match(root: str, parts: list[str], prefix: bool) -> Iterator[str]:
+    """What `parts` match from `root`, depth first in name order: a stack of one step per level, never recursion
+    (a `**` over a tree thousands of folders deep is as deep as the stack gets)."""
+    stack = [iter([(root, parts, prefix)])]
+    while stack:
+        step = next(stack[-1], None)
+        if step is None:
+            stack.pop()
+        elif not step[1]:
+            yield step[0]
+        else:
+            stack.append(_steps(*step))
+
+
+def _steps(folder: str, parts: list[str], prefix: bool) -> Iterator[tuple[str, list[str], bool]]:
+    """The (folder, parts left, prefix) that matching the first of `parts` in `folder` leads to, in order."""
+
     def join(name: str) -> str:
         return os.path.join(folder, name) if prefix else name
 
-    if not parts:
-        yield folder
-        return
     head, rest = parts[0], parts[1:]
     if not _MAGIC.search(head):
         path = join(head)
         if os.path.lexists(path) and (not rest or os.path.isdir(path)):
-            yield from _match(path, rest, True)
+            yield path, rest, True
         return
     try:
         with os.scandir(folder if prefix else os.curdir) as listing:
@@ -210,14 +246,14 @@ def _match(folder: str, parts: list[str], prefix: bool) -> Iterator[str]:
     except OSError:
         return
     if head == "**":
-        yield from _match(folder, rest, prefix)  # zero folders
+        yield folder, rest, prefix  # zero folders
         for name, is_dir in names:
             if is_dir and not name.startswith("."):
-                yield from _match(join(name), parts, True)
+                yield join(name), parts, True
         return
     rule = re.compile(fnmatch.translate(head))
     for name, is_dir in names:
         if name.startswith(".") and not head.startswith("."):
             continue
         if rule.match(name) and (not rest or is_dir):
-            yield from _match(join(name), rest, True)
+            yield join(name), rest, True
