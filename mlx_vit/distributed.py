@@ -15,9 +15,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from mlx_vit import numbers
 from mlx_vit.errors import MlxVitError
+from mlx_vit.files import read_limited
 
 _group: Any = None
+MAX_RANKS = 65536
+# The JSON files MLX's ring and JACCL backends read at init (hosts and their addresses: kilobytes).
+FILE_VARIABLES = ("MLX_HOSTFILE", "MLX_IBV_DEVICES")
+MAX_HOSTFILE_BYTES = 2**20
 
 
 class Codec(Protocol):
@@ -35,11 +41,24 @@ def world() -> tuple[int, int]:
     if _group is None:
         import mlx.core as mx
 
+        _check_environment()
         try:
             _group = mx.distributed.init(strict=True)
         except RuntimeError as error:
             raise MlxVitError(f"mlx.launch started this process, but MLX could not join its group: {error}") from None
     return _group.rank(), _group.size()
+
+
+def _check_environment() -> None:
+    """What MLX's backends will read, checked first: MLX blocks for ever on a FIFO named as its hostfile."""
+    numbers.environment_int("MLX_RANK", 0, MAX_RANKS)
+    numbers.environment_int("MLX_WORLD_SIZE", 1, MAX_RANKS)
+    for name in FILE_VARIABLES:
+        if os.environ.get(name):
+            try:
+                read_limited(os.environ[name], MAX_HOSTFILE_BYTES, MlxVitError, "host file")
+            except MlxVitError as error:
+                raise MlxVitError(f"{name}: {error}") from None
 
 
 def mine(items: Iterable[Any], rank: int, size: int) -> Iterator[Any]:

@@ -366,8 +366,8 @@ def test_a_resume_never_writes_through_a_symlinked_spool_file(model, env, tmp_pa
 
 def st_index(path: Path, metadata: dict, rows: int = 1) -> Path:
     """A safetensors index as mlx-vit writes it (`rows` zero rows of WIDTH), with this metadata."""
-    header = {"__metadata__": {"format": "mlx-vit embeddings", "count": str(rows), **metadata},
-              "embeddings": {"dtype": "F32", "shape": [rows, WIDTH], "data_offsets": [0, 4 * rows * WIDTH]}}  # fmt: skip
+    tensor = {"dtype": "F32", "shape": [rows, WIDTH], "data_offsets": [0, 4 * rows * WIDTH]}
+    header = {"__metadata__": {"format": "mlx-vit embeddings", "count": str(rows), **metadata}, "embeddings": tensor}
     data = json.dumps(header).encode()
     data += b" " * (-len(data) % 8)
     path.write_bytes(struct.pack("<Q", len(data)) + data + bytes(4 * rows * WIDTH))
