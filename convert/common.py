@@ -15,7 +15,7 @@ import numpy as np
 
 from mlx_vit.config import ViTConfig
 from mlx_vit.errors import CheckpointError, ConfigError, shown
-from mlx_vit.files import exists, read_json
+from mlx_vit.files import exists, plain_name, read_json
 from mlx_vit.numbers import is_number
 from mlx_vit.preprocess import PreprocessConfig
 
@@ -72,7 +72,7 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
             if not isinstance(weight_map, dict):
                 raise CheckpointError(f"{shown(path)}: has no weight_map")
             values = list(weight_map.values())
-            if any(not isinstance(s, str) or "/" in s or "\\" in s or s.startswith(".") or not s for s in values):
+            if any(not plain_name(s) or s.startswith(".") for s in values):
                 raise CheckpointError(f"{shown(path)}: shard names must be plain file names in the same folder")
             files = [folder / s for s in sorted(set(values))]
         else:

@@ -18,7 +18,6 @@ are checked before the model runs.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import time
 import uuid
@@ -33,7 +32,7 @@ from mlx.utils import tree_flatten
 
 from mlx_vit.config import ViTConfig
 from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
-from mlx_vit.files import exists, open_regular, os_reason, read_json
+from mlx_vit.files import beside, exists, open_regular, os_reason, plain_name, read_json, sync, write_new
 from mlx_vit.model import ViT
 from mlx_vit.preprocess import PreprocessConfig
 from mlx_vit.quantize import check_stored_format, layer_settings, packed_kinds
@@ -153,7 +152,7 @@ def check_manifest(folder: Path) -> None:
         isinstance(files, dict)
         and WEIGHTS in files
         and all(isinstance(e, dict) and type(e.get("size")) is int for e in files.values())
-        and all(isinstance(n, str) and n and "/" not in n and "\\" not in n and n not in (".", "..") for n in files)
+        and all(plain_name(n) for n in files)
     ):
         raise CheckpointError(f"{shown(path)}: malformed; convert the model again with --force")
     for name, entry in files.items():
@@ -317,18 +316,10 @@ def write_mlx_folder(target: Path, weights: dict, config: dict[str, Any], force:
 
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, CheckpointError, follow=False) as f:
         while chunk := f.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_weights(path: Path, weights: dict) -> None:
@@ -345,27 +336,28 @@ def _write(target: Path, weights: dict, config: dict[str, Any]) -> Path:
     import json
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed conversion (not a running one)
-        if time.time() - stale.stat().st_mtime > STALE_SECONDS:
+    temporary = beside(target, ".tmp-00000000").name[:-8]  # `.NAME.tmp-` and 8 hex digits
+    for stale in target.parent.iterdir():  # left by a killed conversion (not a running one)
+        if stale.name.startswith(temporary) and time.time() - stale.lstat().st_mtime > STALE_SECONDS:
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = beside(target, f".tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         _save_weights(tmp / WEIGHTS, weights)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2, allow_nan=False) + "\n")
+        write_new(tmp / "config.json", (json.dumps(config, indent=2, allow_nan=False) + "\n").encode())
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
         manifest = {"format": FORMAT, "files": files, "source": config.get("source")}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        write_new(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         for path in [*tmp.iterdir(), tmp]:
-            _fsync(path)
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            sync(path)
+        if exists(target):
+            old = beside(target, f".old-{uuid.uuid4().hex[:8]}")
             target.rename(old)
             tmp.rename(target)
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(target)
-        _fsync(target.parent)
+        sync(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,6 +34,7 @@ from mlx_vit.files import (
     open_regular,
     parse_json,
     path_string,
+    plain_name,
     replace_together,
 )
 
@@ -232,8 +233,7 @@ def _listing(path: Path, metadata: dict[str, str], name: str) -> Path | None:
     listed = metadata.get("paths_file")
     if listed is None:
         raise IndexFileError(f"{name}: not an index (no paths in its metadata; was it written by mlx-vit embed?)")
-    plain = listed not in ("", ".", "..") and not set("/\\\0") & set(listed) and len(os.fsencode(listed)) <= 255
-    if not plain:  # only a file beside the index: never another folder, never the index itself
+    if not plain_name(listed) or listed == path.name:  # only a file beside the index: not another folder's
         raise IndexFileError(f"{name}: its paths_file {shown(listed, 60, quote=True)} is not a file name beside it")
     return path.with_name(listed)
 

@@ -195,15 +195,16 @@ def write_explanation(classifier, image, output, method: str = "rollout", layer:
     import io
     from pathlib import Path
 
-    from mlx_vit.files import replace_together
+    from mlx_vit.files import exists, failing, replace_together
 
     targets = [Path(p) for p in (output, save_npy) if p is not None]
     if targets[0].suffix.lower() != ".png":
         raise MlxVitError(f"{shown(targets[0])}: explain writes a PNG; name it .png")
-    if save_npy is not None and targets[0].resolve() == targets[1].resolve():
-        raise MlxVitError(f"{shown(targets[0])}: -o and --save-npy name the same file")
+    with failing(targets[0], MlxVitError, "cannot write it"):  # a name too long to resolve
+        if save_npy is not None and targets[0].resolve() == targets[1].resolve():
+            raise MlxVitError(f"{shown(targets[0])}: -o and --save-npy name the same file")
     for target in targets:
-        if target.exists() and not force:
+        if exists(target) and not force:
             raise MlxVitError(f"{shown(target)}: already exists (--force replaces it)")
     explanation = explain(classifier, image, method, layer, head, grid, top_k)
     png = io.BytesIO()

@@ -194,17 +194,45 @@ def exists(path: str | os.PathLike) -> bool:
         return False
 
 
-def beside(path: str | os.PathLike, suffix: str, prefix: str = ".") -> Path:
-    """`PREFIX + NAME + SUFFIX` beside `path` (a spool, a temporary file), shortened to fit the file system:
-    past 255 bytes, the name keeps its start and a hash of the whole, so each output still has its own."""
-    path = Path(path)
-    name = f"{prefix}{path.name}{suffix}"
+def fitted(start: str, end: str) -> str:
+    """The file name `start + end`, shortened to fit the file system where it would pass 255 bytes: then it keeps
+    the start's first characters, a hash of the whole start (so that other starts stay other names), and `end`."""
+    name = start + end
     if len(os.fsencode(name)) <= MAX_NAME_BYTES:
-        return path.with_name(name)
-    digest = hashlib.blake2b(os.fsencode(path.name), digest_size=8).hexdigest()
-    room = MAX_NAME_BYTES - len(os.fsencode(f"{prefix}~{digest}{suffix}"))
-    start = os.fsencode(path.name)[:room].decode("utf-8", "ignore")  # whole characters only
-    return path.with_name(f"{prefix}{start}~{digest}{suffix}")
+        return name
+    digest = hashlib.blake2b(os.fsencode(start), digest_size=8).hexdigest()
+    room = MAX_NAME_BYTES - len(os.fsencode(f"~{digest}{end}"))
+    kept = os.fsencode(start)[: max(room, 0)].decode("utf-8", "ignore")  # whole characters only
+    return f"{kept}~{digest}{end}"
+
+
+def beside(path: str | os.PathLike, suffix: str, prefix: str = ".") -> Path:
+    """`PREFIX + NAME + SUFFIX` beside `path` (a spool, a temporary file), `fitted` to the file system."""
+    path = Path(path)
+    return path.with_name(fitted(prefix + path.name, suffix))
+
+
+def plain_name(name: Any) -> bool:
+    """Whether `name` (from a file: a manifest, an index's metadata) names a file in the same folder and nothing
+    else: not empty, no separator, no NUL, not `.` or `..`, within 255 bytes."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not set("/\\\0") & set(name)
+            and path_string(name) is not None and len(os.fsencode(name)) <= MAX_NAME_BYTES)  # fmt: skip
+
+
+def write_new(path: Path, data: bytes, error: type[MlxVitError] = MlxVitError) -> None:
+    """`data` as a new file at `path` (see `create_beside`: nothing there is overwritten or followed)."""
+    fd = create_beside(path, error)
+    with os.fdopen(fd, "wb") as f, failing(path, error):
+        f.write(data)
+
+
+def sync(path: Path) -> None:
+    """Force a file (or a folder's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def create_beside(path: Path, error: type[MlxVitError] = MlxVitError) -> int:

@@ -18,8 +18,8 @@ import mlx.core as mx
 
 from mlx_vit.convert import FORMAT, convert_folder, is_mlx_folder, write_mlx_folder
 from mlx_vit.convert.mlx_folder import at_image_size, build_model, check_config, read_mlx_folder
-from mlx_vit.errors import CheckpointError, ModelNotFoundError, shown
-from mlx_vit.files import exists, is_dir, read_json, read_limited
+from mlx_vit.errors import CheckpointError, MlxVitError, ModelNotFoundError, shown
+from mlx_vit.files import exists, is_dir, read_json, read_limited, replace_together
 from mlx_vit.hub import HubUnreachableError, download
 from mlx_vit.model import ViT
 from mlx_vit.quantize import to_float32
@@ -123,28 +123,30 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
 def _remember(repo: Path, revision: str | None, commit: str) -> None:
     """Which commit `revision` (None: main) named when last seen, as the HF cache's refs/ does, for offline use."""
     ref = repo / "refs" / (revision or "main")
-    if revision == commit or (exists(ref) and ref.read_text() == commit):
+    if revision == commit or _recorded(ref) == commit:
         return
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
-        temporary = ref.with_name(f".{ref.name}.partial")
-        temporary.write_text(commit)
-        os.replace(temporary, ref)
-    except OSError as error:  # the model still loads; only the offline fallback is lost
+        replace_together([(ref, [commit.encode()])])
+    except (OSError, MlxVitError) as error:  # the model still loads; only the offline fallback is lost
         log.debug("cannot record %s: %s", ref, error)
+
+
+def _recorded(ref: Path) -> str | None:
+    """The commit a ref file names, or None: missing, unreadable, or not a commit hash."""
+    try:
+        commit = read_limited(ref, 100, ModelNotFoundError).decode().strip() if exists(ref) else None
+    except (ModelNotFoundError, UnicodeDecodeError):
+        return None
+    return commit if commit and re.fullmatch(r"[0-9a-f]{40}", commit) else None
 
 
 def converted_offline(name: str, revision: str | None) -> Path | None:
     """The MLX folder converted from `name` at `revision` (None: main) when it was last reachable, if any."""
     repo = cache_dir() / name.replace("/", "--")
     commit = revision if revision and re.fullmatch(r"[0-9a-f]{40}", revision) else None
+    commit = commit or _recorded(repo / "refs" / (revision or "main"))
     if commit is None:
-        ref = repo / "refs" / (revision or "main")
-        try:
-            commit = read_limited(ref, 100, ModelNotFoundError).decode().strip() if exists(ref) else None
-        except (ModelNotFoundError, UnicodeDecodeError):
-            return None
-    if commit is None or not re.fullmatch(r"[0-9a-f]{40}", commit):
         return None
     folder = repo / commit
     return folder if is_mlx_folder(folder) else None

@@ -76,14 +76,16 @@ def test_killed_first_conversion_leaves_nothing_that_looks_like_a_model(medium, 
 
 def test_failure_after_the_first_file(tmp_path, monkeypatch, vit_folder):
     """An error while writing config.json, after the weights were written: nothing at the target."""
-    original = type(tmp_path).write_text
+    from mlx_vit.convert import mlx_folder
 
-    def failing_write_text(self, *args, **kwargs):
-        if self.name == "config.json":
+    original = mlx_folder.write_new
+
+    def failing_write(path, *args, **kwargs):
+        if path.name == "config.json":
             raise OSError(28, "No space left on device")
-        return original(self, *args, **kwargs)
+        return original(path, *args, **kwargs)
 
-    monkeypatch.setattr(type(tmp_path), "write_text", failing_write_text)
+    monkeypatch.setattr(mlx_folder, "write_new", failing_write)
     with pytest.raises(MlxVitError, match="No space"):
         convert(str(vit_folder), tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

@@ -11,6 +11,8 @@ import typer
 from mlx_vit.cli import options
 from mlx_vit.cli.errors import run
 from mlx_vit.cli.options import Arch, ImageSize, Model, Revision, integer
+from mlx_vit.errors import shown
+from mlx_vit.files import fitted
 from mlx_vit.numbers import NumberError, parse_int
 
 
@@ -67,7 +69,7 @@ def explain(
         head_number = None if head == "mean" else parse_int(head, "", 0)
     except NumberError as error:
         raise typer.BadParameter(f"{error}: give a head number (from 0) or mean", param_hint="--head") from None
-    output = output or Path(f"{image.stem}-{method.value}.png")
+    output = output or Path(fitted(image.stem, f"-{method.value}.png"))
     run(_explain, image, model, output, method.value, layer, head_number, label, save_npy, grid, top_k, force,
         revision, max_pixels, image_size, arch)  # fmt: skip
 
@@ -80,4 +82,4 @@ def _explain(image: Path, model: str, output: Path, method: str, layer: int | No
 
     classifier = load(model, revision, max_pixels, image_size, arch)
     write_explanation(classifier, image, output, method, layer, head, grid, top_k, label, save_npy, force)
-    typer.echo(f"wrote {output}" + (f" and {save_npy}" if save_npy else ""), err=True)
+    typer.echo(f"wrote {shown(output)}" + (f" and {shown(save_npy)}" if save_npy else ""), err=True)
