@@ -5,11 +5,11 @@ they can be found, at the input size mlx-vit runs the model at. Imported only by
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Any
 
 from mlx_vit.errors import MlxVitError
+from mlx_vit.files import read_json
 
 
 def reference_model(name: str, image_size: int) -> tuple[Any, bool]:
@@ -22,14 +22,14 @@ def reference_model(name: str, image_size: int) -> tuple[Any, bool]:
     if folder is not None:
         import transformers
 
-        config = json.loads((folder / "config.json").read_text())
+        config = read_json(folder / "config.json")
         cls = getattr(transformers, (config.get("architectures") or ["AutoModelForImageClassification"])[0])
         return _pixels_only(cls.from_pretrained(folder).eval(), image_size), same
     return _random_model(converted, architecture, image_size), False
 
 
 def _is_timm(folder: Path) -> bool:
-    config = json.loads((folder / "config.json").read_text())
+    config = read_json(folder / "config.json")
     return "architecture" in config and "model_type" not in config
 
 
@@ -43,7 +43,7 @@ def _source(name: str) -> tuple[Path | None, bool, dict | None]:
         from mlx_vit.hub import download
 
         return download(name), True, None
-    config = json.loads((path / "config.json").read_text())
+    config = read_json(path / "config.json")
     if config.get("format") != "mlx-vit":
         return path, True, None
     source = config.get("source") or {}

@@ -15,6 +15,7 @@ import numpy as np
 from mlx_vit.bench import PRESETS, SEED
 from mlx_vit.bench_reference import reference_model
 from mlx_vit.errors import MlxVitError
+from mlx_vit.files import write_new
 
 
 class _Runner:
@@ -160,7 +161,7 @@ def _make_checkpoint(preset: str, folder: str) -> None:
     # mlx-vit reads the preprocessing from here; google/vit-base-patch16-224's values.
     preprocessing = {"do_normalize": True, "do_resize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3,
                      "resample": 2, "size": 224, "image_processor_type": "ViTImageProcessor"}  # fmt: skip
-    (Path(folder) / "preprocessor_config.json").write_text(json.dumps(preprocessing))
+    write_new(Path(folder) / "preprocessor_config.json", json.dumps(preprocessing).encode())
 
 
 def _serve(spec: dict[str, Any]) -> None:

@@ -196,7 +196,7 @@ def _swallows_a_record(f, start: int, end: int) -> bool:
 
 
 class Output:
-    """An output stream for one run: `write_text` per batch, then `finish()` (or `abort()` on failure).
+    """An output stream for one run: `append` per batch, then `finish()` (or `abort()` on failure).
 
     Checks happen at once (an output that exists is continued only with `resume`); the file itself is opened at
     the first write, so a run that fails before it leaves nothing behind. An existing output that is not a
@@ -266,7 +266,7 @@ class Output:
             raise OutputError(f"{shown(self.path)}: cannot write ({os_reason(error)})") from None
         return self.file
 
-    def write_text(self, text: str) -> None:
+    def append(self, text: str) -> None:
         """Append `text` in one write and flush it; sync it to the disk at most every SYNC_SECONDS."""
         file = self.stream()
         try:
@@ -331,7 +331,7 @@ class ResultWriter:
             if len(self.table_rows) >= TABLE_ROWS:
                 self._print_table()
         elif format == "jsonl":
-            self.output.write_text("".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results))
+            self.output.append("".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results))
         elif format == "csv":
             tail = self.output.tail
             if tail is not None:  # the last image of the file resumed: redone now, or never (it would come first)
@@ -347,20 +347,20 @@ class ResultWriter:
                 writer.writerow(CSV_HEADER)
             for result in results:
                 writer.writerows(csv_rows(result))
-            self.output.write_text(text.getvalue())
+            self.output.append(text.getvalue())
         else:  # one JSON array, as json.dumps(list, indent=2) writes it, element by element
             items = [_indented(json.dumps(result_json(r), indent=2, allow_nan=False)) for r in results]
             text = ",\n".join(items)
             if items:
-                self.output.write_text(("[\n" if self.count == 0 else ",\n") + text)
+                self.output.append(("[\n" if self.count == 0 else ",\n") + text)
         self.count += len(results)
 
     def close(self) -> None:
         self.output.keep_tail()
         if self.output.format == "json":
-            self.output.write_text("[]\n" if self.count == 0 else "\n]\n")
+            self.output.append("[]\n" if self.count == 0 else "\n]\n")
         elif self.output.format == "csv" and self.output.fresh:
-            self.output.write_text(",".join(CSV_HEADER) + "\r\n")
+            self.output.append(",".join(CSV_HEADER) + "\r\n")
         elif self.output.format == "table" and (self.table_rows or self.count == 0):
             self._print_table()
         self.output.finish()
