@@ -20,7 +20,7 @@ from mlx_vit.numbers import is_number
 from mlx_vit.preprocess import PreprocessConfig
 
 from .safetensors_io import read_safetensors
-from .torch_pickle import read_torch_bin
+from .torch_pickle import Choose, read_torch_bin, state_dict
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # fmt: skip
@@ -61,8 +61,9 @@ class Checkpoint:
     image_size: int | None = None  # the size its reference runs it at, where not the table's (DINOv2's crop)
 
 
-def read_weights(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of an HF-layout folder: safetensors preferred, then pytorch_model.bin; shards followed."""
+def read_weights(folder: Path, choose: Choose = state_dict) -> dict[str, np.ndarray]:
+    """All tensors of an HF-layout folder: safetensors preferred, then pytorch_model.bin; shards followed.
+    `choose` finds the state dict in what a file holds (see torch_pickle.read_torch_bin)."""
     for name in WEIGHT_FILES:
         path = folder / name
         if not exists(path):
@@ -81,7 +82,7 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
         for file in files:
             if not exists(file):
                 raise CheckpointError(f"{shown(file)}: shard listed in {name} is missing")
-            for key, value in read_weight_file(file).items():
+            for key, value in read_weight_file(file, choose).items():
                 if key in tensors:  # two shards holding one tensor: which would transformers take?
                     raise CheckpointError(f"{shown(file)}: tensor '{shown(key, 80)}' is in another shard too")
                 tensors[key] = value
@@ -89,9 +90,15 @@ def read_weights(folder: Path) -> dict[str, np.ndarray]:
     raise CheckpointError(f"{shown(folder)}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def read_weight_file(path: Path) -> dict[str, np.ndarray]:
-    """One .safetensors file, or one torch.save()d state dict (.bin, .pth, .pt)."""
-    return read_safetensors(path) if path.name.endswith(".safetensors") else read_torch_bin(path)
+def read_weight_file(path: Path, choose: Choose = state_dict) -> dict[str, np.ndarray]:
+    """One .safetensors file, or one torch.save()d state dict (.bin, .pth, .pt), its state dict found by `choose`
+    as the format's reference finds it; the choice is logged where it was not the whole file."""
+    if not path.name.endswith(".safetensors"):
+        return read_torch_bin(path, choose)
+    tensors, taken = choose(read_safetensors(path))
+    if not (isinstance(tensors, dict) and all(isinstance(v, np.ndarray) for v in tensors.values())):
+        raise CheckpointError(f"{shown(path)}: does not hold a state dict of named tensors")
+    return tensors
 
 
 def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:

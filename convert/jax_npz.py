@@ -21,7 +21,8 @@ from mlx_vit.files import open_regular
 
 from . import timm_vit
 from .common import JAX_RESAMPLE, Checkpoint, Source, check_finite
-from .torch_pickle import ARCHIVE_ERRORS, MAX_INFLATION, check_members
+from .torch_pickle import ARCHIVE_ERRORS, MAX_INFLATION
+from .zip_archive import check_archive
 
 NAME = "JAX .npz"
 LOOKS_FOR = {"file": "an .npz with --arch"}  # by source kind
@@ -41,7 +42,7 @@ def read_npz(path) -> dict[str, np.ndarray]:
         size = file.seek(0, io.SEEK_END)
         try:
             with zipfile.ZipFile(file) as archive:
-                check_members(archive, name)
+                check_archive(file, archive, size, name)
                 if sum(info.file_size for info in archive.infolist()) > MAX_INFLATION * size:
                     raise CheckpointError(f"{name}: its arrays would be over {MAX_INFLATION}x the file's size")
                 for info in archive.infolist():

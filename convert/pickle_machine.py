@@ -18,6 +18,7 @@ import pickletools
 import struct
 import warnings
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,23 +143,38 @@ def _parse(pickled: bytes) -> tuple[list[tuple[str, Any]], str | None]:
     written `I0x1`, for one), so a pickle that pickletools cannot read to its end is refused, never handed on.
     """
     operations: list[tuple[str, Any]] = []
+    starts: list[int] = []  # where each opcode starts
     try:
         with warnings.catch_warnings():  # genops decodes STRING arguments, warning on odd escapes
             warnings.simplefilter("ignore", DeprecationWarning)
-            for opcode, arg, _ in pickletools.genops(pickled):
+            for opcode, arg, position in pickletools.genops(pickled):
                 if len(operations) >= MAX_OPERATIONS:
                     return operations, f"over {MAX_OPERATIONS:,} operations, far more than a state dict needs"
                 operations.append((opcode.name, arg))
+                starts.append(position)
     except (ValueError, EOFError, OverflowError, struct.error) as error:  # UnicodeDecodeError is a ValueError
         return operations, f"cannot be parsed ({shown(str(error) or type(error).__name__, 120)})"
-    return operations, None
+    return operations, _frames(operations, starts)
+
+
+def _frames(operations: list[tuple[str, Any]], starts: list[int]) -> str | None:
+    """Why the pickle's protocol-4 frames lie, or None: each FRAME's length must end where an opcode ends, before
+    the next FRAME and not past the pickle's end, as Python's own framing reader requires (pickletools skips
+    FRAME lengths, and the C unpickler checks only that the bytes exist)."""
+    end = starts[-1] + 1 if operations else 0  # STOP, the last opcode, is one byte
+    boundaries = {*starts, end}
+    frames = [(start, arg) for start, (name, arg) in zip(starts, operations, strict=True) if name == "FRAME"]
+    for (start, length), after in zip(frames, [*(s for s, _ in frames[1:]), end][: len(frames)], strict=True):
+        if start + 9 + length not in boundaries or start + 9 + length > after:
+            return f"a FRAME of {shown(length, 40)} bytes at byte {start} does not end where an operation ends"
+    return None
 
 
 class Machine:
     """Runs a parsed pickle's opcodes on a stack of plain values and our frozen stand-ins."""
 
-    def __init__(self, archive: zipfile.ZipFile, prefix: str):
-        self.archive, self.prefix = archive, prefix
+    def __init__(self, record: Callable[[str], zipfile.ZipInfo | None]):
+        self.record = record  # the archive's member for a record name ("data/0"), as torch's reader finds it
         self.storages: dict[str, StorageRef] = {}
         self.stack: list = []
         self.marks: list[int] = []
@@ -332,13 +348,13 @@ class Machine:
             if (ref.type_name, ref.numel) != (storage_type.name, numel):
                 raise Refused(f"storage {shown(key)!r} is declared twice, with different types or sizes")
             return ref
-        try:
-            info = self.archive.getinfo(f"{self.prefix}data/{key}")
-        except KeyError:
-            raise Refused(f"storage {shown(key)!r} is missing from the archive") from None
-        # Checked against the archive's directory before reading: a huge numel reads nothing.
+        info = self.record(f"data/{key}")
+        if info is None:
+            raise Refused(f"storage {shown(key)!r} is missing from the archive")
+        # Checked against the archive's directory before reading: a huge numel reads nothing. torch.load wants
+        # the record to hold exactly the declared elements.
         itemsize = np.dtype(STORAGE_DTYPES[storage_type.name]).itemsize
-        if numel < 0 or numel * itemsize > info.file_size:
+        if numel < 0 or numel * itemsize != info.file_size:
             raise Refused(f"storage {shown(key)!r} has {info.file_size} bytes, {shown(numel, 40)} elements declared")
         self.storages[key] = ref = StorageRef(storage_type.name, key, numel)
         return ref

@@ -251,19 +251,48 @@ def read(source: Source) -> Checkpoint:
         cls, kwargs = architecture_kwargs(name, {} if overrides is None else overrides, config_file)
         classes = pretrained.get("num_classes", kwargs.get("num_classes", 1000))
         vit_config(cls, kwargs, classes if isinstance(classes, int) else 0, config_file)  # sizes before any weight
-        tensors = read_weights(source.path)
+        tensors = read_weights(source.path, hub_state_dict)
     else:
         config_file = source.name
         name, pretrained, cls, kwargs = bare_architecture(source, "a bare weight file")
-        tensors = read_weight_file(source.path)
+        tensors = read_weight_file(source.path, training_state_dict)
     check_finite(tensors, source.name)
-    tensors = _without_module_prefix(tensors)
     config = vit_config(cls, kwargs, head_classes(tensors, "head.weight", source.name), config_file)
     return checkpoint(name, config, map_weights(tensors, config, source.name), pretrained, TIMM_RESAMPLE, config_file)
 
 
-def _without_module_prefix(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A state dict saved from DataParallel has every name under `module.`; timm's loader strips it too."""
-    if tensors and all(key.startswith("module.") for key in tensors):
-        return {key.removeprefix("module."): value for key, value in tensors.items()}
-    return tensors
+def hub_state_dict(state: object) -> tuple[object, str]:
+    """The state dict timm takes from a Hub folder's file: checkpoint_filter_fn's own unwrapping of `model`, then
+    `state_dict`, nothing else."""
+    taken = []
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and key in state:
+            state = state[key]
+            taken.append(key)
+    return state, ".".join(taken)
+
+
+# What a DDP or torch.compile wrapper puts in front of every name; timm's clean_state_dict removes them in order.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.", "_orig_mod.")
+
+
+def training_state_dict(state: object) -> tuple[object, str]:
+    """The state dict timm loads from a checkpoint file (`load_state_dict` with use_ema, then checkpoint_filter_fn):
+    a training checkpoint's EMA weights first (state_dict_ema, model_ema), then state_dict, then model; wrapper
+    prefixes removed from each name (a later name wins, as in timm); then the filter's own unwrapping."""
+    key = ""
+    if isinstance(state, dict):
+        present = [k for k in ("state_dict_ema", "model_ema") if state.get(k) is not None]
+        present += [k for k in ("state_dict", "model") if k in state]
+        key = present[0] if present else ""
+    if key:
+        state = state[key]
+    if isinstance(state, dict):
+        cleaned = {}
+        for name, value in state.items():
+            for prefix in WRAPPER_PREFIXES if isinstance(name, str) else ():
+                name = name.removeprefix(prefix)
+            cleaned[name] = value
+        state = cleaned
+    state, unwrapped = hub_state_dict(state)
+    return state, ".".join(filter(None, [key, unwrapped]))

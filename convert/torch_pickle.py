@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import lzma
 import math
+import re
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,9 @@ from mlx_vit.files import open_regular
 
 from .pickle_machine import STORAGE_DTYPES, Machine, Refused, StorageRef, Tensor
 from .safetensors_io import bf16_to_f32
+from .zip_archive import LOCAL_MAGIC, check_archive, folded
+
+log = logging.getLogger(__name__)
 
 # A state dict's data.pkl is ~150 bytes a tensor: a ViT-G/14 (~900 tensors) is ~140 kB. This stops a pickle built
 # to exhaust memory or time long before either runs out (pickle_machine.MAX_OPERATIONS bounds its opcodes).
@@ -31,6 +37,8 @@ MAX_PICKLE_BYTES = 16 * 2**20
 # hold each byte once; tied weights view one storage twice.
 MAX_INFLATION = 2
 _READ_PIECE = 16 * 2**20
+# The archive format versions torch 2.14's reader takes (caffe2's kMinSupportedFileFormatVersion and kMax...).
+MIN_VERSION, MAX_VERSION = 1, 10
 # What reading a crafted zip archive can raise: besides malformed structures, encrypted members, unsupported or
 # corrupt compression. Every reader of a zip (this one, jax_npz) turns these into one line.
 ARCHIVE_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, TypeError, IndexError, KeyError, AttributeError,
@@ -41,8 +49,8 @@ ARCHIVE_ERRORS = (zipfile.BadZipFile, EOFError, ValueError, TypeError, IndexErro
 class _Storages:
     """Reads each storage once, checked against its zip member, within the file's byte budget."""
 
-    def __init__(self, archive: zipfile.ZipFile, prefix: str, byteorder: str, budget: int, uses: dict[str, int]):
-        self.archive, self.prefix, self.byteorder, self.budget = archive, prefix, byteorder, budget
+    def __init__(self, archive: zipfile.ZipFile, record, byteorder: str, budget: int, uses: dict[str, int]):
+        self.archive, self.record, self.byteorder, self.budget = archive, record, byteorder, budget
         self.uses = uses  # tensors per storage: a storage only one tensor views is handed over without a copy
         self.arrays: dict[str, np.ndarray] = {}
 
@@ -57,7 +65,7 @@ class _Storages:
     def array(self, ref: StorageRef) -> np.ndarray:
         if ref.key not in self.arrays:
             dtype = np.dtype(STORAGE_DTYPES[ref.type_name]).newbyteorder("<" if self.byteorder == "little" else ">")
-            info = self.archive.getinfo(f"{self.prefix}data/{ref.key}")
+            info = self.record(f"data/{ref.key}")
             if info.compress_type != zipfile.ZIP_STORED:  # torch.save never compresses: these bytes are extra
                 self.charge(ref.numel * dtype.itemsize)
             array = np.empty(ref.numel, dtype=dtype)  # exactly the declared elements, 1-d
@@ -90,44 +98,43 @@ class _Storages:
         return bf16_to_f32(array) if tensor.storage.type_name == "BFloat16Storage" else array
 
 
-def _read_member(archive: zipfile.ZipFile, member: str, limit: int, name: str) -> bytes:
-    info = archive.getinfo(member)
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, limit: int, name: str) -> bytes:
     if info.file_size > limit:
-        raise CheckpointError(f"{name}: {shown(member)} is {info.file_size} bytes (limit {limit})")
+        raise CheckpointError(f"{name}: {shown(info.filename)} is {info.file_size} bytes (limit {limit})")
     with archive.open(info) as f:
         raw = f.read(limit + 1)
     if len(raw) > limit:
-        raise CheckpointError(f"{name}: {shown(member)} is over {limit} bytes")
+        raise CheckpointError(f"{name}: {shown(info.filename)} is over {limit} bytes")
     return raw
 
 
-def _state_dict(state: object) -> dict[str, Tensor] | None:
-    for key in ("model", "state_dict"):  # a training checkpoint's weights (DeiT's releases hold {"model": ...})
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
-        return state
-    return None
+# Finds the state dict in what a checkpoint file holds, and says which part it took ("" for the whole file).
+Choose = Callable[[object], tuple[object, str]]
 
 
-def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
-    """Tensors of a torch.save()d state dict (zip format), as numpy arrays. Never imports torch."""
+def state_dict(state: object) -> tuple[object, str]:
+    """The object a checkpoint file must be for transformers (and the choice `read_torch_bin` makes by default):
+    a state dict itself, nothing unwrapped. Readers with other rules (timm's) pass their own `choose`."""
+    return state, ""
+
+
+def read_torch_bin(path: str | Path, choose: Choose = state_dict) -> dict[str, np.ndarray]:
+    """Tensors of a torch.save()d state dict (zip format), as numpy arrays, exactly as torch.load reads them, or
+    CheckpointError. Never imports torch. `choose` picks the state dict in what the file holds (a training
+    checkpoint's), as the reference reader for the format does, and says which it took ("" for the whole)."""
     path = Path(path)
     name = shown(path)
     with open_regular(path, CheckpointError) as file:
         size = file.seek(0, io.SEEK_END)
-        try:
-            is_zip = zipfile.is_zipfile(file)
-        except zipfile.BadZipFile as error:  # is_zipfile raises this for some end records (multi-disk) itself
-            raise CheckpointError(f"{name}: malformed PyTorch checkpoint (BadZipFile: {shown(error)})") from None
-        if not is_zip:
+        file.seek(0)
+        if file.read(4) != LOCAL_MAGIC:  # torch.load's own test: anything else is its legacy format
             raise CheckpointError(
                 f"{name}: not a zip-format PyTorch checkpoint (the legacy format is refused: it cannot be read "
                 "without running its pickle); re-save it with torch>=1.6 or convert it to safetensors"
             )
         try:
             with zipfile.ZipFile(file) as archive:
-                return _read_archive(archive, name, size)
+                return _read_archive(archive, check_archive(file, archive, size, name), name, size, choose)
         except Refused as error:
             raise CheckpointError(f"{name}: unsafe or malformed pickle: {error}") from None
         except ARCHIVE_ERRORS as error:
@@ -135,29 +142,49 @@ def read_torch_bin(path: str | Path) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{name}: malformed PyTorch checkpoint ({reason})") from None
 
 
-def check_members(archive: zipfile.ZipFile, name: str) -> None:
-    """Refuse an archive holding one member name twice: torch and numpy read the first, zipfile the last."""
-    counts = collections.Counter(archive.namelist())
-    twice = next((member for member, count in counts.items() if count > 1), None)
-    if twice is not None:
-        raise CheckpointError(f"{name}: the archive holds '{shown(twice, 80)}' twice")
+def _read_archive(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], name: str, size: int,
+                  choose) -> dict[str, np.ndarray]:  # fmt: skip
+    """torch's reader: records live in the folder of the directory's first member, found without regard to case;
+    `version` (`.data/version` first) must be a version it reads, `byteorder` exactly little or big."""
+    first = archive.infolist()[0].filename
+    if "/" not in first:
+        raise CheckpointError(f"{name}: its first member '{shown(first, 80)}' is not in a folder (not torch.save's)")
+    folder = first[: first.index("/") + 1]
 
+    def record(member: str) -> zipfile.ZipInfo | None:
+        return members.get(folded(folder + member))
 
-def _read_archive(archive: zipfile.ZipFile, name: str, size: int) -> dict[str, np.ndarray]:
-    check_members(archive, name)
-    pickles = [n for n in archive.namelist() if n.endswith("data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-        raise CheckpointError(f"{name}: expected one data.pkl in the archive, found {len(pickles)}")
-    prefix = pickles[0][: -len("data.pkl")]
+    version = record(".data/version") or record("version")
+    if version is None:
+        raise CheckpointError(f"{name}: has no version record (not torch.save's)")
+    number = _version(_read_member(archive, version, 64, name))
+    if number is None or not MIN_VERSION <= number <= MAX_VERSION:
+        raise CheckpointError(f"{name}: its format version is not one torch {MIN_VERSION}..{MAX_VERSION} reads")
     byteorder = "little"
-    if f"{prefix}byteorder" in archive.namelist():
-        byteorder = _read_member(archive, f"{prefix}byteorder", 16, name).decode(errors="replace").strip()
+    if (order := record("byteorder")) is not None:
+        byteorder = _read_member(archive, order, 16, name).decode("ascii", "replace")
     if byteorder not in ("little", "big"):
-        raise CheckpointError(f"{name}: unknown byte order {shown(byteorder)!r}")
-    pickled = _read_member(archive, pickles[0], MAX_PICKLE_BYTES, name)
-    state = _state_dict(Machine(archive, prefix).run(pickled))
-    if state is None:
+        raise CheckpointError(f"{name}: unknown byte order {shown(byteorder, 40, quote=True)}")
+    if (alignment := record(".storage_alignment")) is not None:
+        try:
+            int(_read_member(archive, alignment, 64, name))  # torch.load reads it so, and refuses what fails
+        except ValueError:
+            raise CheckpointError(f"{name}: its .storage_alignment is not a number") from None
+    pickled = record("data.pkl")
+    if pickled is None:
+        raise CheckpointError(f"{name}: has no {shown(folder, 60)}data.pkl (not torch.save's)")
+    state, taken = choose(Machine(record).run(_read_member(archive, pickled, MAX_PICKLE_BYTES, name)))
+    if taken:
+        log.info("%s: read its %s, as the checkpoint's own loader would", name, taken)
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())):
         raise CheckpointError(f"{name}: does not hold a state dict of named tensors")
     uses = collections.Counter(tensor.storage.key for tensor in state.values())
-    storages = _Storages(archive, prefix, byteorder, MAX_INFLATION * size, uses)
+    storages = _Storages(archive, record, byteorder, MAX_INFLATION * size, uses)
     return {key: storages.tensor(tensor) for key, tensor in state.items()}
+
+
+def _version(raw: bytes) -> int | None:
+    """A version record as torch's reader parses it (C++ stoull): leading spaces, digits, anything after them
+    ignored; None where it finds no digits, or a sign (stoull wraps "-1" to 2**64 - 1)."""
+    digits = re.match(rb"[ \t\n\v\f\r]*\+?([0-9]{1,19})", raw)
+    return int(digits.group(1)) if digits else None

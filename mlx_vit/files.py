@@ -187,10 +187,16 @@ def is_dir(path: str | os.PathLike) -> bool:
 
 
 def exists(path: str | os.PathLike) -> bool:
-    """Path.exists (a dangling symlink counts) without raising for names the system cannot look up."""
+    """Path.exists (a dangling symlink counts): MlxVitError for a name too long to look up, False where the system
+    cannot look it up otherwise (a NUL in it, a file where a folder should be)."""
     try:
-        return os.path.lexists(path)
-    except ValueError:  # a NUL in the name
+        os.lstat(path)
+        return True
+    except OSError as failure:
+        if failure.errno == errno.ENAMETOOLONG:
+            raise MlxVitError(f"{shown(path)}: file name too long") from None
+        return False
+    except ValueError:
         return False
 
 

@@ -24,6 +24,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from mlx_vit.convert import timm_vit
 from mlx_vit.convert.safetensors_io import read_header, read_safetensors
 from mlx_vit.convert.torch_pickle import read_torch_bin
 from mlx_vit.errors import CheckpointError
@@ -112,6 +113,7 @@ def _craft_torch_zip(path: Path, obj, storages: dict[str, bytes], byteorder: str
     _TorchPickler(buffer, protocol=2).dump(obj)
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/version", "3\n")
         archive.writestr("archive/byteorder", byteorder)
         for key, raw in storages.items():
             archive.writestr(f"archive/data/{key}", raw)
@@ -201,8 +203,9 @@ def test_torch_module_state_dict_with_metadata(tmp_path):
 
 def test_torch_state_dict_wrapper_and_parameters(tmp_path):
     weights = {"w": torch.randn(2, 2), "b": torch.zeros(2, dtype=torch.float16)}
-    result = read_torch_bin(_torch_save({"state_dict": weights, "epoch": 3}, tmp_path / "wrapped.bin"))
-    _assert_same(result, weights)
+    wrapped = _torch_save({"state_dict": weights, "epoch": 3}, tmp_path / "wrapped.bin")
+    _refused(read_torch_bin, wrapped, "does not hold a state dict")  # transformers reads a state dict itself
+    _assert_same(read_torch_bin(wrapped, timm_vit.training_state_dict), weights)  # timm unwraps it
     parameter = torch.nn.Parameter(torch.tensor([1.5, -2.0]))
     result = read_torch_bin(_torch_save({"p": parameter}, tmp_path / "param.bin"))
     np.testing.assert_array_equal(result["p"], [1.5, -2.0])
@@ -407,15 +410,21 @@ def test_random_bytes_and_empty_files(tmp_path):
     _refused(read_torch_bin, empty, "not a zip-format")
 
 
-def test_zip_without_data_pkl(tmp_path):
+def test_zip_without_data_pkl_or_version(tmp_path):
+    """torch's reader looks in the folder of the directory's first member, for `version` and `data.pkl`."""
     path = tmp_path / "nopkl.bin"
     with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/version", "3\n")
         archive.writestr("archive/data/0", b"\x00" * 4)
-    _refused(read_torch_bin, path, "expected one data.pkl", "found 0")
+    _refused(read_torch_bin, path, "has no archive/data.pkl")
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("a/data.pkl", pickle.dumps({}))
-        archive.writestr("b/data.pkl", pickle.dumps({}))
-    _refused(read_torch_bin, path, "found 2")
+        archive.writestr("archive/data.pkl", pickle.dumps({}, protocol=2))
+    _refused(read_torch_bin, path, "has no version record")
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("b/version", "3\n")
+        archive.writestr("a/version", "3\n")
+        archive.writestr("a/data.pkl", pickle.dumps({}, protocol=2))
+    _refused(read_torch_bin, path, "has no b/data.pkl")  # not a/'s: b/ comes first
 
 
 def test_legacy_format_is_refused(tmp_path):
@@ -572,7 +581,8 @@ MALFORMED = {
     "bool_shape": (dict(header={"a": _entry("U8", [True], 0, 1)}, data=b"\x00"), "invalid shape"),
     "shape_not_list": (dict(header={"a": _entry("F32", 2, 0, 8)}, data=F32_8), "invalid shape"),
     "offsets_past_end": (dict(header={"a": _entry("F32", [2], 0, 16)}, data=F32_8), "outside the file"),
-    "offsets_negative": (dict(header={"a": _entry("F32", [2], -8, 0)}, data=F32_8), "invalid data_offsets"),  # signed: never an offset
+    # A signed number is never an offset (the reference reads them unsigned).
+    "offsets_negative": (dict(header={"a": _entry("F32", [2], -8, 0)}, data=F32_8), "invalid data_offsets"),
     "offsets_end_before_begin": (dict(header={"a": _entry("U8", [0], 8, 4)}, data=F32_8), "outside the file"),
     "offsets_three": (dict(header={"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1, 2]}},
                            data=b"\x00"), "invalid data_offsets"),

@@ -14,8 +14,9 @@ import typer
 
 from mlx_vit import __version__
 from mlx_vit.cli import bench, classify, convert, embed, explain, search, tui
-from mlx_vit.cli.errors import echo, fail, flushed, state
+from mlx_vit.cli.errors import echo, fail, flushed, silence, state
 from mlx_vit.errors import MlxVitError, line
+from mlx_vit.files import os_reason
 
 app = typer.Typer(
     help="Vision Transformers on Apple's MLX: classify and embed images, search a library, see attention, convert "
@@ -87,6 +88,12 @@ def main() -> None:
         if state["debug"]:
             raise
         fail(str(error))
+        code = 1
+    except OSError as error:  # outside the library's calls only stdout is written (help, a table): one line
+        if state["debug"]:
+            raise
+        fail(f"stdout: cannot write ({os_reason(error)})")
+        silence(sys.stdout)
         code = 1
     if not flushed(sys.stdout):
         code = code or 1

@@ -37,11 +37,11 @@ def flushed(stream) -> bool:
         return True
     except OSError as error:
         fail(f"stdout: cannot write ({os_reason(error)})")
-        _silence(stream)
+        silence(stream)
         return False
 
 
-def _silence(stream) -> None:
+def silence(stream) -> None:
     """Point a failed stream at /dev/null, so that the interpreter's flush at exit fails no more."""
     with contextlib.suppress(OSError, ValueError):
         os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
@@ -52,7 +52,7 @@ def echo(text: str) -> None:
     try:
         typer.echo(text)
     except OSError as error:
-        _silence(sys.stdout)
+        silence(sys.stdout)
         raise MlxVitError(f"stdout: cannot write ({os_reason(error)})") from None
 
 
@@ -63,5 +63,5 @@ def print_rich(renderable) -> None:
     try:
         Console().print(renderable)
     except OSError as error:
-        _silence(sys.stdout)
+        silence(sys.stdout)
         raise MlxVitError(f"stdout: cannot write ({os_reason(error)})") from None
