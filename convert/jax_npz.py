@@ -17,7 +17,7 @@ import numpy as np
 
 from mlx_vit.config import ViTConfig
 from mlx_vit.errors import CheckpointError, shown
-from mlx_vit.files import open_regular
+from mlx_vit.files import npy_header, open_regular
 
 from . import timm_vit
 from .common import JAX_RESAMPLE, Checkpoint, Source, check_finite
@@ -59,13 +59,7 @@ def read_npz(path) -> dict[str, np.ndarray]:
 
 def _read_array(member, size: int, name: str) -> np.ndarray:
     """One .npy member: its header (bounded by numpy) checked, then exactly the bytes it declares."""
-    version = np.lib.format.read_magic(member)
-    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-    if version not in readers:
-        raise CheckpointError(f"{name}: .npy format version {version} is not supported")
-    shape, fortran, dtype = readers[version](member)
-    if not all(type(side) is int and side >= 0 for side in shape):
-        raise CheckpointError(f"{name}: its header's shape {shown(shape, 60)} is not a shape")
+    shape, fortran, dtype = npy_header(member, name, CheckpointError)
     if dtype.hasobject:
         raise CheckpointError(f"{name} holds Python objects (refused: loading them would run pickle)")
     if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):

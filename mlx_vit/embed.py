@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.convert.safetensors_io import MAX_SIDE, parse_header
+from mlx_vit.convert.safetensors_io import parse_header
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.files import (
     MAX_JSON_BYTES,
     MAX_JSON_VALUES,
     MAX_PATH_BYTES,
     lines,
+    npy_header,
     open_regular,
     parse_json,
     path_string,
@@ -213,16 +214,9 @@ def read_index(path: str | os.PathLike) -> tuple[np.ndarray, list[str], dict[str
 
 def _npy_rows(f, name: str) -> tuple[tuple[int, ...], int]:
     """The shape of a .npy index's float32 rows and where they start, its header checked before any arithmetic."""
-    try:
-        major, _ = np.lib.format.read_magic(f)
-        read = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(f)
-    except (ValueError, OSError, SyntaxError, TypeError) as error:
-        raise IndexFileError(f"{name}: not a .npy file ({shown(str(error), 200)})") from None
+    shape, fortran, dtype = npy_header(f, name, IndexFileError)
     if fortran or dtype != np.dtype("<f4") or len(shape) < 2:
         raise IndexFileError(f"{name}: not an index (float32 rows, from mlx-vit embed)")
-    if not all(type(side) is int and 0 <= side <= MAX_SIDE for side in shape):
-        raise IndexFileError(f"{name}: its header's shape {shown(shape, 80)} is not the shape of an index")
     return shape, f.tell()
 
 

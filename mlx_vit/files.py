@@ -169,6 +169,25 @@ def path_string(value: Any) -> str | None:
     return value if len(encoded) <= MAX_PATH_BYTES else None
 
 
+def npy_header(file: BinaryIO, source: str, error: type[MlxVitError]) -> tuple[tuple[int, ...], bool, Any]:
+    """(shape, fortran order, dtype) of the .npy header at the file's position, its data next. numpy's parser
+    (a bounded header, literal_eval) raises a dozen kinds of error on crafted bytes: each is `error`, one line.
+    Every side is an int within MLX's 32-bit shapes."""
+    import numpy as np
+
+    try:
+        version = np.lib.format.read_magic(file)
+        readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in readers:
+            raise ValueError(f".npy format version {version} is not supported")
+        shape, fortran, dtype = readers[version](file)
+    except Exception as failure:  # numpy's own parser on hostile bytes: whatever it raises
+        raise error(f"{source}: not a .npy array ({shown(str(failure) or type(failure).__name__, 120)})") from None
+    if not (isinstance(shape, tuple) and all(type(side) is int and 0 <= side < 2**31 for side in shape)):
+        raise error(f"{source}: its header's shape {shown(shape, 60)} is not a shape")
+    return shape, fortran, dtype
+
+
 def read_json(path: str | os.PathLike, error: type[MlxVitError] = ConfigError) -> dict[str, Any]:
     """A JSON object from a regular file of at most MAX_JSON_BYTES; `error` (one line naming it) otherwise."""
     source = shown(path)

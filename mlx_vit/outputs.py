@@ -325,6 +325,8 @@ class ResultWriter:
 
     def write(self, results: Iterable[Any]) -> None:
         results = list(results)
+        if not results:  # nothing to decide or open the file for
+            return
         format = self.output.format
         if format == "table":
             self.table_rows.extend(results)
