@@ -480,6 +480,37 @@ def test_training_checkpoints_are_unwrapped(tmp_path):
     assert np.abs(ours.logits(ours.pixels(PHOTOS[:2])) - reference).max() < TOLERANCE
 
 
+@pytest.mark.parametrize(
+    "layout",
+    [
+        {"state_dict": "plain", "state_dict_ema": "ema", "epoch": "300"},
+        {"model": "plain", "model_ema": "ema"},
+        {"state_dict_ema": None, "model_ema": "ema", "state_dict": "plain"},
+        {"model_ema": None, "model": "plain", "optimizer": "plain"},
+        {"state_dict": "plain", "model": "ema"},  # state_dict before model
+    ],
+)
+def test_a_training_checkpoint_gives_the_weights_timm_loads(layout, tmp_path, caplog):
+    """timm's load_state_dict takes the EMA weights first (state_dict_ema, model_ema, then state_dict, model), and
+    removes DDP / torch.compile prefixes per name: mlx-vit reads what timm reads, and says which it took."""
+    import timm
+    import torch
+
+    plain = tc.make_timm(SMALL_TIMM, seed=SEED, **SMALL_TIMM_ARGS)
+    ema = tc.make_timm(SMALL_TIMM, seed=SEED + 1, **SMALL_TIMM_ARGS)
+    weights = {"plain": plain.state_dict(), "ema": {f"_orig_mod.module.{k}": v for k, v in ema.state_dict().items()}}
+    path = tmp_path / "checkpoint.pth"
+    torch.save({k: weights[v] if v in weights else v for k, v in layout.items()}, path)
+    reference = tc.make_timm(SMALL_TIMM, seed=SEED + 2, **SMALL_TIMM_ARGS)
+    timm.models.load_checkpoint(reference, str(path))  # use_ema=True by default
+    expected = tc.timm_logits(reference, PHOTOS[:2])
+    with caplog.at_level("INFO", logger="mlx_vit"):
+        ours = load(str(path), arch=SMALL_TIMM)
+    assert np.abs(ours.logits(ours.pixels(PHOTOS[:2])) - expected).max() < TOLERANCE
+    taken = next(k for k in ("state_dict_ema", "model_ema", "state_dict", "model") if layout.get(k) is not None)
+    assert f"read its {taken}" in caplog.text
+
+
 def test_image_size_out_of_range_is_one_line(timm_models, tmp_path, isolated):
     folder = tc.save_timm_hub(timm_models["vit"], tmp_path / "hub")
     out = convert(str(folder), tmp_path / "out")

@@ -21,7 +21,7 @@ from PIL import Image, ImageOps
 
 from mlx_vit import images
 from mlx_vit.classify import load
-from mlx_vit.errors import ImageError
+from mlx_vit.errors import ImageError, shown
 from mlx_vit.images import DEFAULT_MAX_PIXELS, MAX_JPEG_SCANS, checked_limit, open_image, to_rgb
 from mlx_vit.preprocess import PreprocessConfig, preprocess
 
@@ -165,7 +165,7 @@ def _broken_files(tmp_path: Path) -> dict[str, Path]:
 def test_broken_files_are_one_line_errors_naming_the_file(tmp_path):
     for name, path in _broken_files(tmp_path).items():
         message = one_line_error(ImageError, open_image, path, names=path)
-        assert message.startswith(f"{path}: "), (name, message)
+        assert message.startswith(f"{shown(path)}: "), (name, message)
     eps = tmp_path / "ghostscript.eps"
     assert "not an image in a format mlx-vit reads" in one_line_error(ImageError, open_image, eps)
 
@@ -473,7 +473,7 @@ def test_batch_with_broken_files(vit_folder, tmp_path, isolated):
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == len(bad) and "Traceback" not in done.stderr
     for path, line in zip([p for p in inputs if p in bad], errors, strict=True):
-        assert line.startswith(f"error: {path}: "), line
+        assert line.startswith(f"error: {shown(path)}: "), line
     alone = run_cli("classify", *good, "-m", vit_folder, "--format", "json", env=isolated)
     assert alone.returncode == 0
     expected = {r["path"]: r["predictions"] for r in json.loads(alone.stdout)}
@@ -483,7 +483,7 @@ def test_batch_with_broken_files(vit_folder, tmp_path, isolated):
             assert [p["class_id"] for p in ours] == [p["class_id"] for p in alone_]
             assert np.allclose([p["score"] for p in ours], [p["score"] for p in alone_], atol=1e-5)
         else:
-            assert result["error"].startswith(f"{result['path']}: ")
+            assert result["error"].startswith(f"{shown(result['path'])}: ")
 
 
 def test_max_pixels_option(vit_folder, isolated):
