@@ -45,9 +45,12 @@ def read_npz(path) -> dict[str, np.ndarray]:
                 check_archive(file, archive, size, name)
                 if sum(info.file_size for info in archive.infolist()) > MAX_INFLATION * size:
                     raise CheckpointError(f"{name}: its arrays would be over {MAX_INFLATION}x the file's size")
+                names = set(archive.namelist())
                 for info in archive.infolist():
                     key = info.filename.removesuffix(".npy")
-                    if key in arrays:  # `cls` and `cls.npy`: numpy would read one, this loop the other
+                    # `cls` and `cls.npy`, or `w.npy` and `w.npy.npy`: numpy reads one under both keys, this loop
+                    # each under one.
+                    if key in arrays or (key != info.filename and key in names):
                         raise CheckpointError(f"{name}: the archive holds array '{shown(key, 80)}' twice")
                     with archive.open(info) as member:
                         arrays[key] = _read_array(member, info.file_size, f"{name}: array '{shown(key, 80)}'")

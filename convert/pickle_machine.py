@@ -3,7 +3,8 @@
 Python's unpickler runs whatever a pickle names, and even with an allowlist it leaves doors open (copyreg's
 extension cache, BUILD on the objects it hands out, memo indices that allocate, integers it parses differently
 from pickletools). So no unpickler ever sees the file: `pickletools.genops` parses it (a pickle it cannot parse
-is refused), and `Machine` runs only the opcodes `torch.save` writes for a state dict. Its only globals are
+is refused), and `Machine` runs only the opcodes torch.load's weights-only reader reads (protocol 2's, which
+torch.save writes; no framing, no short forms, no STACK_GLOBAL: torch.load refuses those). Its only globals are
 stand-ins of our own for torch's tensor-rebuild functions and storage types (plus `collections.OrderedDict`);
 every object it builds is a plain value or frozen; it stops after MAX_OPERATIONS opcodes, and every tensor's
 offset, size and stride is checked against its storage's declared size.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import collections
 import copyreg
 import math
+import pickle
 import pickletools
 import struct
 import warnings
@@ -35,6 +37,9 @@ STORAGE_DTYPES = {
     "BFloat16Storage": np.uint16, "LongStorage": np.int64, "IntStorage": np.int32,
     "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_,
 }  # fmt: skip
+
+
+_FLOATING = {"FloatStorage", "DoubleStorage", "HalfStorage", "BFloat16Storage"}
 
 
 class Refused(Exception):
@@ -80,11 +85,11 @@ class Tensor:
 
 
 def rebuild_tensor(storage, offset=None, size=None, stride=None, *rest) -> Tensor:
-    """torch._utils.rebuild_tensor(_v2)'s arguments, every index checked against the storage."""
+    """torch._utils._rebuild_tensor's arguments (exactly four), every index checked against the storage."""
+    if rest or not (isinstance(size, tuple) and isinstance(stride, tuple)):
+        raise Refused("tensor with an invalid offset, size or stride")
     if not isinstance(storage, StorageRef):
         raise Refused("tensor rebuilt from something that is not a storage")
-    if len(rest) > 3 or not (isinstance(size, tuple) and isinstance(stride, tuple)):
-        raise Refused("tensor with an invalid offset, size or stride")
     if len(size) > 32:  # numpy 1.x's limit
         raise Refused(f"tensor with {len(size)} dimensions")
     if not all(type(v) is int for v in (offset, *size, *stride)) or offset < 0 or len(size) != len(stride):
@@ -102,9 +107,28 @@ def rebuild_tensor(storage, offset=None, size=None, stride=None, *rest) -> Tenso
     return Tensor(storage, offset, size, stride)
 
 
-def _rebuild_parameter(data, *_ignored) -> Tensor:
+def _gradient(tensor: Tensor, requires_grad) -> None:
+    """torch sets requires_grad on what it rebuilds: only a bool, and True only on floating-point storage."""
+    if type(requires_grad) is not bool:
+        raise Refused("tensor with a requires_grad that is not true or false")
+    if requires_grad and tensor.storage.type_name not in _FLOATING:
+        raise Refused(f"a {tensor.storage.type_name} tensor that requires gradients (torch refuses it)")
+
+
+def rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hooks, metadata=None) -> Tensor:
+    """torch._utils._rebuild_tensor_v2's arguments: a tensor, without hooks or metadata (torch.save writes an empty
+    OrderedDict and none; metadata would set flags on the tensor that no stand-in models)."""
+    tensor = rebuild_tensor(storage, offset, size, stride)
+    _gradient(tensor, requires_grad)
+    if not (isinstance(backward_hooks, dict) and not backward_hooks) or metadata not in (None, {}):
+        raise Refused("tensor with backward hooks or metadata")
+    return tensor
+
+
+def _rebuild_parameter(data, requires_grad, backward_hooks) -> Tensor:
     if not isinstance(data, Tensor):
         raise Refused("parameter rebuilt from something that is not a tensor")
+    _gradient(data, requires_grad)
     return data
 
 
@@ -115,7 +139,7 @@ def _ordered_dict(*args) -> collections.OrderedDict:
 
 
 _ALLOWED = {
-    ("torch._utils", "_rebuild_tensor_v2"): _Global("torch._utils._rebuild_tensor_v2", rebuild_tensor),
+    ("torch._utils", "_rebuild_tensor_v2"): _Global("torch._utils._rebuild_tensor_v2", rebuild_tensor_v2),
     ("torch._utils", "_rebuild_tensor"): _Global("torch._utils._rebuild_tensor", rebuild_tensor),
     ("torch._utils", "_rebuild_parameter"): _Global("torch._utils._rebuild_parameter", _rebuild_parameter),
     ("collections", "OrderedDict"): _Global("collections.OrderedDict", _ordered_dict),
@@ -127,13 +151,15 @@ _ALLOWED = {
 # 2**61 - 1 is its own hash): keys that all hash alike make each insert scan all the others.
 _KEY_TYPES = (str, int, bool, bytes, type(None))
 _HASH_MODULUS = 2**61 - 1
+# Opcodes that push a value as pickletools reads it: all, to name the globals a pickle spells with STACK_GLOBAL;
+# the ones torch.load's weights-only reader reads (and the machine runs).
 _PUSH = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "FLOAT", "BINFLOAT", "UNICODE",
          "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8"}  # fmt: skip
+_PUSH_VALUES = {"BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "BINUNICODE"}
 _CONSTANTS = {"NONE": None, "NEWTRUE": True, "NEWFALSE": False}
 _TUPLES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
-_MEMO_GETS = {"GET", "BINGET", "LONG_BINGET"}
-_MEMO_PUTS = {"PUT", "BINPUT", "LONG_BINPUT"}
-_NO_OPS = {"PROTO", "FRAME"}
+_MEMO_GETS = {"BINGET", "LONG_BINGET"}
+_MEMO_PUTS = {"BINPUT", "LONG_BINPUT"}
 
 
 def _parse(pickled: bytes) -> tuple[list[tuple[str, Any]], str | None]:
@@ -143,31 +169,16 @@ def _parse(pickled: bytes) -> tuple[list[tuple[str, Any]], str | None]:
     written `I0x1`, for one), so a pickle that pickletools cannot read to its end is refused, never handed on.
     """
     operations: list[tuple[str, Any]] = []
-    starts: list[int] = []  # where each opcode starts
     try:
         with warnings.catch_warnings():  # genops decodes STRING arguments, warning on odd escapes
             warnings.simplefilter("ignore", DeprecationWarning)
-            for opcode, arg, position in pickletools.genops(pickled):
+            for opcode, arg, _ in pickletools.genops(pickled):
                 if len(operations) >= MAX_OPERATIONS:
                     return operations, f"over {MAX_OPERATIONS:,} operations, far more than a state dict needs"
                 operations.append((opcode.name, arg))
-                starts.append(position)
     except (ValueError, EOFError, OverflowError, struct.error) as error:  # UnicodeDecodeError is a ValueError
         return operations, f"cannot be parsed ({shown(str(error) or type(error).__name__, 120)})"
-    return operations, _frames(operations, starts)
-
-
-def _frames(operations: list[tuple[str, Any]], starts: list[int]) -> str | None:
-    """Why the pickle's protocol-4 frames lie, or None: each FRAME's length must end where an opcode ends, before
-    the next FRAME and not past the pickle's end, as Python's own framing reader requires (pickletools skips
-    FRAME lengths, and the C unpickler checks only that the bytes exist)."""
-    end = starts[-1] + 1 if operations else 0  # STOP, the last opcode, is one byte
-    boundaries = {*starts, end}
-    frames = [(start, arg) for start, (name, arg) in zip(starts, operations, strict=True) if name == "FRAME"]
-    for (start, length), after in zip(frames, [*(s for s, _ in frames[1:]), end][: len(frames)], strict=True):
-        if start + 9 + length not in boundaries or start + 9 + length > after:
-            return f"a FRAME of {shown(length, 40)} bytes at byte {start} does not end where an operation ends"
-    return None
+    return operations, None
 
 
 class Machine:
@@ -201,7 +212,7 @@ class Machine:
                 self.find_global(*arg.partition(" ")[::2])
             elif name == "STACK_GLOBAL" and len(strings) == 2 and all(isinstance(v, str) for v in strings):
                 self.find_global(*strings)
-            if name not in _MEMO_PUTS and name != "MEMOIZE":
+            if name not in ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE"):
                 strings = [*strings[-1:], arg if name in _PUSH else None]
 
     def pop(self):
@@ -237,21 +248,17 @@ class Machine:
         target.update(zip(self.keys(items[::2]), items[1::2], strict=True))
 
     def step(self, name: str, arg) -> None:
+        """One opcode, of those torch.load's weights-only reader reads (what torch.save writes); others refused."""
         stack = self.stack
-        if name in _PUSH:
+        if name in _PUSH_VALUES:
             stack.append(arg)
         elif name in _CONSTANTS:
             stack.append(_CONSTANTS[name])
-        elif name in _NO_OPS:
-            pass
+        elif name == "PROTO":
+            if arg > pickle.HIGHEST_PROTOCOL:
+                raise Refused(f"pickle protocol {arg}, which Python does not read")
         elif name == "MARK":
             self.marks.append(len(stack))
-        elif name == "POP":
-            self.pop()
-        elif name == "POP_MARK":
-            self.pop_mark()
-        elif name == "DUP":
-            stack.append(self.top(object, "DUP"))
         elif name == "EMPTY_TUPLE":
             stack.append(())
         elif name == "TUPLE":
@@ -261,8 +268,6 @@ class Machine:
             stack.append(tuple(reversed(items)))
         elif name == "EMPTY_LIST":
             stack.append([])
-        elif name == "LIST":
-            stack.append(self.pop_mark())
         elif name == "APPEND":
             value = self.pop()
             self.top(list, "APPEND").append(value)
@@ -271,17 +276,8 @@ class Machine:
             self.top(list, "APPENDS").extend(items)
         elif name == "EMPTY_SET":
             stack.append(set())
-        elif name == "ADDITEMS":
-            items = self.pop_mark()
-            self.top(set, "ADDITEMS").update(self.keys(items))
-        elif name == "FROZENSET":
-            stack.append(frozenset(self.keys(self.pop_mark())))
         elif name == "EMPTY_DICT":
             stack.append({})
-        elif name == "DICT":
-            target: dict = {}
-            self.set_items(target, self.pop_mark())
-            stack.append(target)
         elif name == "SETITEM":
             value, key = self.pop(), self.pop()
             self.set_items(self.top(dict, "SETITEM"), [key, value])
@@ -293,16 +289,11 @@ class Machine:
                 raise Refused(f"malformed pickle: memo entry {shown(arg)} was never stored")
             stack.append(self.memo[arg])
         elif name in _MEMO_PUTS:
+            if not 0 <= arg < MAX_OPERATIONS:  # each entry is an object made before: no pickle needs more
+                raise Refused(f"malformed pickle: memo entry {shown(arg)}")
             self.memo[arg] = self.top(object, name)
-        elif name == "MEMOIZE":
-            self.memo[len(self.memo)] = self.top(object, name)
         elif name == "GLOBAL":
             module, _, attribute = arg.partition(" ")
-            stack.append(self.find_global(module, attribute))
-        elif name == "STACK_GLOBAL":
-            attribute, module = self.pop(), self.pop()
-            if not (isinstance(module, str) and isinstance(attribute, str)):
-                raise Refused("malformed pickle: STACK_GLOBAL without two names")
             stack.append(self.find_global(module, attribute))
         elif name == "REDUCE":
             args, function = self.pop(), self.pop()
@@ -325,8 +316,8 @@ class Machine:
             module, _, attribute = arg.partition(" ")
             self.find_global(module, attribute)
             raise Refused(f"refusing to construct {module}.{attribute} (INST)")
-        else:  # OBJ, NEWOBJ(_EX), bytearrays, out-of-band buffers, protocol-0 persistent ids, py2 strings
-            raise Refused(f"opcode {name}, which torch.save does not write for a state dict")
+        else:  # protocol 4's framing and short forms, OBJ, NEWOBJ, py2 strings, ...: torch.load refuses them too
+            raise Refused(f"opcode {name}, which torch.load's weights-only reader does not read")
 
     def find_global(self, module: str, name: str):
         try:

@@ -150,6 +150,11 @@ def _read_archive(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo],
     if "/" not in first:
         raise CheckpointError(f"{name}: its first member '{shown(first, 80)}' is not in a folder (not torch.save's)")
     folder = first[: first.index("/") + 1]
+    outside = next((info.filename for info in archive.infolist() if not info.filename.startswith(folder)), None)
+    if outside is not None:
+        raise CheckpointError(f"{name}: member '{shown(outside, 80)}' is outside its folder {shown(folder, 60)}")
+    if folder + "constants.pkl" in archive.namelist():
+        raise CheckpointError(f"{name}: is a TorchScript archive, not a torch.save state dict")
 
     def record(member: str) -> zipfile.ZipInfo | None:
         return members.get(folded(folder + member))
@@ -165,6 +170,11 @@ def _read_archive(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo],
         byteorder = _read_member(archive, order, 16, name).decode("ascii", "replace")
     if byteorder not in ("little", "big"):
         raise CheckpointError(f"{name}: unknown byte order {shown(byteorder, 40, quote=True)}")
+    if (identity := record(".data/serialization_id")) is not None:
+        try:
+            _read_member(archive, identity, 1024, name).decode("utf-8")  # torch.load decodes it, and fails so
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{name}: its .data/serialization_id is not text") from None
     if (alignment := record(".storage_alignment")) is not None:
         try:
             int(_read_member(archive, alignment, 64, name))  # torch.load reads it so, and refuses what fails
@@ -186,5 +196,6 @@ def _read_archive(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo],
 def _version(raw: bytes) -> int | None:
     """A version record as torch's reader parses it (C++ stoull): leading spaces, digits, anything after them
     ignored; None where it finds no digits, or a sign (stoull wraps "-1" to 2**64 - 1)."""
-    digits = re.match(rb"[ \t\n\v\f\r]*\+?([0-9]{1,19})", raw)
-    return int(digits.group(1)) if digits else None
+    digits = re.match(rb"[ \t\n\v\f\r]*\+?([0-9]+)", raw)  # the record is at most 64 bytes (_read_member)
+    number = int(digits.group(1)) if digits else None
+    return number if number is not None and number < 2**64 else None  # stoull's out_of_range

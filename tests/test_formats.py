@@ -296,9 +296,9 @@ def test_hostile_npz_is_one_line(case, small_timm, tmp_path):
         "unexpected array": "is not one a test_vit reads",
         "wrong shape": "has shape (3,), the architecture makes (64,)",
         "stacked blocks deeper": "not one row per block",
-        "corrupt deflate": "not a readable .npz archive (error",
-        "encrypted": "not a readable .npz archive (RuntimeError",
-        "unknown compression": "not a readable .npz archive (NotImplementedError",
+        "corrupt deflate": "not a .npy array (Error -3",
+        "encrypted": "is encrypted, compressed otherwise",
+        "unknown compression": "is encrypted, compressed otherwise",
         "bool shape": "is not a shape",
         "name with and without .npy": "holds array 'cls' twice",
         "0-d head": "expected 1 dimension",
@@ -313,7 +313,7 @@ def test_hostile_npz_is_one_line(case, small_timm, tmp_path):
         _npz(path, {**arrays, "cls": arrays["cls"].astype(np.longdouble)})
     elif case == "shape beyond its bytes":
         with zipfile.ZipFile(path, "w") as z:
-            z.writestr("cls.npy", _raw_npy((1 << 40,), "<f4", b"\0" * 64))
+            z.writestr("cls.npy", _raw_npy((1 << 30,), "<f4", b"\0" * 64))
     elif case == "zip bomb":
         with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as z:
             z.writestr("cls.npy", _raw_npy((1 << 24,), "<f4", b"\0" * (4 << 24)))
