@@ -16,6 +16,7 @@ import io
 import itertools
 import json
 import os
+import re
 import stat
 import sys
 import time
@@ -96,12 +97,13 @@ class Done:
 
 @dataclass
 class Tail:
-    """A resumed csv's last image: its path, and where its complete rows end (they start where the finished part
-    of the file ends). A killed batch may have cut it short of its ranks, so it is redone if it comes up first;
-    if it does not, its rows are kept where they are."""
+    """A resumed csv's last image: its path, where its rows end (they start where the finished part of the file
+    ends), and how many ranks they hold (0: one row without a rank, an error or no prediction over the
+    threshold). A killed batch may have cut it short of its ranks (see ResultWriter)."""
 
     path: str
     end: int
+    ranks: int
 
 
 def read_done(path: Path, format: str) -> tuple[Done, int, Tail | None]:
@@ -122,13 +124,15 @@ def _read_jsonl(f, name: str) -> tuple[Done, int, None]:
     hashes = array("Q")
     end = 0
     for number, line in enumerate(lines(f, MAX_RECORD_BYTES, name, OutputError), 1):
-        if not line.endswith(b"\n"):
-            break  # the last line, cut short: redone
+        if not line.endswith(b"\n") and b"\r" not in line:
+            break  # the last line, cut short: redone (mlx-vit's lines hold no other line break)
         try:
             record = parse_json(line, "", OutputError)
-        except OutputError:  # not JSON, or nested too deeply
+        except OutputError:  # not JSON, nested too deeply, or lines ending otherwise
             record = None
-        path = path_string(record.get("path")) if isinstance(record, dict) else None
+        result = isinstance(record, dict) and (isinstance(record.get("predictions"), list) or
+                                               isinstance(record.get("error"), str))  # fmt: skip
+        path = path_string(record.get("path")) if result else None
         if path is None:
             raise OutputError(f"{name}: line {number} is not an mlx-vit result; not resuming (remove the file?)")
         hashes.append(Done.key(path))
@@ -150,20 +154,29 @@ def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
             taken, last_line = taken + len(line), line
             yield line.decode("utf-8", "surrogateescape")
 
+    def damaged(number: int, why: str) -> OutputError:
+        return OutputError(f"{name}: record {number} is damaged ({shown(why, 80)}); not resuming (remove the file?)")
+
     hashes = array("Q")
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES))  # mlx-vit writes labels that long
     reader = csv.reader(text(), strict=True)
-    end = last_start = 0  # where the finished records end; where the last image's start
+    end = last_start = ranks = 0  # where the finished records end; where the last image's start; its ranks
     last_path = None
     for number in itertools.count(1):
         try:
             row = next(reader, None)
         except csv.Error as error:
-            if f.read(1) or _swallows_a_record(f, end, taken):  # damage, not a write cut short
-                raise OutputError(f"{name}: record {number} is damaged ({shown(str(error), 80)}); not resuming "
-                                  "(remove the file?)") from None  # fmt: skip
+            # Only a quote still open at the end of the file can be a write cut short, and only if it swallowed
+            # no finished record.
+            if "unexpected end of data" not in str(error) or f.read(1) or _swallows_a_record(f, end, taken):
+                raise damaged(number, str(error)) from None
             break  # the last record, cut short inside a quoted field: redone
-        if row is None or not last_line.endswith(b"\n"):
-            break  # the end, or the last line cut short: redone
+        if row is None:
+            break
+        if not last_line.endswith(b"\n"):
+            if _swallows_a_record(f, end, taken):
+                raise damaged(number, "a line break other than CR LF")
+            break  # the last line, cut short: redone
         if number == 1:
             if row != CSV_HEADER:
                 raise OutputError(f"{name}: does not start with mlx-vit's csv header; not resuming")
@@ -172,20 +185,22 @@ def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
         elif row[0] != last_path:
             if last_path is not None:
                 hashes.append(Done.key(last_path))
-            last_path, last_start = row[0], end
+            last_path, last_start, ranks = row[0], end, 0
+        if number > 1 and row[1]:
+            ranks += 1
         end = taken
     done = Done(np.frombuffer(hashes, dtype=np.uint64))
-    return (done, end, None) if last_path is None else (done, last_start, Tail(last_path, end))
+    return (done, end, None) if last_path is None else (done, last_start, Tail(last_path, end, ranks))
 
 
 def _swallows_a_record(f, start: int, end: int) -> bool:
     """Whether the unfinished last record (bytes start..end) is more than one record cut short: a quote left open
-    that ran over finished records, each a whole line that is a record on its own (a quoted label or path may
-    hold a line break, but not a record)."""
+    that ran over finished records, each a whole line (whatever ends it) that is a record on its own (a quoted
+    label or path may hold a line break, but not a record)."""
     if end - start > MAX_RECORD_BYTES:
         return True
     f.seek(start)
-    for line in f.read(end - start).split(b"\r\n")[1:-1]:  # the whole lines after the record's first
+    for line in re.split(rb"\r\n|\n|\r", f.read(end - start))[1:-1]:  # the whole lines after the record's first
         try:
             rows = list(csv.reader([line.decode("utf-8", "surrogateescape") + "\r\n"], strict=True))
         except csv.Error:
@@ -313,15 +328,27 @@ TABLE_ROWS = 1000
 
 
 class ResultWriter:
-    """Classification Results into an Output, batch by batch, in the Output's format."""
+    """Classification Results into an Output, batch by batch, in the Output's format.
 
-    def __init__(self, output: Output, model_name: str):
+    A resumed csv's last image may have been cut short of its ranks by a kill. With `top_k` and `classes` (the
+    model's) known, one with as many ranks as the run makes, or a single unranked row, is whole: done, and kept.
+    Otherwise it is redone if it is among the first results written (it comes first when the inputs are the
+    same), and kept where it is if not; a result for it that comes later is dropped, never written twice.
+    """
+
+    def __init__(self, output: Output, model_name: str, top_k: int | None = None, classes: int | None = None):
         self.output = output
-        self.done = output.done
         self.resumable = output.path is not None and output.format in RESUMABLE
         self.model_name = model_name
         self.table_rows: list[Any] = []  # a table is laid out when complete: TABLE_ROWS results at a time
         self.count = 0
+        self.kept: int | None = None  # the hash of a resumed csv's last image, kept where it is
+        tail = output.tail
+        if tail is not None and top_k is not None and (not tail.ranks or tail.ranks >= min(top_k, classes or top_k)):
+            output.keep_tail()
+            self.kept = Done.key(tail.path)
+            output.done = Done(np.append(output.done.hashes, np.uint64(self.kept)))
+        self.done = output.done
 
     def write(self, results: Iterable[Any]) -> None:
         results = list(results)
@@ -335,13 +362,16 @@ class ResultWriter:
         elif format == "jsonl":
             self.output.append("".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results))
         elif format == "csv":
+            if self.kept is not None:
+                results = [r for r in results if Done.key(r.path) != self.kept]
             tail = self.output.tail
-            if tail is not None:  # the last image of the file resumed: redone now, or never (it would come first)
+            if tail is not None:  # the last image of the file resumed: redone now, or kept
                 again = [r for r in results if Done.key(r.path) == Done.key(tail.path)]
                 if again and not any(r.error for r in again):
                     self.output.tail = None  # redone: its new rows replace the old ones
                 else:  # kept where it is; an error now does not replace what was finished
                     self.output.keep_tail()
+                    self.kept = Done.key(tail.path)
                     results = [r for r in results if r not in again]
             text = io.StringIO()
             writer = csv.writer(text)  # lines end in \r\n (RFC 4180), so a field holding a lone \r is quoted

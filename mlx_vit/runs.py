@@ -179,7 +179,8 @@ def classify_library(classifier: Any, inputs: list[str | os.PathLike], output: s
     """Classify every input into `output` (stdout when None) in `format`; see the module docstring."""
     classifier.check_classifies()  # before any output: a feature extractor has no labels to print
     rank, _ = distributed.world()
-    sink = ResultWriter(Output(output, format, resume), classifier.name) if rank == 0 else None
+    classes = classifier.model.config.num_labels
+    sink = ResultWriter(Output(output, format, resume), classifier.name, top_k, classes) if rank == 0 else None
 
     def batches(items: Iterator[Input]) -> Iterator[list[Any]]:
         return classifier.classify_batches(items, top_k, batch_size, threshold, workers)

@@ -49,9 +49,9 @@ def results(start: int = 0, count: int = 4) -> list[Result]:
     return out
 
 
-def write(path, format, batches, resume=False):
+def write(path, format, batches, resume=False, top_k=None):
     output = Output(path, format, resume)
-    writer = ResultWriter(output, "model")
+    writer = ResultWriter(output, "model", top_k, 1000)
     for batch in batches:
         writer.write(batch)
     writer.close()
@@ -175,12 +175,69 @@ def csv_lines(result) -> list[bytes]:
 
 
 def test_resume_refuses_a_file_that_is_not_mlx_vit_output(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"path": "x"}\nnot json\n')
+    (tmp_path / "a.jsonl").write_text('{"path": "x", "error": "x: broken"}\nnot json\n')
     with pytest.raises(OutputError, match="line 2 is not an mlx-vit result; not resuming"):
+        Output(tmp_path / "a.jsonl", "jsonl", resume=True)
+    (tmp_path / "a.jsonl").write_text('{"path": "x"}\n')  # a path alone (a spool's line) is no result
+    with pytest.raises(OutputError, match="line 1 is not an mlx-vit result; not resuming"):
         Output(tmp_path / "a.jsonl", "jsonl", resume=True)
     (tmp_path / "a.csv").write_text("name,score\nx,1\n")
     with pytest.raises(OutputError, match="does not start with mlx-vit's csv header"):
         Output(tmp_path / "a.csv", "csv", resume=True)
+
+
+def _predicted(path: str, ranks: int, label: str = "cat") -> Result:
+    return Result(path, [Prediction(label, 1 / (rank + 2), rank) for rank in range(ranks)])
+
+
+def test_a_resume_with_other_inputs_never_writes_an_image_twice_or_moves_it(tmp_path):
+    """The file's last image is done when it holds as many ranks as the run makes, so it is skipped and stays where
+    it is; one with fewer (cut short, or a threshold) is redone only if it comes first, and kept if not."""
+    path = tmp_path / "out.csv"
+    write(path, "csv", [[_predicted("horse.png", 3), _predicted("rocket.png", 3)]], top_k=3)
+    whole = path.read_bytes()
+    output = write(path, "csv", [[_predicted("chelsea.png", 3)], [_predicted("rocket.png", 3, "dog")]], resume=True,
+                   top_k=3)  # fmt: skip
+    assert "rocket.png" in output.done
+    assert path.read_bytes() == whole + b"".join(csv_lines(_predicted("chelsea.png", 3)))
+    path.unlink()
+    write(path, "csv", [[_predicted("a.png", 3), _predicted("b.png", 2)]], top_k=3)  # b: fewer ranks than 3
+    whole = path.read_bytes()
+    write(path, "csv", [[_predicted("c.png", 3)], [_predicted("b.png", 3, "dog")]], resume=True, top_k=3)
+    assert path.read_bytes() == whole + b"".join(csv_lines(_predicted("c.png", 3)))  # b kept, not written again
+
+
+def test_records_mlx_vit_writes_are_read_back_however_long(tmp_path):
+    """A label longer than the csv module's default field limit (131,072 characters) is a finished result."""
+    path = tmp_path / "out.csv"
+    write(path, "csv", [[_predicted("a.png", 1, "L" * 200_000)], [_predicted("b.png", 1, "L" * 200_000)]], top_k=1)
+    whole = path.read_bytes()
+    output = write(path, "csv", [[_predicted("c.png", 1)]], resume=True, top_k=1)
+    assert "a.png" in output.done and "b.png" in output.done
+    assert path.read_bytes() == whole + b"".join(csv_lines(_predicted("c.png", 1)))
+
+
+@pytest.mark.parametrize("format", ["jsonl", "csv"])
+@pytest.mark.parametrize("damage", ["CR line ends", "LF line ends and a stray quote", "a stray quote"])
+def test_damage_that_would_swallow_finished_results_is_refused(tmp_path, format, damage):
+    """Only the one record a kill cut short may be dropped: line ends mlx-vit does not write, or a quote that would
+    run over the records after it, stop the resume and leave the file as it was."""
+    if format == "jsonl" and damage != "CR line ends":
+        return  # a stray quote in a jsonl line is simply not JSON (tested above)
+    path = tmp_path / f"out.{format}"
+    write(path, format, [results(0, 4), results(4, 4)])
+    raw = path.read_bytes()
+    if damage == "CR line ends":
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r")
+    else:
+        if "LF" in damage:
+            raw = raw.replace(b"\r\n", b"\n")
+        at = raw.index(b"dir/5.png")
+        raw = raw[:at] + b'"' + raw[at:]
+    path.write_bytes(raw)
+    with pytest.raises(OutputError, match="not resuming"):
+        Output(path, format, resume=True)
+    assert path.read_bytes() == raw
 
 
 def test_an_empty_csv_still_has_its_header_and_an_image_under_the_threshold_a_row(tmp_path):
