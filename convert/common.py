@@ -61,9 +61,17 @@ class Checkpoint:
     image_size: int | None = None  # the size its reference runs it at, where not the table's (DINOv2's crop)
 
 
-def read_weights(folder: Path, choose: Choose = state_dict) -> dict[str, np.ndarray]:
+def weight_budget(config: ViTConfig) -> int:
+    """The most bytes a checkpoint's tensors may take for `config`: every parameter in float64, twice over (a
+    pooler, an unused head or pool), and room for a head of any size. A file declaring more (a sparse file can, at
+    no cost) is refused from its header, before a byte is read."""
+    return 16 * config.num_parameters() + 256 * 2**20
+
+
+def read_weights(folder: Path, choose: Choose = state_dict, budget: int | None = None) -> dict[str, np.ndarray]:
     """All tensors of an HF-layout folder: safetensors preferred, then pytorch_model.bin; shards followed.
-    `choose` finds the state dict in what a file holds (see torch_pickle.read_torch_bin)."""
+    `choose` finds the state dict in what a file holds (see torch_pickle.read_torch_bin); each file's tensors
+    may take at most `budget` bytes (see weight_budget)."""
     for name in WEIGHT_FILES:
         path = folder / name
         if not exists(path):
@@ -82,7 +90,7 @@ def read_weights(folder: Path, choose: Choose = state_dict) -> dict[str, np.ndar
         for file in files:
             if not exists(file):
                 raise CheckpointError(f"{shown(file)}: shard listed in {name} is missing")
-            for key, value in read_weight_file(file, choose).items():
+            for key, value in read_weight_file(file, choose, budget).items():
                 if key in tensors:  # two shards holding one tensor: which would transformers take?
                     raise CheckpointError(f"{shown(file)}: tensor '{shown(key, 80)}' is in another shard too")
                 tensors[key] = value
@@ -90,12 +98,12 @@ def read_weights(folder: Path, choose: Choose = state_dict) -> dict[str, np.ndar
     raise CheckpointError(f"{shown(folder)}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
-def read_weight_file(path: Path, choose: Choose = state_dict) -> dict[str, np.ndarray]:
+def read_weight_file(path: Path, choose: Choose = state_dict, budget: int | None = None) -> dict[str, np.ndarray]:
     """One .safetensors file, or one torch.save()d state dict (.bin, .pth, .pt), its state dict found by `choose`
     as the format's reference finds it; the choice is logged where it was not the whole file."""
     if not path.name.endswith(".safetensors"):
-        return read_torch_bin(path, choose)
-    tensors, taken = choose(read_safetensors(path))
+        return read_torch_bin(path, choose, budget)
+    tensors, taken = choose(read_safetensors(path, budget))
     if not (isinstance(tensors, dict) and all(isinstance(v, np.ndarray) for v in tensors.values())):
         raise CheckpointError(f"{shown(path)}: does not hold a state dict of named tensors")
     return tensors

@@ -20,7 +20,8 @@ from mlx_vit.errors import CheckpointError, shown
 from mlx_vit.files import npy_header, open_regular
 
 from . import timm_vit
-from .common import JAX_RESAMPLE, Checkpoint, Source, check_finite
+from .common import JAX_RESAMPLE, Checkpoint, Source, check_finite, weight_budget
+from .safetensors_io import check_budget
 from .torch_pickle import ARCHIVE_ERRORS, MAX_INFLATION
 from .zip_archive import check_archive
 
@@ -34,8 +35,9 @@ def detect(source: Source) -> bool:
     return not source.is_folder and source.path.suffix == ".npz"
 
 
-def read_npz(path) -> dict[str, np.ndarray]:
-    """Every float array of an .npz, each member's header checked before its data is read."""
+def read_npz(path, budget: int | None = None) -> dict[str, np.ndarray]:
+    """Every float array of an .npz, each member's header checked before its data is read; the members at most
+    `budget` bytes together."""
     name = shown(path)
     arrays: dict[str, np.ndarray] = {}
     with open_regular(path, CheckpointError) as file:
@@ -45,6 +47,7 @@ def read_npz(path) -> dict[str, np.ndarray]:
                 check_archive(file, archive, size, name)
                 if sum(info.file_size for info in archive.infolist()) > MAX_INFLATION * size:
                     raise CheckpointError(f"{name}: its arrays would be over {MAX_INFLATION}x the file's size")
+                check_budget(sum(info.file_size for info in archive.infolist()), budget, name)
                 names = set(archive.namelist())
                 for info in archive.infolist():
                     key = info.filename.removesuffix(".npy")
@@ -171,7 +174,7 @@ def _layer_norm_mlp(w: _Names, out: dict, at: str, ln: str, mlp: str, norm: str,
 
 def read(source: Source) -> Checkpoint:
     name, pretrained, cls, kwargs = timm_vit.bare_architecture(source, "a JAX .npz")
-    arrays = read_npz(source.path)
+    arrays = read_npz(source.path, weight_budget(timm_vit.vit_config(cls, kwargs, 0, source.name)))
     check_finite(arrays, source.name)
     prefix = next((p for p in PREFIXES if p + "embedding/kernel" in arrays), None)
     if prefix is None:

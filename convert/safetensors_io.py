@@ -143,6 +143,13 @@ def _strict_object(pairs: list[tuple[str, object]]) -> dict:
     return result
 
 
+def check_budget(total: int, budget: int | None, name: str) -> None:
+    """Refuse tensors of `total` bytes over `budget` (convert.common.weight_budget), before any is read."""
+    if budget is not None and total > budget:
+        raise CheckpointError(f"{name}: its tensors take {total:,} bytes, more than its model could use "
+                              f"({budget:,}); refused before reading them")  # fmt: skip
+
+
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) -> float32: exact, bfloat16 is float32's top half."""
     widened = bits.astype(np.uint32)
@@ -150,12 +157,15 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
     return widened.view(np.float32)
 
 
-def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: str | Path, budget: int | None = None) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file (its tensors at most `budget` bytes together, checked from the header)."""
     path = Path(path)
     tensors = {}
     # Plain reads, not a memory map: a file truncated under us is a short read here, not a SIGBUS.
     with open_regular(path, CheckpointError) as f:
         header, data_start = header_of(f, path)
+        check_budget(sum(end - begin for begin, end in (e["data_offsets"] for e in header.values())), budget,
+                     shown(path))  # fmt: skip
         for key, entry in header.items():
             begin, end = entry["data_offsets"]
             dtype = np.dtype(DTYPES[entry["dtype"]]).newbyteorder("<")

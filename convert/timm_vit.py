@@ -34,6 +34,7 @@ from .common import (
     read_weights,
     rename,
     square,
+    weight_budget,
 )
 
 NAME = "timm"
@@ -250,12 +251,13 @@ def read(source: Source) -> Checkpoint:
         pretrained = _pretrained_cfg(source.config, config_file)
         cls, kwargs = architecture_kwargs(name, {} if overrides is None else overrides, config_file)
         classes = pretrained.get("num_classes", kwargs.get("num_classes", 1000))
-        vit_config(cls, kwargs, classes if isinstance(classes, int) else 0, config_file)  # sizes before any weight
-        tensors = read_weights(source.path, hub_state_dict)
+        sizes = vit_config(cls, kwargs, classes if isinstance(classes, int) else 0, config_file)  # before weights
+        tensors = read_weights(source.path, hub_state_dict, weight_budget(sizes))
     else:
         config_file = source.name
         name, pretrained, cls, kwargs = bare_architecture(source, "a bare weight file")
-        tensors = read_weight_file(source.path, training_state_dict)
+        budget = weight_budget(vit_config(cls, kwargs, 0, source.name))
+        tensors = read_weight_file(source.path, training_state_dict, budget)
     check_finite(tensors, source.name)
     config = vit_config(cls, kwargs, head_classes(tensors, "head.weight", source.name), config_file)
     return checkpoint(name, config, map_weights(tensors, config, source.name), pretrained, TIMM_RESAMPLE, config_file)

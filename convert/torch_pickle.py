@@ -25,7 +25,7 @@ from mlx_vit.errors import CheckpointError, shown
 from mlx_vit.files import open_regular
 
 from .pickle_machine import STORAGE_DTYPES, Machine, Refused, StorageRef, Tensor
-from .safetensors_io import bf16_to_f32
+from .safetensors_io import bf16_to_f32, check_budget
 from .zip_archive import LOCAL_MAGIC, check_archive, folded
 
 log = logging.getLogger(__name__)
@@ -118,10 +118,12 @@ def state_dict(state: object) -> tuple[object, str]:
     return state, ""
 
 
-def read_torch_bin(path: str | Path, choose: Choose = state_dict) -> dict[str, np.ndarray]:
+def read_torch_bin(path: str | Path, choose: Choose = state_dict, budget: int | None = None
+                   ) -> dict[str, np.ndarray]:  # fmt: skip
     """Tensors of a torch.save()d state dict (zip format), as numpy arrays, exactly as torch.load reads them, or
     CheckpointError. Never imports torch. `choose` picks the state dict in what the file holds (a training
-    checkpoint's), as the reference reader for the format does, and says which it took ("" for the whole)."""
+    checkpoint's), as the reference reader for the format does, and says which it took ("" for the whole); its
+    storages may take at most `budget` bytes together (checked before any is read)."""
     path = Path(path)
     name = shown(path)
     with open_regular(path, CheckpointError) as file:
@@ -134,7 +136,8 @@ def read_torch_bin(path: str | Path, choose: Choose = state_dict) -> dict[str, n
             )
         try:
             with zipfile.ZipFile(file) as archive:
-                return _read_archive(archive, check_archive(file, archive, size, name), name, size, choose)
+                members = check_archive(file, archive, size, name)
+                return _read_archive(archive, members, name, size, choose, budget)
         except Refused as error:
             raise CheckpointError(f"{name}: unsafe or malformed pickle: {error}") from None
         except ARCHIVE_ERRORS as error:
@@ -143,7 +146,7 @@ def read_torch_bin(path: str | Path, choose: Choose = state_dict) -> dict[str, n
 
 
 def _read_archive(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo], name: str, size: int,
-                  choose) -> dict[str, np.ndarray]:  # fmt: skip
+                  choose, budget: int | None) -> dict[str, np.ndarray]:  # fmt: skip
     """torch's reader: records live in the folder of the directory's first member, found without regard to case;
     `version` (`.data/version` first) must be a version it reads, `byteorder` exactly little or big."""
     first = archive.infolist()[0].filename
@@ -188,6 +191,9 @@ def _read_archive(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo],
         log.info("%s: read its %s, as the checkpoint's own loader would", name, taken)
     if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())):
         raise CheckpointError(f"{name}: does not hold a state dict of named tensors")
+    used = {tensor.storage.key: tensor.storage for tensor in state.values()}
+    check_budget(sum(ref.numel * np.dtype(STORAGE_DTYPES[ref.type_name]).itemsize for ref in used.values()), budget,
+                 name)  # fmt: skip
     uses = collections.Counter(tensor.storage.key for tensor in state.values())
     storages = _Storages(archive, record, byteorder, MAX_INFLATION * size, uses)
     return {key: storages.tensor(tensor) for key, tensor in state.items()}

@@ -33,6 +33,7 @@ from .common import (
     hf_sizes,
     mlp_width,
     read_weights,
+    weight_budget,
 )
 
 NAME = "transformers DINOv2"
@@ -102,8 +103,8 @@ def read(source: Source) -> Checkpoint:
     registers = "WithRegisters" if hf["model_type"] == "dinov2_with_registers" else ""
     architecture = hf_architecture(hf, ARCHITECTURES, f"Dinov2{registers}Model", config_file)
     id2label = hf.get("id2label")
-    model_config(hf, len(id2label) if isinstance(id2label, dict) else 0, config_file)  # sizes before any weight
-    tensors = read_weights(source.path)
+    sizes = model_config(hf, len(id2label) if isinstance(id2label, dict) else 0, config_file)  # before any weight
+    tensors = read_weights(source.path, budget=weight_budget(sizes))
     check_finite(tensors, source.name)
     head = next((k for k in tensors if re.fullmatch(r"(?:dinov2\.)?classifier\.weight", k)), None)
     config = model_config(hf, head_classes(tensors, head, source.name), config_file)

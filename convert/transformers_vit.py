@@ -27,6 +27,7 @@ from .common import (
     hf_preprocessing,
     hf_sizes,
     read_weights,
+    weight_budget,
 )
 
 NAME = "transformers ViT/DeiT"
@@ -124,8 +125,8 @@ def map_weights(tensors: dict[str, np.ndarray], config: ViTConfig, source: str) 
 def read(source: Source) -> Checkpoint:
     """An HF-layout ViT/DeiT folder, in the MLX model's names and layouts."""
     hf, folder, config_file = source.config, source.path, shown(source.path / "config.json")
-    check_config(hf, config_file)  # absurd sizes are refused before any weight is read
-    tensors = read_weights(folder)
+    budget = weight_budget(check_config(hf, config_file))  # absurd sizes are refused before any weight is read
+    tensors = read_weights(folder, budget=budget)
     check_finite(tensors, source.name)
     config, architecture = model_config(hf, tensors, config_file)
     return Checkpoint(

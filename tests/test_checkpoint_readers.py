@@ -211,6 +211,14 @@ def test_torch_state_dict_wrapper_and_parameters(tmp_path):
     np.testing.assert_array_equal(result["p"], [1.5, -2.0])
 
 
+def test_storages_past_the_budget_are_refused_before_they_are_read(tmp_path):
+    """convert.common.weight_budget bounds what a model's checkpoint may hold: checked from the pickle's storage
+    sizes (and a safetensors header's offsets) before any storage is read."""
+    path = _torch_save({"w": torch.zeros(1000), "b": torch.zeros(10, dtype=torch.float16)}, tmp_path / "w.bin")
+    assert set(read_torch_bin(path, budget=4020)) == {"w", "b"}
+    _refused(lambda p: read_torch_bin(p, budget=4019), path, "tensors take 4,020 bytes, more than its model could use")
+
+
 def test_crafted_zip_little_and_big_endian(tmp_path):
     little = _craft_torch_zip(tmp_path / "le.bin", {"x": _TensorRef(_StorageRef("0", 3), 0, (3,), (1,))},
                               {"0": _f32(1.0, -2.5, 3.25)})  # fmt: skip

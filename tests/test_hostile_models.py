@@ -523,6 +523,24 @@ def test_a_sparse_weights_file_is_checked_before_it_is_loaded(vit_folder, tmp_pa
     assert extra < 100, (extra, baseline_mb())
 
 
+def test_a_checkpoint_declaring_more_than_its_model_needs_is_refused_before_it_is_read(hf_copy):
+    """A tensor the model lacks, 3 GB in a sparse file: its size is in the header, so it is refused from there,
+    before gigabytes are read (it took 3.2 GB and 19 s to learn that its name was unexpected)."""
+    tensors = safetensors.numpy.load_file(hf_copy / "model.safetensors")
+    header, position = {}, 0
+    for key, value in tensors.items():
+        header[key] = {"dtype": "F32", "shape": list(value.shape), "data_offsets": [position, position + value.nbytes]}
+        position += value.nbytes
+    header["junk"] = {"dtype": "U8", "shape": [3, 2**30], "data_offsets": [position, position + 3 * 2**30]}
+    raw = json.dumps(header).encode()
+    with open(hf_copy / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(raw)) + raw + b"".join(v.astype("<f4").tobytes() for v in tensors.values()))
+        f.truncate(8 + len(raw) + position + 3 * 2**30)
+    done, seconds, extra = refused_in_child("mlx_vit.convert.checkpoint.read_checkpoint", hf_copy)
+    assert "more than its model could use" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert extra < 100 and seconds < 10, (extra, seconds)
+
+
 def hf_weights(folder: Path, change) -> Path:
     tensors = safetensors.numpy.load_file(folder / "model.safetensors")
     change(tensors)
