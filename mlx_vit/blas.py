@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import stat
 import sys
 from dataclasses import dataclass
 
@@ -162,8 +163,10 @@ def load_blas() -> BlasInfo:
         return _info
     for path in [choice] if choice else _candidates():
         try:
+            if "/" in path and not stat.S_ISREG(os.stat(path).st_mode):  # dlopen waits for ever on a FIFO
+                continue
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-        except OSError:
+        except (OSError, ValueError):
             continue
         core, note = _fit_core(lib, late)
         if late:

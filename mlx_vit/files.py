@@ -282,6 +282,8 @@ def open_beside(path: Path, error: type[MlxVitError] = MlxVitError) -> int:
         raise error(f"{shown(path)}: cannot open it ({os_reason(failure)})") from None
     try:
         _regular(fd, path, error)
+        if os.fstat(fd).st_nlink != 1:  # a hard link planted there: writing it would write another file too
+            raise error(f"{shown(path)}: has other hard links; mlx-vit writes only files it created here")
         return fd
     except BaseException:
         os.close(fd)
@@ -303,6 +305,9 @@ def replace_together(files: list[tuple[Path, Iterable[bytes]]], error: type[MlxV
     temporary file. An OSError becomes `error`, naming the file."""
     written: list[tuple[Path, Path]] = []
     target = files[0][0]
+    for target, _ in files:  # a rename that is bound to fail must fail before any other is made
+        if is_dir(target) and not os.path.islink(target):
+            raise error(f"{shown(target)}: is a folder, not a file to replace")
     try:
         for target, pieces in files:
             fd, temporary = temporary_beside(target)

@@ -79,8 +79,9 @@ def _stdin_paths(stream) -> Iterator[str | Input]:
         line = stream.readline(MAX_PATH_BYTES + 2)
         if not line:
             return
+        size = len(line if isinstance(line, bytes) else line.encode("utf-8", "surrogateescape"))
         line = os.fsdecode(line) if isinstance(line, bytes) else line
-        if not line.endswith("\n") and len(line) > MAX_PATH_BYTES:
+        if not line.endswith("\n") and size > MAX_PATH_BYTES:
             yield Input("-", f"stdin: line {number} is over {MAX_PATH_BYTES:,} bytes, not a path; "
                         "stopped reading paths from stdin")  # fmt: skip
             return

@@ -108,7 +108,7 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
             raise
         log.info("%s: the Hub cannot be reached; using the copy converted from %s", name, converted.name[:8])
     else:
-        converted = cache_dir() / name.replace("/", "--") / snapshot.name  # snapshot.name is the commit hash
+        converted = _cached(name, snapshot.name)  # snapshot.name is the commit hash
         if not is_mlx_folder(converted):
             log.info("converting %s@%s once into %s", name, snapshot.name[:8], converted)
             weights, config = convert_folder(snapshot, {"repo": name, "revision": snapshot.name}, arch=arch)
@@ -120,10 +120,21 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
     return loaded
 
 
+def _cached(name: str, commit: str | None = None) -> Path:
+    """A repository's folder in mlx-vit's cache (or its commit's), with no symbolic link on the way there: the cache
+    holds only what mlx-vit wrote, and a planted link would send a conversion somewhere else."""
+    repo = cache_dir() / name.replace("/", "--")
+    for path in (repo, repo / "refs", *([repo / commit] if commit else [])):
+        if os.path.islink(path):
+            raise ModelNotFoundError(f"{shown(path)}: is a symbolic link; mlx-vit's cache holds only what it wrote "
+                                     "(remove it)")  # fmt: skip
+    return repo / commit if commit else repo
+
+
 def _remember(repo: Path, revision: str | None, commit: str) -> None:
     """Which commit `revision` (None: main) named when last seen, as the HF cache's refs/ does, for offline use."""
     ref = repo / "refs" / (revision or "main")
-    if revision == commit or _recorded(ref) == commit:
+    if revision == commit or _recorded(ref) == commit or os.path.islink(ref):
         return
     try:
         ref.parent.mkdir(parents=True, exist_ok=True)
@@ -143,10 +154,10 @@ def _recorded(ref: Path) -> str | None:
 
 def converted_offline(name: str, revision: str | None) -> Path | None:
     """The MLX folder converted from `name` at `revision` (None: main) when it was last reachable, if any."""
-    repo = cache_dir() / name.replace("/", "--")
+    repo = _cached(name)
     commit = revision if revision and re.fullmatch(r"[0-9a-f]{40}", revision) else None
     commit = commit or _recorded(repo / "refs" / (revision or "main"))
     if commit is None:
         return None
-    folder = repo / commit
+    folder = _cached(name, commit)
     return folder if is_mlx_folder(folder) else None

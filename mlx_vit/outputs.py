@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import io
 import itertools
@@ -398,11 +399,9 @@ class ResultWriter:
         self.output.finish()
 
     def _print_table(self) -> None:
-        from rich.console import Console
-
         file = self.output.stream()
         try:
-            Console(file=None if file is sys.stdout else file).print(results_table(self.table_rows, self.model_name))
+            console(None if file is sys.stdout else file).print(results_table(self.table_rows, self.model_name))
         except OSError as error:  # a full disk, /dev/full
             raise OutputError(f"{shown(self.output.path or 'stdout')}: cannot write ({os_reason(error)})") from None
         self.table_rows = []
@@ -437,6 +436,19 @@ def results_table(results: list[Any], model_name: str):
             table.add_row(cell(result.path) if rank == 1 else "", str(rank), cell(p.label), f"{p.score:.4f}",
                           str(p.class_id), end_section=last)  # fmt: skip
     return table
+
+
+def console(file: TextIO | None = None):
+    """A rich Console for `file` (stdout when None) that reports a reader gone away as the OSError it is: rich's own
+    handling ends the process with exit code 1 and no word, before the summary line."""
+    from rich.console import Console
+
+    def broken_pipe() -> None:
+        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    made = Console(file=file)
+    made.on_broken_pipe = broken_pipe
+    return made
 
 
 def cell(value: object):

@@ -674,3 +674,77 @@ def test_thread_and_lane_counts_from_the_environment_never_traceback(model, env,
 def test_a_100kb_path_on_stdin_is_one_short_error_line(model, env):
     ran = mlx("classify", "-", "-m", model, stdin=b"/tmp/" + b"x" * 100_000 + b".png\n", env=env)
     one_error(ran)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A second pass of the red team over the fixes
+
+
+def test_a_hard_link_planted_as_a_spool_file_is_never_written(model, env, tmp_path):
+    work = tmp_path / "work"
+    out = make_spool(work, model, json.dumps({"path": str(PHOTO)}).encode() + b"\n")
+    victim = tmp_path / "victim"
+    victim.write_bytes(np.ones((1, WIDTH), np.float32).tobytes() + b"precious")
+    (work / SPOOL["rows"]).unlink()
+    os.link(victim, work / SPOOL["rows"])
+    ran = mlx("embed", PHOTO, PHOTOS[1], "-m", model, "-o", out, "--resume", env=env)
+    assert "hard links" in one_error(ran, SPOOL["rows"])
+    assert victim.read_bytes() == np.ones((1, WIDTH), np.float32).tobytes() + b"precious"
+
+
+def test_a_long_multibyte_line_on_stdin_is_one_error_and_the_end_of_stdin(model, env):
+    """PATH_MAX counts bytes: 2,049 two-byte characters are over it, and what follows on the line is no path."""
+    line = ("é" * 2049).encode() + str(PHOTO).encode() + b"\n"
+    ran = mlx("classify", "-", "-m", model, "--format", "jsonl", stdin=line + str(PHOTOS[1]).encode() + b"\n", env=env)
+    assert "over 4,096 bytes" in one_error(ran)
+    assert ran.stdout.count('"predictions"') == 0, ran.stdout
+
+
+def _shell(command: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=HANG,
+                          env={**os.environ, **env})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args", ["--help", "classify {photo} -m {model} --format jsonl", "classify {photo} -m {model}"]
+)
+def test_a_closed_stdout_is_one_error(model, env, args):
+    command = f"{sys.executable} -m mlx_vit {args.format(photo=PHOTO, model=model)} >&-"
+    done = _shell(command, env)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 1 and len(errors) == 1 and "stdout" in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("format", ["table", "jsonl"])
+def test_a_reader_that_goes_away_is_one_error(model, env, format):
+    """`| true`: rich's own handling of a closed pipe ended the run with no word (and no summary)."""
+    done = _shell(f"{sys.executable} -m mlx_vit classify {PHOTO} -m {model} --format {format} | true", env)
+    assert "error: stdout: cannot write (Broken pipe)" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_explain_replaces_neither_file_when_one_cannot_be_written(model, env, tmp_path):
+    keep = tmp_path / "keep.png"
+    keep.write_bytes(b"OLD")
+    (tmp_path / "dir.npy").mkdir()
+    ran = mlx("explain", PHOTO, "-m", model, "-o", keep, "--save-npy", tmp_path / "dir.npy", "--force", env=env)
+    one_error(ran, "dir.npy")
+    assert keep.read_bytes() == b"OLD"
+
+
+def test_a_fifo_named_as_the_blas_is_not_waited_on(env, tmp_path, fifos):
+    ran = mlx("--version", env={**env, "MLX_VIT_BLAS": str(fifos(tmp_path / "blas.so"))})
+    clean(ran, (0,))
+
+
+def test_a_symbolic_link_in_the_model_cache_is_never_written_through(vit_folder, env, tmp_path):
+    from checkpoints import lay_into_hf_cache
+
+    lay_into_hf_cache(vit_folder, tmp_path / "hf", "org/name")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "mlx-vit").mkdir()
+    (tmp_path / "mlx-vit" / "org--name").symlink_to(elsewhere)
+    ran = mlx("classify", PHOTO, "-m", "org/name", env=env)
+    assert "symbolic link" in one_error(ran, "org--name")
+    assert list(elsewhere.iterdir()) == []

@@ -7,6 +7,7 @@ Shared options are declared once in `options.py`; `errors.py` turns a library er
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Annotated
 
@@ -14,7 +15,7 @@ import typer
 
 from mlx_vit import __version__
 from mlx_vit.cli import bench, classify, convert, embed, explain, search, tui
-from mlx_vit.cli.errors import echo, fail, flushed, silence, state
+from mlx_vit.cli.errors import ClosedStream, echo, fail, flushed, silence, state
 from mlx_vit.errors import MlxVitError, line
 from mlx_vit.files import os_reason
 
@@ -73,6 +74,10 @@ def main_options(
 def main() -> None:
     """The `mlx-vit` command: usage errors as Typer shows them, but bounded; any library error that escaped a
     command (a callback's, stdout's) as one line; nothing left unflushed to fail again at exit."""
+    if sys.stderr is None:
+        sys.stderr = open(os.devnull, "w")  # nowhere to say anything: errors still set the exit code
+    if sys.stdout is None:
+        sys.stdout = ClosedStream()
     try:
         code = app(standalone_mode=False)
     except typer.TyperException as error:  # a usage error: its message may quote a value from outside whole

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import os
 import sys
 
@@ -41,6 +43,17 @@ def flushed(stream) -> bool:
         return False
 
 
+class ClosedStream(io.TextIOBase):
+    """stdout or stderr when the shell closed it (`>&-`): a write fails as a closed descriptor's does, so that a
+    command says so (or, for stderr, fails quietly) instead of a traceback from None."""
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        raise OSError(errno.EBADF, "Bad file descriptor (stdout is closed)")
+
+
 def silence(stream) -> None:
     """Point a failed stream at /dev/null, so that the interpreter's flush at exit fails no more."""
     with contextlib.suppress(OSError, ValueError):
@@ -58,10 +71,10 @@ def echo(text: str) -> None:
 
 def print_rich(renderable) -> None:
     """A rich table (or text) on stdout, failing as `echo` does."""
-    from rich.console import Console
+    from mlx_vit.outputs import console
 
     try:
-        Console().print(renderable)
+        console().print(renderable)
     except OSError as error:
         silence(sys.stdout)
         raise MlxVitError(f"stdout: cannot write ({os_reason(error)})") from None
