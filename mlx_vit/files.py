@@ -264,7 +264,7 @@ def create_beside(path: Path, error: type[MlxVitError] = MlxVitError) -> int:
     """A new, empty file at `path` for writing (its descriptor), created with O_EXCL | O_NOFOLLOW: whatever is
     there already (a file, a link, even a dangling one, a FIFO) is refused, never followed or opened."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _NONBLOCKING, 0o666)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
     except FileExistsError:
         raise error(f"{shown(path)}: already exists; mlx-vit writes only files it creates here") from None
     except OSError as failure:
