@@ -748,3 +748,11 @@ def test_a_symbolic_link_in_the_model_cache_is_never_written_through(vit_folder,
     ran = mlx("classify", PHOTO, "-m", "org/name", env=env)
     assert "symbolic link" in one_error(ran, "org--name")
     assert list(elsewhere.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["classify", "embed", "explain"])
+def test_an_output_named_as_a_folder_is_refused_not_written_as_a_file(model, env, tmp_path, command):
+    """`-o results/`: a Path drops the slash, and a file named `results` was written."""
+    ran = mlx(command, PHOTO, "-m", model, "-o", f"{tmp_path}/results/", env=env)
+    clean(ran, (2,))
+    assert "names a folder" in ran.stderr and not (tmp_path / "results").exists()

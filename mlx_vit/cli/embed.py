@@ -19,6 +19,7 @@ def embed(
         typer.Option(
             "-o",
             "--output",
+            parser=options.output_file,
             help="FILE.safetensors (paths in its metadata) or FILE.npy (paths in FILE.paths.txt).",
             show_default=False,
         ),

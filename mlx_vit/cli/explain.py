@@ -26,7 +26,10 @@ def explain(
     image: Annotated[Path, typer.Argument(help="The image to explain.", show_default=False)],
     model: Model = options.DEFAULT_MODEL,
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="The PNG to write [default: ./IMAGE-METHOD.png].")
+        Path | None,
+        typer.Option(
+            "-o", "--output", parser=options.output_file, help="The PNG to write [default: ./IMAGE-METHOD.png]."
+        ),
     ] = None,
     method: Annotated[
         Method,
@@ -51,6 +54,7 @@ def explain(
         Path | None,
         typer.Option(
             "--save-npy",
+            parser=options.output_file,
             help="Also write the map as a float32 patch-grid array (heads first with --grid).",
             show_default=False,
         ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from enum import Enum
 from functools import partial
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Annotated
 import typer
 
 from mlx_vit import numbers
+from mlx_vit.errors import shown
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"  # kept in step with mlx_vit.loading.DEFAULT_MODEL by a test
 
@@ -22,6 +24,14 @@ def integer(low: int | None = 1, high: int | None = None):
 def decimal(low: float | None = None, high: float | None = None):
     """A `parser` for a number option: finite, ASCII, bounded, range-checked."""
     return partial(_parse, numbers.parse_float, low, high)
+
+
+def output_file(value):
+    """A `parser` for an option naming a file to write: a name ending in a slash names a folder (a Path would drop
+    the slash and write a file of the folder's name)."""
+    if isinstance(value, str) and value.endswith(("/", os.sep)):
+        raise typer.BadParameter(f"{shown(value, 60, quote=True)} names a folder; give a file name")
+    return Path(value) if isinstance(value, str) else value
 
 
 def _parse(parse, low, high, value):
@@ -89,6 +99,6 @@ Progress = Annotated[
 
 Output = Annotated[
     Path | None,
-    typer.Option("-o", "--output", help="Write the results to FILE (its extension picks the format) instead of "
-                 "stdout.", show_default=False),
+    typer.Option("-o", "--output", parser=output_file, help="Write the results to FILE (its extension picks the "
+                 "format) instead of stdout.", show_default=False),
 ]  # fmt: skip
