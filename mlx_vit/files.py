@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import stat
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -180,7 +181,9 @@ def npy_header(file: BinaryIO, source: str, error: type[MlxVitError]) -> tuple[t
         readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
         if version not in readers:
             raise ValueError(f".npy format version {version} is not supported")
-        shape, fortran, dtype = readers[version](file)
+        with warnings.catch_warnings():  # a Python 2 header's warning would be two lines on stderr
+            warnings.simplefilter("ignore")
+            shape, fortran, dtype = readers[version](file)
     except Exception as failure:  # numpy's own parser on hostile bytes: whatever it raises
         raise error(f"{source}: not a .npy array ({shown(str(failure) or type(failure).__name__, 120)})") from None
     if not (isinstance(shape, tuple) and all(type(side) is int and 0 <= side < 2**31 for side in shape)):
