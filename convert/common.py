@@ -20,7 +20,7 @@ from mlx_vit.numbers import is_number
 from mlx_vit.preprocess import PreprocessConfig
 
 from .safetensors_io import read_safetensors
-from .torch_pickle import Choose, read_torch_bin, state_dict
+from .torch_pickle import Choose, chosen, read_torch_bin, state_dict
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")  # fmt: skip
@@ -90,7 +90,8 @@ def read_weights(folder: Path, choose: Choose = state_dict, budget: int | None =
         for file in files:
             if not exists(file):
                 raise CheckpointError(f"{shown(file)}: shard listed in {name} is missing")
-            for key, value in read_weight_file(file, choose, budget).items():
+            left = None if budget is None else budget - sum(v.nbytes for v in tensors.values())  # the shards' total
+            for key, value in read_weight_file(file, choose, left).items():
                 if key in tensors:  # two shards holding one tensor: which would transformers take?
                     raise CheckpointError(f"{shown(file)}: tensor '{shown(key, 80)}' is in another shard too")
                 tensors[key] = value
@@ -103,10 +104,7 @@ def read_weight_file(path: Path, choose: Choose = state_dict, budget: int | None
     as the format's reference finds it; the choice is logged where it was not the whole file."""
     if not path.name.endswith(".safetensors"):
         return read_torch_bin(path, choose, budget)
-    tensors, taken = choose(read_safetensors(path, budget))
-    if not (isinstance(tensors, dict) and all(isinstance(v, np.ndarray) for v in tensors.values())):
-        raise CheckpointError(f"{shown(path)}: does not hold a state dict of named tensors")
-    return tensors
+    return chosen(read_safetensors(path, budget), choose, np.ndarray, shown(path))
 
 
 def check_finite(tensors: dict[str, np.ndarray], source: str) -> None:

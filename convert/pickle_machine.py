@@ -120,15 +120,22 @@ def rebuild_tensor_v2(storage, offset, size, stride, requires_grad, backward_hoo
     OrderedDict and none; metadata would set flags on the tensor that no stand-in models)."""
     tensor = rebuild_tensor(storage, offset, size, stride)
     _gradient(tensor, requires_grad)
-    if not (isinstance(backward_hooks, dict) and not backward_hooks) or metadata not in (None, {}):
-        raise Refused("tensor with backward hooks or metadata")
+    _no_hooks(backward_hooks)
+    if metadata not in (None, {}):
+        raise Refused("tensor with metadata")
     return tensor
+
+
+def _no_hooks(backward_hooks) -> None:
+    if not (isinstance(backward_hooks, dict) and not backward_hooks):
+        raise Refused("tensor with backward hooks")
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks) -> Tensor:
     if not isinstance(data, Tensor):
         raise Refused("parameter rebuilt from something that is not a tensor")
     _gradient(data, requires_grad)
+    _no_hooks(backward_hooks)
     return data
 
 

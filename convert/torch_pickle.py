@@ -118,6 +118,17 @@ def state_dict(state: object) -> tuple[object, str]:
     return state, ""
 
 
+def chosen(state: object, choose: Choose, kind: type, name: str) -> dict:
+    """The state dict `choose` finds in what a file holds, checked to map names to tensors (`kind`: the machine's
+    stand-ins, or arrays); which part of the file it took is logged where it was not the whole."""
+    state, taken = choose(state)
+    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, kind) for k, v in state.items())):
+        raise CheckpointError(f"{name}: does not hold a state dict of named tensors")
+    if taken:
+        log.info("%s: read its %s, as the checkpoint's own loader would", name, taken)
+    return state
+
+
 def read_torch_bin(path: str | Path, choose: Choose = state_dict, budget: int | None = None
                    ) -> dict[str, np.ndarray]:  # fmt: skip
     """Tensors of a torch.save()d state dict (zip format), as numpy arrays, exactly as torch.load reads them, or
@@ -186,11 +197,7 @@ def _read_archive(archive: zipfile.ZipFile, members: dict[str, zipfile.ZipInfo],
     pickled = record("data.pkl")
     if pickled is None:
         raise CheckpointError(f"{name}: has no {shown(folder, 60)}data.pkl (not torch.save's)")
-    state, taken = choose(Machine(record).run(_read_member(archive, pickled, MAX_PICKLE_BYTES, name)))
-    if taken:
-        log.info("%s: read its %s, as the checkpoint's own loader would", name, taken)
-    if not (isinstance(state, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items())):
-        raise CheckpointError(f"{name}: does not hold a state dict of named tensors")
+    state = chosen(Machine(record).run(_read_member(archive, pickled, MAX_PICKLE_BYTES, name)), choose, Tensor, name)
     used = {tensor.storage.key: tensor.storage for tensor in state.values()}
     check_budget(sum(ref.numel * np.dtype(STORAGE_DTYPES[ref.type_name]).itemsize for ref in used.values()), budget,
                  name)  # fmt: skip

@@ -79,8 +79,9 @@ class BenchReport:
 
 def parse_batch_sizes(text: str) -> list[int]:
     """'1,8,32' -> [1, 8, 32]; raises ValueError on anything else."""
+    parts = [part for part in text.split(",") if part.strip()]
     try:
-        sizes = [parse_int(part, "", 1) for part in text.split(",")[:MAX_BATCH_SIZES] if part.strip()]
+        sizes = [parse_int(part, "", 1) for part in parts] if len(parts) <= MAX_BATCH_SIZES else []
     except NumberError:
         sizes = []
     if not sizes:

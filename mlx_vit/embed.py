@@ -94,9 +94,10 @@ def features(classifier: Any, pixels: np.ndarray, all_tokens: bool = False,
 
 
 def paths_file(path: str | os.PathLike) -> Path:
-    """The sibling that holds an index's paths, one per line: FILE.npy -> FILE.paths.txt."""
+    """The sibling that holds an index's paths, one a line: FILE.npy -> FILE.paths.txt; FILE.safetensors ->
+    FILE.paths.jsonl (for a library too large for its header)."""
     path = Path(path)
-    return path.with_name(f"{path.stem}.paths.txt")
+    return path.with_name(f"{path.stem}.paths.txt" if path.suffix.lower() == ".npy" else f"{path.stem}.paths.jsonl")
 
 
 def _fits_in_header(text: str) -> bool:
@@ -135,7 +136,7 @@ def write_embeddings(path: str | os.PathLike, parts: Sequence[np.ndarray], paths
         if _fits_in_header(listed):
             metadata["paths"] = listed
         else:  # one JSON string a line: any path, line breaks included
-            listing = path.with_name(f"{path.stem}.paths.jsonl")
+            listing = paths_file(path)
             metadata["paths_file"] = listing.name
             siblings[listing] = "".join(json.dumps(p) + "\n" for p in paths).encode()
         header = _safetensors_header(shape, metadata)

@@ -39,9 +39,6 @@ MAX_JSON_VALUES = 1_000_000
 MAX_PATH_BYTES = 4096
 # NAME_MAX on Linux and macOS: one component of a path.
 MAX_NAME_BYTES = 255
-# One line of a file mlx-vit writes a record a line to (a jsonl result, a spool's paths): a path escaped as JSON
-# (up to 6 bytes a byte), its error line, and room for a result's labels.
-MAX_LINE_BYTES = 256 * 1024
 
 _KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a character device",
           stat.S_IFBLK: "a block device", stat.S_IFDIR: "a folder", stat.S_IFLNK: "a symbolic link"}  # fmt: skip
@@ -111,13 +108,15 @@ def open_regular(path: str | os.PathLike, error: type[MlxVitError] = MlxVitError
 
 
 def read_limited(
-    path: str | os.PathLike, limit: int, error: type[MlxVitError] = MlxVitError, what: str = "file"
-) -> bytes:
-    """The bytes of a regular file of at most `limit` bytes; never reads (or allocates) more than limit + 1."""
-    with open_regular(path, error) as f, failing(path, error, "cannot read it"):
+    path: str | os.PathLike, limit: int, error: type[MlxVitError] = MlxVitError, what: str = "file",
+    follow: bool = True,
+) -> bytes:  # fmt: skip
+    """The bytes of a regular file of at most `limit` bytes; never reads (or allocates) more than limit + 1.
+    `follow=False`: a link is refused (see open_regular)."""
+    with open_regular(path, error, follow) as f, failing(path, error, "cannot read it"):
         raw = f.read(limit + 1)
     if len(raw) > limit:
-        raise error(f"{shown(path)}: over {limit // 2**20} MiB, too large for a {what}")
+        raise error(f"{shown(path)}: over {limit:,} bytes, too large for a {what}")
     return raw
 
 
@@ -158,16 +157,17 @@ def parse_json(raw: bytes, source: str, error: type[MlxVitError] = ConfigError, 
         raise error(f"{source}: not valid JSON ({shown(reason or type(failure).__name__, 200)})") from None
 
 
-def path_string(value: Any) -> str | None:
-    """`value` if it is a path as mlx-vit writes one (a str the file system can take: no NUL, at most
-    MAX_PATH_BYTES, lone surrogates only as os.fsdecode makes them for undecodable bytes), else None."""
-    if not isinstance(value, str) or not value or "\0" in value or len(value) > MAX_PATH_BYTES:
+def path_string(value: Any, opened: bool = True) -> str | None:
+    """`value` if it is a path as mlx-vit writes one, else None: a str that names file system bytes (lone
+    surrogates only as os.fsdecode makes them for undecodable bytes). A path that was `opened` (a result's) also
+    holds no NUL and at most MAX_PATH_BYTES; one that failed (an error's) is whatever was given."""
+    if not isinstance(value, str) or not value or (opened and ("\0" in value or len(value) > MAX_PATH_BYTES)):
         return None
     try:
         encoded = value.encode("utf-8", "surrogateescape")
     except UnicodeEncodeError:  # "\ud800": no byte sequence makes it
         return None
-    return value if len(encoded) <= MAX_PATH_BYTES else None
+    return value if not opened or len(encoded) <= MAX_PATH_BYTES else None
 
 
 def npy_header(file: BinaryIO, source: str, error: type[MlxVitError]) -> tuple[tuple[int, ...], bool, Any]:
@@ -191,10 +191,12 @@ def npy_header(file: BinaryIO, source: str, error: type[MlxVitError]) -> tuple[t
     return shape, fortran, dtype
 
 
-def read_json(path: str | os.PathLike, error: type[MlxVitError] = ConfigError) -> dict[str, Any]:
-    """A JSON object from a regular file of at most MAX_JSON_BYTES; `error` (one line naming it) otherwise."""
+def read_json(path: str | os.PathLike, error: type[MlxVitError] = ConfigError, limit: int | None = None,
+              follow: bool = True) -> dict[str, Any]:  # fmt: skip
+    """A JSON object from a regular file of at most `limit` bytes (MAX_JSON_BYTES); `error` otherwise."""
     source = shown(path)
-    value = parse_json(read_limited(path, MAX_JSON_BYTES, error, "config file"), source, error)
+    limit = MAX_JSON_BYTES if limit is None else limit
+    value = parse_json(read_limited(path, limit, error, "config file", follow), source, error)
     if not isinstance(value, dict):
         raise error(f"{source}: expected a JSON object")
     return value
@@ -248,10 +250,15 @@ def plain_name(name: Any) -> bool:
 
 
 def write_new(path: Path, data: bytes, error: type[MlxVitError] = MlxVitError) -> None:
-    """`data` as a new file at `path` (see `create_beside`: nothing there is overwritten or followed)."""
+    """`data` as a new file at `path` (see `create_beside`: nothing there is overwritten or followed); a write that
+    fails (on close too: a full disk) leaves no file."""
     fd = create_beside(path, error)
-    with os.fdopen(fd, "wb") as f, failing(path, error):
-        f.write(data)
+    try:
+        with failing(path, error), os.fdopen(fd, "wb") as f:
+            f.write(data)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 def sync(path: Path) -> None:
@@ -307,7 +314,6 @@ def replace_together(files: list[tuple[Path, Iterable[bytes]]], error: type[MlxV
     complete rename them all into place, one right after the other: a failure leaves none of them, and no
     temporary file. An OSError becomes `error`, naming the file."""
     written: list[tuple[Path, Path]] = []
-    target = files[0][0]
     for target, _ in files:  # a rename that is bound to fail must fail before any other is made
         if is_dir(target) and not os.path.islink(target):
             raise error(f"{shown(target)}: is a folder, not a file to replace")

@@ -41,7 +41,7 @@ _threads: int | None = None  # BLAS threads per call, as last set here
 
 def _count(name: str) -> int | None:
     """The environment variable `name` as a count, or None when unset. MLX_VIT_CPU_LANES must be a count (else
-    NumberError); the BLAS's own variables are taken as their libraries take them (atoi): others are ignored."""
+    NumberError); a BLAS's own variable that is not one is left to the BLAS, and ignored here."""
     try:
         return numbers.environment_int(name, 0, MAX_COUNT)
     except numbers.NumberError:

@@ -146,7 +146,7 @@ def _remember(repo: Path, revision: str | None, commit: str) -> None:
 def _recorded(ref: Path) -> str | None:
     """The commit a ref file names, or None: missing, unreadable, or not a commit hash."""
     try:
-        commit = read_limited(ref, 100, ModelNotFoundError).decode().strip() if exists(ref) else None
+        commit = read_limited(ref, 100, ModelNotFoundError, follow=False).decode().strip() if exists(ref) else None
     except (ModelNotFoundError, UnicodeDecodeError):
         return None
     return commit if commit and re.fullmatch(r"[0-9a-f]{40}", commit) else None

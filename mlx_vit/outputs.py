@@ -16,6 +16,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import re
 import stat
@@ -35,11 +36,15 @@ from mlx_vit.files import MAX_JSON_BYTES, lines, open_regular, os_reason, parse_
 FORMATS = ("table", "json", "jsonl", "csv")
 RESUMABLE = ("jsonl", "csv")
 CSV_HEADER = ["path", "rank", "label", "score", "class_id", "error"]
+CSV_LINE = (",".join(CSV_HEADER) + "\r\n").encode()
+JSONL_START = b'{"path": '  # how every line mlx-vit writes to jsonl begins (json.dumps of result_json)
 # How often appended results are also forced to the disk itself (flushing after every batch already keeps them
 # when the process dies; this bounds what a power cut loses).
 SYNC_SECONDS = 1.0
 # A result's line (jsonl) or record (csv) is at most this long: a path, and labels from a config file.
 MAX_RECORD_BYTES = MAX_JSON_BYTES
+
+log = logging.getLogger(__name__)
 
 
 class OutputError(MlxVitError):
@@ -109,12 +114,11 @@ class Tail:
 
 def read_done(path: Path, format: str) -> tuple[Done, int, Tail | None]:
     """The finished paths of a jsonl or csv file, the byte length of its finished part (where to append), and
-    for csv the last image's rows.
+    for csv its last image (a Tail, whose rows follow the finished part; see ResultWriter).
 
-    jsonl: every complete line. csv: every complete record but the last image's, which a killed batch may have
-    cut short of its rank: it is redone if it comes up again, and its rows are put back if it does not (see
-    ResultWriter). Only the one incomplete last line or record may be left out; anything else wrong with the
-    file stops the resume with one line, and the file is not touched. One pass, each line bounded.
+    jsonl: every complete line. csv: every complete record but the last image's. Only the one incomplete last
+    line or record, of the shape mlx-vit writes, may be left out; anything else wrong with the file stops the
+    resume with one line, and the file is not touched. One pass, each line bounded.
     """
     name = shown(path)
     with open_regular(path, OutputError) as f:
@@ -125,15 +129,16 @@ def _read_jsonl(f, name: str) -> tuple[Done, int, None]:
     hashes = array("Q")
     end = 0
     for number, line in enumerate(lines(f, MAX_RECORD_BYTES, name, OutputError), 1):
-        if not line.endswith(b"\n") and b"\r" not in line:
-            break  # the last line, cut short: redone (mlx-vit's lines hold no other line break)
-        try:
-            record = parse_json(line, "", OutputError)
-        except OutputError:  # not JSON, nested too deeply, or lines ending otherwise
-            record = None
-        result = isinstance(record, dict) and (isinstance(record.get("predictions"), list) or
-                                               isinstance(record.get("error"), str))  # fmt: skip
-        path = path_string(record.get("path")) if result else None
+        record = None
+        if not line.endswith(b"\n"):  # the last line, cut short if it is the start of a result (redone)
+            if b"\r" not in line and (line.startswith(JSONL_START) or JSONL_START.startswith(line)):
+                break
+        else:
+            with contextlib.suppress(OutputError):  # not JSON, or nested too deeply
+                record = parse_json(line, "", OutputError)
+        failed = isinstance(record, dict) and isinstance(record.get("error"), str)
+        result = isinstance(record, dict) and (failed or isinstance(record.get("predictions"), list))
+        path = path_string(record.get("path"), opened=not failed) if result else None
         if path is None:
             raise OutputError(f"{name}: line {number} is not an mlx-vit result; not resuming (remove the file?)")
         hashes.append(Done.key(path))
@@ -168,18 +173,23 @@ def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
             row = next(reader, None)
         except csv.Error as error:
             # Only a quote still open at the end of the file can be a write cut short, and only if it swallowed
-            # no finished record.
+            # no finished record (and came after the header, which holds no quote).
             if "unexpected end of data" not in str(error) or f.read(1) or _swallows_a_record(f, end, taken):
                 raise damaged(number, str(error)) from None
+            if number == 1:
+                raise OutputError(f"{name}: does not start with mlx-vit's csv header; not resuming") from None
             break  # the last record, cut short inside a quoted field: redone
         if row is None:
             break
-        if not last_line.endswith(b"\n"):
-            break  # the last line, cut short: one record (the reader made one of it), redone
+        if not last_line.endswith(b"\n"):  # the last line, cut short: one record (the reader made one of it)
+            f.seek(end)
+            if number == 1 and not CSV_LINE.startswith(f.read(taken - end)):
+                raise OutputError(f"{name}: does not start with mlx-vit's csv header; not resuming")
+            break  # redone
         if number == 1:
             if row != CSV_HEADER:
                 raise OutputError(f"{name}: does not start with mlx-vit's csv header; not resuming")
-        elif len(row) != len(CSV_HEADER) or path_string(row[0]) is None:
+        elif len(row) != len(CSV_HEADER) or path_string(row[0], opened=not row[5]) is None:
             raise OutputError(f"{name}: record {number} is not an mlx-vit result; not resuming (remove the file?)")
         elif row[0] != last_path:
             if last_path is not None:
@@ -361,17 +371,20 @@ class ResultWriter:
         elif format == "jsonl":
             self.output.append("".join(json.dumps(result_json(r), allow_nan=False) + "\n" for r in results))
         elif format == "csv":
-            if self.kept is not None:
-                results = [r for r in results if Done.key(r.path) != self.kept]
+            keys = [Done.key(r.path) for r in results]
             tail = self.output.tail
             if tail is not None:  # the last image of the file resumed: redone now, or kept
-                again = [r for r in results if Done.key(r.path) == Done.key(tail.path)]
+                again = [r for r, key in zip(results, keys, strict=True) if key == Done.key(tail.path)]
                 if again and not any(r.error for r in again):
                     self.output.tail = None  # redone: its new rows replace the old ones
                 else:  # kept where it is; an error now does not replace what was finished
                     self.output.keep_tail()
                     self.kept = Done.key(tail.path)
-                    results = [r for r in results if r not in again]
+            if self.kept is not None and self.kept in keys:
+                kept = results[keys.index(self.kept)].path
+                log.info("%s: kept as the resumed file holds it (a kill may have cut its ranks short: remove its "
+                         "rows and resume to redo it)", shown(kept))  # fmt: skip
+                results = [r for r, key in zip(results, keys, strict=True) if key != self.kept]
             text = io.StringIO()
             writer = csv.writer(text)  # lines end in \r\n (RFC 4180), so a field holding a lone \r is quoted
             if self.output.fresh and results:

@@ -37,13 +37,15 @@ from mlx_vit.files import (
     open_regular,
     parse_json,
     path_string,
+    read_json,
     refusal,
 )
 from mlx_vit.outputs import SYNC_SECONDS, Done, OutputError
 
 INDEX_SUFFIXES = (".safetensors", ".npy")
-# A spool line: a path (at most MAX_PATH_BYTES, up to 6 bytes a byte as JSON) and its error line.
-MAX_SPOOL_LINE = 64 * 1024
+# A spool line: a path as given (one argument: at most Linux's 128 KiB, up to 6 bytes a byte as JSON) and its
+# error line.
+MAX_SPOOL_LINE = 2**20
 
 
 def check_index_path(path: str | os.PathLike) -> None:
@@ -51,7 +53,7 @@ def check_index_path(path: str | os.PathLike) -> None:
     path = Path(path)
     if path.suffix.lower() not in INDEX_SUFFIXES:
         raise OutputError(f"{shown(path)}: embeddings are written as .safetensors or .npy")
-    listing = paths_file(path) if path.suffix.lower() == ".npy" else path.with_name(f"{path.stem}.paths.jsonl")
+    listing = paths_file(path)
     if len(os.fsencode(listing.name)) > MAX_NAME_BYTES:
         raise OutputError(f"{shown(path)}: name too long to put {shown(listing.name, 60)} beside it (255 bytes at "
                           "most); choose a shorter one")  # fmt: skip
@@ -91,6 +93,11 @@ class EmbeddingSpool:
             raise OutputError(f"{self.name}: {what}; --resume continues it, or remove it first")
         spooled = self.paths_path in found
         meta = {"model": model_name, "shape": list(self.shape), **self.settings}
+        if self.path.suffix.lower() == ".safetensors" and not all(
+            _utf8(v) for v in (model_name, *self.settings.values())
+        ):
+            raise OutputError(f"{self.name}: the model's name {shown(model_name)} is not UTF-8, which a safetensors "
+                              "index's metadata must be; embed into a .npy")  # fmt: skip
         hashes = [np.zeros(0, np.uint64)]
         if exists(self.path):
             vectors, paths, made = read_index(self.path)
@@ -102,8 +109,11 @@ class EmbeddingSpool:
             if spooled and self._committed(hashes[-1]):
                 self._remove_spool()  # a run killed after writing the index, before removing its spool
                 spooled, found = False, []
+        if not spooled and found:  # rows or meta of a run killed before its first batch: nothing to go on from
+            self._remove_spool()
+            found = []
         if spooled:
-            if self._read_meta() != meta:
+            if read_json(self.meta_path, OutputError, MAX_SPOOL_LINE, follow=False) != meta:
                 raise OutputError(f"{self.name}: its spool was made by another model or setting (--all-tokens, "
                                   "--normalize, --image-size); not resuming (remove the dot files beside "
                                   "it)")  # fmt: skip
@@ -118,11 +128,6 @@ class EmbeddingSpool:
             raise OutputError(f"{self.name}: {what} holds vectors of shape {shape}, this model makes {self.shape}; "
                               "embed into a new file")  # fmt: skip
 
-    def _read_meta(self) -> Any:
-        with open_regular(self.meta_path, OutputError, follow=False) as f, failing(self.meta_path, OutputError):
-            raw = f.read(MAX_SPOOL_LINE + 1)
-        return parse_json(raw, shown(self.meta_path), OutputError) if len(raw) <= MAX_SPOOL_LINE else None
-
     def _records(self) -> Iterator[tuple[str, bool, int]]:
         """(path, failed, bytes) of each complete line of the paths file, in order; a damaged line stops the
         resume with one line (the piece after the last newline is a line cut short, and is not a record)."""
@@ -135,11 +140,12 @@ class EmbeddingSpool:
                     record = parse_json(line, "", OutputError)
                 except OutputError:
                     record = None
-                path = path_string(record.get("path")) if isinstance(record, dict) else None
+                failed = isinstance(record, dict) and "error" in record
+                path = path_string(record.get("path"), opened=not failed) if isinstance(record, dict) else None
                 if path is None or not isinstance(record.get("error", ""), str):
                     raise OutputError(f"{self.name}: line {number} of its spool is damaged; not resuming (remove "
                                       "the dot files beside it)")  # fmt: skip
-                yield path, "error" in record, len(line)
+                yield path, failed, len(line)
 
     def _spooled(self) -> tuple[np.ndarray, int, int]:
         """(hashes of the paths embedded, bytes of the paths file to keep, rows to keep) of a spool to resume.
@@ -172,11 +178,17 @@ class EmbeddingSpool:
                 if self.meta_path not in self._found:
                     with os.fdopen(create_beside(self.meta_path, OutputError), "w") as f:
                         f.write(json.dumps(self._meta) + "\n")
-                for path, keep in ((self.rows_path, self.rows * self.row_bytes), (self.paths_path, self._end)):
-                    fd = open_beside(path, OutputError) if path in self._found else create_beside(path, OutputError)
-                    os.ftruncate(fd, keep)  # what a killed run left past the whole records
-                    os.lseek(fd, keep, os.SEEK_SET)
-                    files.append(os.fdopen(fd, "wb"))
+                try:
+                    for path, keep in ((self.rows_path, self.rows * self.row_bytes), (self.paths_path, self._end)):
+                        opened = path in self._found
+                        fd = open_beside(path, OutputError) if opened else create_beside(path, OutputError)
+                        files.append(os.fdopen(fd, "wb"))
+                        os.ftruncate(fd, keep)  # what a killed run left past the whole records
+                        os.lseek(fd, keep, os.SEEK_SET)
+                except BaseException:
+                    for file in files:
+                        file.close()
+                    raise
             self._files = files[0], files[1]
         return self._files
 
@@ -235,6 +247,14 @@ class EmbeddingSpool:
             for file in self._files:
                 with contextlib.suppress(OSError):
                     file.close()
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # an undecodable byte of a file name, as os.fsdecode keeps it
+        return False
 
 
 def _difference(made: dict[str, str], wanted: dict[str, Any]) -> str:

@@ -219,6 +219,18 @@ def test_storages_past_the_budget_are_refused_before_they_are_read(tmp_path):
     _refused(lambda p: read_torch_bin(p, budget=4019), path, "tensors take 4,020 bytes, more than its model could use")
 
 
+def test_the_budget_is_for_all_shards_together(tmp_path):
+    from mlx_vit.convert.common import read_weights
+
+    safetensors.numpy.save_file({"a": np.zeros(100, np.float32)}, tmp_path / "one.safetensors")
+    safetensors.numpy.save_file({"b": np.zeros(100, np.float32)}, tmp_path / "two.safetensors")
+    index = {"weight_map": {"a": "one.safetensors", "b": "two.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert set(read_weights(tmp_path, budget=800)) == {"a", "b"}
+    with pytest.raises(CheckpointError, match="more than its model could use"):
+        read_weights(tmp_path, budget=799)  # each shard alone is within it
+
+
 def test_crafted_zip_little_and_big_endian(tmp_path):
     little = _craft_torch_zip(tmp_path / "le.bin", {"x": _TensorRef(_StorageRef("0", 3), 0, (3,), (1,))},
                               {"0": _f32(1.0, -2.5, 3.25)})  # fmt: skip

@@ -17,7 +17,8 @@ FUNCTIONS = {"open"}
 METHODS = {"read_text", "read_bytes", "write_text", "write_bytes"}
 QUALIFIED = {("json", "load"), ("json", "loads"), ("np", "load"), ("np", "memmap"), ("np", "fromfile"),
              ("np", "loadtxt"), ("mx", "load"), ("os", "open"), ("Image", "open"), ("pickle", "load"),
-             ("pickle", "loads"), ("torch", "load"), ("shutil", "copyfile"), ("shutil", "copy")}  # fmt: skip
+             ("pickle", "loads"), ("torch", "load"), ("shutil", "copyfile"), ("shutil", "copy"), ("os", "fdopen"),
+             ("zipfile", "ZipFile")}  # fmt: skip
 
 # (file, enclosing function, call): why it is safe there.
 ALLOWED = {
@@ -28,6 +29,12 @@ ALLOWED = {
     ("mlx_vit/runs.py", "EmbeddedCodec.decode", "json.loads"): "bytes from another rank of the same run",
     ("mlx_vit/images.py", "open_image", "Image.open"): "the file object open_regular opened, with its size "
     "and pixel count bounded",
+    ("mlx_vit/outputs.py", "Output.stream", "os.fdopen"): "the descriptor temporary_beside created (O_EXCL)",
+    ("mlx_vit/spool.py", "EmbeddingSpool._open", "os.fdopen"): "descriptors create_beside / open_beside opened",
+    ("convert/torch_pickle.py", "read_torch_bin", "zipfile.ZipFile"): "the file open_regular opened, its archive "
+    "checked by zip_archive.check_archive before any member is read",
+    ("convert/jax_npz.py", "read_npz", "zipfile.ZipFile"): "the file open_regular opened, checked by "
+    "zip_archive.check_archive",
     ("mlx_vit/embed.py", "read_index", "np.memmap"): "the file object open_regular opened, its shape checked "
     "against the file's size first",
     ("mlx_vit/spool.py", "EmbeddingSpool.close", "np.memmap"): "the spool's rows, opened by open_regular "

@@ -756,3 +756,25 @@ def test_an_output_named_as_a_folder_is_refused_not_written_as_a_file(model, env
     ran = mlx(command, PHOTO, "-m", model, "-o", f"{tmp_path}/results/", env=env)
     clean(ran, (2,))
     assert "names a folder" in ran.stderr and not (tmp_path / "results").exists()
+
+
+def test_a_resume_starts_over_from_a_spool_killed_before_its_first_batch(model, env, tmp_path):
+    """rows and meta without a paths file (another model's, even): removed, never kept under this run's rows."""
+    work = tmp_path / "work"
+    out = make_spool(work, model)  # no paths file
+    meta = json.loads((work / SPOOL["meta"]).read_text())
+    (work / SPOOL["meta"]).write_text(json.dumps({**meta, "model": "another/model"}) + "\n")
+    clean(mlx("embed", PHOTO, "-m", model, "-o", out, "--resume", env=env), (0,))
+    assert (out.parent / "out.paths.txt").read_text().splitlines() == [str(PHOTO)]
+    assert sorted(p.name for p in work.iterdir()) == ["out.npy", "out.paths.txt"]
+
+
+def test_a_model_name_a_safetensors_index_cannot_hold_is_refused_before_the_run(model, env, tmp_path):
+    """A model folder whose name holds an undecodable byte: json would write it as a lone surrogate, which no
+    safetensors reader takes; refused before anything is embedded (a .npy index records no model)."""
+    odd = tmp_path / os.fsdecode(b"m\xff")
+    shutil.copytree(model, odd)
+    ran = mlx("embed", PHOTO, "-m", odd, "-o", tmp_path / "i.safetensors", env=env)
+    assert "not UTF-8" in one_error(ran, "i.safetensors")
+    assert not (tmp_path / "i.safetensors").exists()
+    clean(mlx("embed", PHOTO, "-m", odd, "-o", tmp_path / "i.npy", env=env), (0,))

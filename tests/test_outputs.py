@@ -240,6 +240,29 @@ def test_damage_that_would_swallow_finished_results_is_refused(tmp_path, format,
     assert path.read_bytes() == raw
 
 
+@pytest.mark.parametrize(
+    "format, text",
+    [("csv", b"my notes, not results"), ("jsonl", b"my notes"), ("jsonl", b'{"path": "a.png", "error": "x"}\r')],
+)
+def test_a_last_line_that_is_no_start_of_a_result_is_refused_not_dropped(tmp_path, format, text):
+    """Only what could be a result cut short is dropped: a user's one-line file without a newline was emptied."""
+    path = tmp_path / f"notes.{format}"
+    path.write_bytes(text)
+    with pytest.raises(OutputError, match="not resuming"):
+        Output(path, format, resume=True)
+    assert path.read_bytes() == text
+
+
+@pytest.mark.parametrize("format", ["jsonl", "csv"])
+def test_an_error_for_any_path_given_is_read_back(tmp_path, format):
+    """A failed input's path is whatever was given (a NUL in it, or 10,000 bytes): its record must resume."""
+    path = tmp_path / f"out.{format}"
+    failed = [Result("a\0b.png", error="not a path"), Result("x" * 10_000 + ".png", error="file name too long")]
+    write(path, format, [failed])
+    output = write(path, format, [[_predicted("c.png", 1)]], resume=True, top_k=1)
+    assert all(r.path in output.done for r in failed)
+
+
 def test_an_empty_csv_still_has_its_header_and_an_image_under_the_threshold_a_row(tmp_path):
     write(tmp_path / "empty.csv", "csv", [])
     assert (tmp_path / "empty.csv").read_text() == ",".join(CSV_HEADER) + "\n"

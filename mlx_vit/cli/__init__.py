@@ -16,7 +16,7 @@ import typer
 from mlx_vit import __version__
 from mlx_vit.cli import bench, classify, convert, embed, explain, search, tui
 from mlx_vit.cli.errors import ClosedStream, echo, fail, flushed, silence, state
-from mlx_vit.errors import MlxVitError, line
+from mlx_vit.errors import MlxVitError, line, shown
 from mlx_vit.files import os_reason
 
 app = typer.Typer(
@@ -97,8 +97,11 @@ def main() -> None:
     except OSError as error:  # outside the library's calls only stdout is written (help, a table): one line
         if state["debug"]:
             raise
-        fail(f"stdout: cannot write ({os_reason(error)})")
-        silence(sys.stdout)
+        if error.filename is None:
+            fail(f"stdout: cannot write ({os_reason(error)})")
+            silence(sys.stdout)
+        else:  # a library call that let one through
+            fail(f"{shown(error.filename)}: {os_reason(error)}")
         code = 1
     if not flushed(sys.stdout):
         code = code or 1
