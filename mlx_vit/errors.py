@@ -27,6 +27,10 @@ class ModelNotFoundError(MlxVitError):
     """A model name that is neither a folder nor a reachable or cached Hub repository."""
 
 
+class OutputError(MlxVitError):
+    """An output file that cannot be written, or cannot be resumed."""
+
+
 class CameraError(MlxVitError):
     """A camera or video file that cannot be opened or stops delivering frames (see mlx_vit.camera)."""
 

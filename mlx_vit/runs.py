@@ -26,7 +26,8 @@ from mlx_vit import distributed
 from mlx_vit.embed import Embedded, embedded_batches
 from mlx_vit.errors import MlxVitError, line
 from mlx_vit.inputs import Input, count_inputs, find_inputs
-from mlx_vit.outputs import RESULTS, Done, Output, ResultWriter
+from mlx_vit.outputs import RESULTS, Output, ResultWriter
+from mlx_vit.resume import Done
 
 
 @dataclass

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from mlx_vit.embed import paths_file, read_index, write_embeddings
-from mlx_vit.errors import shown
+from mlx_vit.errors import OutputError, shown
 from mlx_vit.files import (
     MAX_NAME_BYTES,
     beside,
@@ -40,7 +40,8 @@ from mlx_vit.files import (
     read_json,
     refusal,
 )
-from mlx_vit.outputs import SYNC_SECONDS, Done, OutputError
+from mlx_vit.outputs import SYNC_SECONDS
+from mlx_vit.resume import Done
 
 INDEX_SUFFIXES = (".safetensors", ".npy")
 # A spool line: a path as given (one argument: at most Linux's 128 KiB, up to 6 bytes a byte as JSON) and its

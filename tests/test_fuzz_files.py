@@ -20,9 +20,10 @@ from test_fuzz import _mutate, _mutations, fuzz
 
 from mlx_vit.classify import Prediction, Result
 from mlx_vit.embed import Embedded, IndexFileError, paths_file, read_index, write_embeddings
-from mlx_vit.errors import LINE_LIMIT
+from mlx_vit.errors import LINE_LIMIT, OutputError
 from mlx_vit.files import path_string
-from mlx_vit.outputs import Done, Output, OutputError, ResultWriter, read_done
+from mlx_vit.outputs import Output, ResultWriter
+from mlx_vit.resume import Done, read_done
 from mlx_vit.spool import EmbeddingSpool
 
 # Paths and labels of every awkward kind: quotes, commas, line breaks, a lone CR, undecodable bytes, non-ASCII.

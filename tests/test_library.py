@@ -19,7 +19,8 @@ import pytest
 from checkpoints import PHOTOS, run_cli
 
 from mlx_vit.classify import load
-from mlx_vit.outputs import CSV_HEADER, result_json
+from mlx_vit.outputs import result_json
+from mlx_vit.resume import CSV_HEADER
 
 
 def make_library(root, copies: int = 3):

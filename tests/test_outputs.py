@@ -10,17 +10,9 @@ import numpy as np
 import pytest
 
 from mlx_vit.classify import Prediction, Result
-from mlx_vit.outputs import (
-    CSV_HEADER,
-    RESULTS,
-    Done,
-    Output,
-    OutputError,
-    ResultWriter,
-    csv_rows,
-    format_for,
-    read_done,
-)
+from mlx_vit.errors import OutputError
+from mlx_vit.outputs import RESULTS, Output, ResultWriter, csv_rows, format_for
+from mlx_vit.resume import CSV_HEADER, Done, read_done
 
 TRICKY = [
     "plain",
