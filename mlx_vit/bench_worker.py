@@ -58,9 +58,8 @@ class _MlxRunner(_Runner):
         import mlx.core as mx
 
         import mlx_vit
-        from mlx_vit import lanes
+        from mlx_vit import runtime
         from mlx_vit.blas import blas_info
-        from mlx_vit.classify import CPU_CACHE_LIMIT, _raise_cache_limit
         from mlx_vit.config import ViTConfig
         from mlx_vit.loading import load_model
         from mlx_vit.model import ViT
@@ -75,12 +74,11 @@ class _MlxRunner(_Runner):
         self.dtype = getattr(mx, self.spec["dtype"])
         if self.dtype != mx.float32:
             self.model.set_dtype(self.dtype)
-        if mx.default_device() == mx.cpu:
-            _raise_cache_limit(CPU_CACHE_LIMIT)  # as Classifier does
+        plan = runtime.current()  # load_model's; a random model's decided now, as a load would
         self.image_size, self.channels = self.model.config.image_size, self.model.config.num_channels
         blas = blas_info()
         where = (f" ({blas.path})" if blas.path else "") + (f", core {blas.core}" if blas.core else "")
-        device = ", ".join(filter(None, [str(mx.default_device()), lanes.describe()]))
+        device = ", ".join(filter(None, [str(mx.default_device()), plan.describe()]))
         return {"version": f"mlx-vit {mlx_vit.__version__}, mlx {mx.__version__}", "device": device,
                 "blas": blas.name + where, "image_size": self.image_size, "channels": self.channels}  # fmt: skip
 

@@ -46,17 +46,6 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
-# MLX's CPU allocator keeps only 32 MB of freed buffers for reuse; a ViT-B/16 forward pass cycles through more,
-# and every buffer allocated afresh is paid again in page faults. See _raise_cache_limit's callers.
-CPU_CACHE_LIMIT = 1 << 30
-
-
-def _raise_cache_limit(limit: int) -> None:
-    previous = mx.set_cache_limit(limit)
-    if previous > limit:
-        mx.set_cache_limit(previous)
-
-
 class Classifier:
     """A loaded ViT with its labels and preprocessing. MLX work must stay on the thread that loaded it.
 
@@ -67,8 +56,6 @@ class Classifier:
         self.max_pixels = checked_limit(max_pixels)
         self.model = loaded.model
         self.config = loaded.config
-        if mx.default_device() == mx.cpu:
-            _raise_cache_limit(CPU_CACHE_LIMIT)
         self.name = loaded.name
         # Inputs in the weights' dtype, so float16/bfloat16 models compute in half precision on the GPU.
         self.runtime_dtype = loaded.runtime_dtype

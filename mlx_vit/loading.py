@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import mlx.core as mx
-
+from mlx_vit import runtime
+from mlx_vit.choice import DEFAULT_MODEL
 from mlx_vit.convert import FORMAT, convert_folder, is_mlx_folder, write_mlx_folder
 from mlx_vit.convert.mlx_folder import at_image_size, build_model, check_config, read_mlx_folder
 from mlx_vit.errors import CheckpointError, MlxVitError, ModelNotFoundError, shown
@@ -24,7 +24,6 @@ from mlx_vit.hub import HubUnreachableError, download
 from mlx_vit.model import ViT
 from mlx_vit.quantize import to_float32
 
-DEFAULT_MODEL = "google/vit-base-patch16-224"
 log = logging.getLogger("mlx_vit")
 
 
@@ -45,17 +44,13 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("mlx-vit")) / "models"
 
 
-def on_cpu() -> bool:
-    return mx.default_device() == mx.cpu
-
-
 def load_mlx_folder(folder: Path, image_size: int | None = None) -> LoadedModel:
     config, weights = read_mlx_folder(folder)
     if image_size is not None:
         config = at_image_size(config, image_size, shown(folder / "config.json"))
         check_config(config, shown(folder / "config.json"))
     dtype = config["dtype"]
-    if on_cpu() and (config["quantization"] or dtype != "float32"):
+    if runtime.current().cpu and (config["quantization"] or dtype != "float32"):
         # MLX's CPU quantized/half matmuls are scalar loops, ~15-30x slower than float32 with a real BLAS.
         log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", shown(folder),
                  describe(config))  # fmt: skip
@@ -85,8 +80,10 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
                arch: str | None = None) -> LoadedModel:  # fmt: skip
     """Load a model by folder, weight file (with `arch`, a timm name) or Hub id (see the module docstring).
 
-    `image_size` runs it at another square input size (position embeddings resampled once, here).
+    `image_size` runs it at another square input size (position embeddings resampled once, here). How the
+    model runs on this device (mlx_vit.runtime) is decided here too.
     """
+    runtime.adopt(runtime.decide())
     folder = Path(name).expanduser()
     if is_dir(folder):
         if not exists(folder / "config.json"):

@@ -7,6 +7,8 @@ Parameter names and options follow timm's `VisionTransformer` (`patch_embed.proj
 
 from __future__ import annotations
 
+import weakref
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -65,8 +67,15 @@ class Attention(nn.Module):
         # (B, heads, T, head_dim) each; split gives views, where qkv[0] would be a gather that copies.
         return tuple(t.squeeze(0) for t in mx.split(qkv, 3))
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.proj(self.mix(*self._qkv(x)))
+    def __call__(self, x: mx.array, share: Share | None = None) -> mx.array:
+        """The attention's output; with a lane's `share`, its heads' part of it (before proj's bias)."""
+        if share is None:
+            return self.proj(self.mix(*self._qkv(x)))
+        B, T, D = x.shape
+        a, b = share.heads
+        q, k, v = (_rows(self.qkv, i * D + a, i * D + b, x).reshape(B, T, -1, D // self.num_heads)
+                   .transpose(0, 2, 1, 3) for i in range(3))  # fmt: skip
+        return self.mix(q, k, v) @ share.proj.T
 
     def mix(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
         """(B, heads, queries, head_dim) queries over (B, heads, T, head_dim) keys and values -> (B, queries,
@@ -99,8 +108,11 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
         self.act = ops.ACTIVATIONS[act]
 
-    def __call__(self, x: mx.array) -> mx.array:
-        return self.fc2(self.act(self.fc1(x)))
+    def __call__(self, x: mx.array, share: Share | None = None) -> mx.array:
+        """The MLP's output; with a lane's `share`, its hidden units' part of it (before fc2's bias)."""
+        if share is None:
+            return self.fc2(self.act(self.fc1(x)))
+        return self.act(_rows(self.fc1, *share.hidden, x)) @ share.fc2.T
 
 
 class LayerScale(nn.Module):
@@ -129,23 +141,84 @@ class Block(nn.Module):
             self.ls2 = LayerScale(d)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.finish(x, self.attn(self.norm1(x)))
+        for branch, residual in self.stages():
+            x = residual(x, branch(x))
+        return x
 
-    def finish(self, x: mx.array, attended: mx.array) -> mx.array:
-        """The rest of the block once the attention branch gave `attended`: both residuals and the MLP."""
-        x = self.add_attention(x, attended)
-        return self.add_mlp(x, self.mlp(self.norm2(x)))
+    def stages(self) -> tuple:
+        """The block as its two residual stages, each (branch, residual): `branch(x)` is the stage's output, and
+        `residual(x, output)` adds it to x. With a lane's share, `branch(x, share)` is that share's part of the
+        output, and `residual(x, sum of the parts, split=True)` adds them up (mlx_vit.lanes)."""
+        return (self.attention_branch, self.attention_residual), (self.mlp_branch, self.mlp_residual)
 
-    def add_attention(self, x: mx.array, attended: mx.array) -> mx.array:
-        return x + (self.ls1(attended) if "ls1" in self else attended)
+    def attention_branch(self, x: mx.array, share: Share | None = None) -> mx.array:
+        return self.attn(self.norm1(x), share)
 
-    def add_mlp(self, x: mx.array, mlp: mx.array) -> mx.array:
-        return x + (self.ls2(mlp) if "ls2" in self else mlp)
+    def mlp_branch(self, x: mx.array, share: Share | None = None) -> mx.array:
+        return self.mlp(self.norm2(x), share)
+
+    def attention_residual(self, x: mx.array, out: mx.array, split: bool = False) -> mx.array:
+        out = out + self.attn.proj.bias if split else out
+        return x + (self.ls1(out) if "ls1" in self else out)
+
+    def mlp_residual(self, x: mx.array, out: mx.array, split: bool = False) -> mx.array:
+        out = out + self.mlp.fc2.bias if split else out
+        return x + (self.ls2(out) if "ls2" in self else out)
 
     def with_attention(self, x: mx.array) -> tuple[mx.array, mx.array]:
         """(this block's output, its attention weights), through Attention.with_weights."""
         out, weights = self.attn.with_weights(self.norm1(x))
-        return self.finish(x, out), weights
+        x = self.attention_residual(x, out)
+        return self.mlp_residual(x, self.mlp_branch(x)), weights
+
+    @property
+    def width(self) -> int:
+        return self.norm1.weight.shape[0]
+
+    @property
+    def attention_heads(self) -> int:
+        return self.attn.num_heads
+
+    @property
+    def hidden_units(self) -> int:
+        return self.mlp.fc1.weight.shape[0]
+
+    def splits(self, count: int) -> bool:
+        """Whether the block can be run as `count` shares: a head for each at least, and float32 layers that are
+        plain Linears (in half precision the shares' parts would be rounded before they are added)."""
+        layers = (self.attn.qkv, self.attn.proj, self.mlp.fc1, self.mlp.fc2)
+        plain = all(type(layer) is nn.Linear and layer.weight.dtype == mx.float32 for layer in layers)
+        return plain and self.attention_heads >= count
+
+    def shares(self, heads: list[tuple[int, int]], hidden: list[tuple[int, int]]) -> list[Share]:
+        """The block cut into shares, one for each (heads, hidden units) pair of ranges."""
+        return [Share(self, h, u) for h, u in zip(heads, hidden, strict=True)]
+
+
+class Share:
+    """A lane's share of a block (mlx_vit.lanes): some of its heads and some of its MLP's hidden units. Their rows
+    of qkv and fc1 are read in place, as views; their columns of proj and fc2 are copied (BLAS cannot read a
+    column slice), once. `fits` tells whether the block still has the weights they were copied from: one
+    replaced (update, load_weights, set_dtype, quantize) makes a share stale; one edited in place (`w[:] = ...`)
+    does not: call lanes.forget then."""
+
+    def __init__(self, block: Block, heads: tuple[int, int], hidden: tuple[int, int]):
+        head = block.width // block.attention_heads
+        self.heads, self.hidden = (heads[0] * head, heads[1] * head), hidden
+        # Not evaluated here: the pass evaluates them, also under mx.compile, where weights are placeholders.
+        self.proj = mx.contiguous(block.attn.proj.weight[:, self.heads[0] : self.heads[1]])
+        self.fc2 = mx.contiguous(block.mlp.fc2.weight[:, hidden[0] : hidden[1]])
+        self._sources = [weakref.ref(layer.weight) for layer in (block.attn.proj, block.mlp.fc2)]
+
+    def fits(self, block: Block) -> bool:
+        now = (block.attn.proj.weight, block.mlp.fc2.weight)
+        return all(source() is weight for source, weight in zip(self._sources, now, strict=True))
+
+
+def _rows(layer: nn.Linear, start: int, stop: int, x: mx.array) -> mx.array:
+    """x through the output units start:stop of a Linear: a row slice of its weight, which BLAS reads in place."""
+    out = x @ layer.weight[start:stop].T
+    return out + layer.bias[start:stop] if "bias" in layer else out
 
 
 class AttentionPool(nn.Module):

@@ -10,6 +10,8 @@ from functools import partial
 import mlx.core as mx
 import mlx.nn as nn
 
+from mlx_vit import runtime
+
 # CPU kernels. MLX's x86 CPU backend runs erf and exp one element at a time through scalar calls (~26 and ~11 ns
 # an element: exact GELU alone was ~16 ms per layer per image), while a compiled chain of adds, multiplies and
 # divides becomes one vectorized loop (~1 ns an element). So on the CPU, in float32, GELU and the softmax's exp
@@ -55,7 +57,7 @@ def softmax_exp(scores: mx.array, row_max: mx.array, scale: float) -> mx.array:
 
 
 def use_cpu_kernels(x: mx.array) -> bool:
-    return x.dtype == mx.float32 and mx.default_device() == mx.cpu
+    return x.dtype == mx.float32 and runtime.current().cpu
 
 
 def gelu(x: mx.array) -> mx.array:

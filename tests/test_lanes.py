@@ -16,7 +16,7 @@ import transformers
 from checkpoints import make_checkpoint
 from mlx.utils import tree_map
 
-from mlx_vit import blas, lanes
+from mlx_vit import blas, lanes, runtime
 from mlx_vit import model as model_module
 from mlx_vit.config import ViTConfig
 from mlx_vit.loading import load_model
@@ -42,11 +42,17 @@ def in_lanes(monkeypatch):
     def set_lanes(count: int) -> None:
         monkeypatch.setenv("MLX_VIT_CPU_LANES", str(count))
         monkeypatch.setenv("OPENBLAS_NUM_THREADS", str(count))
-        assert lanes.lane_count() == count
+        assert replan().lanes == count
 
     yield set_lanes
     monkeypatch.undo()
+    replan()
     lanes.use(1)  # back to every thread for the tests after
+
+
+def replan() -> runtime.Plan:
+    """The plan for the environment as it is now, as loading a model decides it."""
+    return runtime.adopt(runtime.decide())
 
 
 def model(seed: int = 0, **options) -> ViT:
@@ -161,12 +167,12 @@ def test_copies_of_replaced_weights_are_dropped(in_lanes):
     vit = model(seed=0, hidden_size=64, intermediate_size=128)
     in_lanes(2)
     vit(pixels(1)).tolist()
-    assert all(hasattr(block, "_split") for block in vit.blocks)
+    assert all(hasattr(block, "_shares") for block in vit.blocks)
     vit(pixels(2)).tolist()  # the same weights: the copies stay for the next batch 1
-    assert all(hasattr(block, "_split") for block in vit.blocks)
+    assert all(hasattr(block, "_shares") for block in vit.blocks)
     nn.quantize(vit, group_size=32, bits=8)
     vit(pixels(2)).tolist()
-    assert not any(hasattr(block, "_split") for block in vit.blocks)
+    assert not any(hasattr(block, "_shares") for block in vit.blocks)
 
 
 def test_a_quantized_model_splits_only_its_batch(in_lanes, monkeypatch):
@@ -207,34 +213,34 @@ def test_more_lanes_than_heads_or_too_narrow_run_in_one(in_lanes, monkeypatch):
 
 
 def test_lane_count_and_thread_budget(monkeypatch):
-    for name in (*lanes.THREAD_VARIABLES, "MLX_VIT_CPU_LANES"):
+    for name in (*runtime.THREAD_VARIABLES, "MLX_VIT_CPU_LANES"):
         monkeypatch.delenv(name, raising=False)
     cores = len(os.sched_getaffinity(0))
-    assert lanes.thread_budget() == cores
-    assert lanes.lane_count() == min(2, cores)
+    assert runtime.decide().threads == cores
+    assert runtime.decide().lanes == min(2, cores)
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
-    assert lanes.thread_budget() == 6
+    assert runtime.decide().threads == 6
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # the BLAS's own variable comes first
-    assert lanes.thread_budget() == 3
+    assert runtime.decide().threads == 3
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "8")
-    assert lanes.lane_count() == 3  # never more lanes than threads
+    assert runtime.decide().lanes == 3  # never more lanes than threads
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "1")
-    assert lanes.lane_count() == 1
+    assert runtime.decide().lanes == 1
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "0")
-    assert lanes.lane_count() == 1
+    assert runtime.decide().lanes == 1
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "0")  # not a thread count: the next variable's
-    assert lanes.thread_budget() == 6
+    assert runtime.decide().threads == 6
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "")  # unset
-    assert lanes.lane_count() == 2
+    assert runtime.decide().lanes == 2
     for junk in ("two", "\u00b2", "\u0663", "-2", "9" * 5000):  # not counts: one short line
         monkeypatch.setenv("MLX_VIT_CPU_LANES", junk)
         with pytest.raises(NumberError, match="^MLX_VIT_CPU_LANES: .{,60} is not an integer|out of range") as error:
-            lanes.lane_count()
+            runtime.decide()
         assert len(str(error.value)) < 120
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "2")
     for junk in ("two", "\u00b2", "9" * 5000):  # the BLAS's own variable: ignored as OpenBLAS's atoi does
         monkeypatch.setenv("OPENBLAS_NUM_THREADS", junk)
-        assert lanes.thread_budget() == 6
+        assert runtime.decide().threads == 6
 
 
 def test_no_lanes_where_the_blas_keeps_its_own_threads(monkeypatch):
@@ -246,20 +252,20 @@ def test_no_lanes_where_the_blas_keeps_its_own_threads(monkeypatch):
     monkeypatch.setattr(blas, "_lib", OpenMP())
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "2")
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    assert lanes.lane_count() == 2  # one thread a lane
+    assert runtime.decide().lanes == 2  # one thread a lane
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
-    assert lanes.lane_count() == 1
+    assert runtime.decide().lanes == 1
     monkeypatch.setattr(blas.sys, "platform", "darwin")  # Accelerate
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "2")
-    assert lanes.lane_count() == 1
+    assert runtime.decide().lanes == 1
 
 
 def test_describe(in_lanes, monkeypatch):
     in_lanes(2)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
-    assert lanes.describe() == "up to 2 CPU lanes of 2 BLAS threads each"
+    assert replan().describe() == "up to 2 CPU lanes of 2 BLAS threads each"
     in_lanes(1)
-    assert lanes.describe() == "1 CPU lane of 1 BLAS thread"
+    assert runtime.current().describe() == "1 CPU lane of 1 BLAS thread"
 
 
 def test_split():
@@ -274,13 +280,16 @@ def test_each_lane_gets_its_share_of_the_blas_threads(in_lanes, monkeypatch):
     get.restype = ctypes.c_int
     in_lanes(2)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    replan()
     model()(pixels(2))
     assert get() == 2
     model()(pixels(2)).tolist()
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "1")
+    replan()
     model()(pixels(2))
     assert get() == 4
     monkeypatch.setenv("MLX_VIT_CPU_LANES", "2")
+    replan()
     model()(pixels(2))
     assert get() == 2
     model().with_attention(pixels(2))  # explain's pass: one lane, every thread

@@ -38,14 +38,14 @@ class _OneLine(logging.Formatter):
 def _version_line() -> str:
     import mlx.core as mx
 
-    from mlx_vit import lanes
+    from mlx_vit import runtime
     from mlx_vit.blas import blas_info
 
     blas = blas_info()
     where = f" ({blas.path})" if blas.path else ""
     where += f", core {blas.core}" if blas.core else ""
     note = f"; {blas.note}" if blas.note else ""
-    device = ", ".join(filter(None, [f"device {mx.default_device()}", lanes.describe()]))
+    device = ", ".join(filter(None, [f"device {mx.default_device()}", runtime.decide().describe()]))
     return f"mlx-vit {__version__} (mlx {mx.__version__}, {device}, BLAS {blas.name}{where}{note})"
 
 
