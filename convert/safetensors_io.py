@@ -95,8 +95,12 @@ def parse_header(f: BinaryIO, path: Path) -> tuple[dict, int, dict[str, str]]:
             raise CheckpointError(
                 f"{where} lies outside the file (offsets {shown(begin, 40)}..{shown(end, 40)}, data: {data_len} bytes)"
             )
-        if end - begin != math.prod(shape) * itemsize:
-            raise CheckpointError(f"{where}: shape {shape} of {dtype} does not match its {end - begin} bytes")
+        # Exactly that size, as the reference requires: a longer span would be refused only when read, and
+        # then as a file cut short
+        needed = math.prod(shape) * itemsize
+        if end - begin != needed:
+            raise CheckpointError(f"{where} spans {end - begin} bytes (data_offsets {begin}..{end}), but its shape "
+                                  f"{shown(shape, 120)} of {dtype} takes {needed}")  # fmt: skip
         spans.append((begin, end, key))
     if metadata is None:
         metadata = {}

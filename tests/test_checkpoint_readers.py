@@ -607,7 +607,7 @@ MALFORMED = {
     "offsets_three": (dict(header={"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1, 2]}},
                            data=b"\x00"), "invalid data_offsets"),
     "offsets_float": (dict(header={"a": _entry("U8", [1], 0.0, 1)}, data=b"\x00"), "invalid data_offsets"),
-    "shape_bytes_mismatch": (dict(header={"a": _entry("F32", [3], 0, 8)}, data=F32_8), "does not match"),
+    "shape_bytes_mismatch": (dict(header={"a": _entry("F32", [3], 0, 8)}, data=F32_8), "takes 12"),
     "overlap": (dict(header={"a": _entry("F32", [2], 0, 8), "b": _entry("F32", [1], 4, 8)}, data=F32_8),
                 "overlaps the previous tensor"),
     "duplicate_span": (dict(header={"a": _entry("F32", [1], 0, 4), "b": _entry("F32", [1], 0, 4)},
@@ -636,6 +636,19 @@ def test_malformed_safetensors(tmp_path, case):
     path = _st_file(tmp_path, **kwargs)
     _refused(read_header, path, needle)
     _refused(read_safetensors, path, needle)
+
+
+@pytest.mark.parametrize("span", [12, 4, 0])
+def test_a_span_not_exactly_its_tensors_size_is_refused_by_the_header_check(tmp_path, span):
+    """F32 [2] takes 8 bytes: a longer span (the file's other bytes otherwise in order) is refused by the header
+    check, as the reference refuses it, not later as a file cut short; a shorter one too."""
+    header = {"a": _entry("F32", [2], 0, span), "b": _entry("U8", [4], span, span + 4)}
+    path = _st_file(tmp_path, header, b"\x01" * (span + 4))
+    message = f"tensor 'a' spans {span} bytes (data_offsets 0..{span}), but its shape [2] of F32 takes 8"
+    for reader in (read_header, read_safetensors):
+        assert "cut short" not in _refused(reader, path, message)
+    with pytest.raises(safetensors.SafetensorError, match="invalid shape, data type, or offset for tensor"):
+        safetensors.numpy.load_file(path)
 
 
 @pytest.mark.parametrize("content", [b"", b"\x00", b"\x01\x00\x00\x00\x00\x00\x00"])
