@@ -480,6 +480,35 @@ def test_training_checkpoints_are_unwrapped(tmp_path):
     assert np.abs(ours.logits(ours.pixels(PHOTOS[:2])) - reference).max() < TOLERANCE
 
 
+def test_deit3_original_layer_scale_names(tmp_path):
+    """DeiT III's released .pth files ({"model": state_dict}) name the layer scales gamma_1 (attention branch) and
+    gamma_2 (MLP branch), where timm has blocks.N.ls1.gamma and ls2.gamma. Same shapes, so only the numbers can
+    tell a swap: here the two differ in every block, and the file is compared with what timm reads from it through
+    DeiT III's own checkpoint filter (checkpoint_filter_fn with adapt_layer_scale, as timm's deit3 models load).
+    On test_vit2, a small timm architecture with layer scale (a DeiT III is 22M parameters at the least)."""
+    from functools import partial
+
+    import timm
+    import torch
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    arch, sizes = "test_vit2", dict(embed_dim=64, depth=8, num_heads=2, img_size=160, mlp_ratio=3)
+    model = tc.make_timm(arch, seed=SEED, **sizes)
+    original = {}
+    for name, value in model.state_dict().items():
+        for branch in ("1", "2"):
+            name = name.replace(f".ls{branch}.gamma", f".gamma_{branch}")
+        original[name] = value
+    for block in range(len(model.blocks)):
+        assert (original[f"blocks.{block}.gamma_1"] - original[f"blocks.{block}.gamma_2"]).abs().max() > 0.1
+    assert not any(".ls" in name for name in original)
+    path = tmp_path / "deit_3_checkpoint.pth"
+    torch.save({"model": original}, path)
+    reference = timm.create_model(arch, pretrained=False, **{**tc.TINY, **sizes})
+    timm.models.load_checkpoint(reference, str(path), filter_fn=partial(checkpoint_filter_fn, adapt_layer_scale=True))
+    assert_matches(load(str(path), arch=arch), tc.timm_logits(reference, PHOTOS))
+
+
 @pytest.mark.parametrize(
     "layout",
     [
