@@ -181,3 +181,22 @@ def test_nearest_is_exact_cosine_with_ties_in_index_order(monkeypatch):
         assert np.abs(similarities[q] - expected[q][rows[q]]).max() < 1e-6
     assert rows[0][:2].tolist() == [2, 7] and similarities[0][0] == 1.0
     assert nearest(queries, index, 50)[0].shape == (2, 10)
+
+
+def test_nearest_is_cosine_whatever_the_rows_norms():
+    """Rows of norms from 1e-3 to 1e3 (features are not normalized unless asked): the float32 pre-filter ranks by
+    cosine, not by dot product, so the long rows do not crowd out the nearest short ones. Against a brute-force
+    float64 cosine over every row."""
+    rng = np.random.default_rng(2)
+    directions = rng.standard_normal((2000, 16))
+    index = (directions * 10.0 ** rng.uniform(-3, 3, (2000, 1))).astype(np.float32)
+    queries = rng.standard_normal((5, 16))
+    rows, similarities = nearest(queries, index, 10)
+    rows64 = index.astype(np.float64)
+    expected = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+        rows64 / np.linalg.norm(rows64, axis=1, keepdims=True)
+    ).T
+    for q in range(len(queries)):
+        best = np.argsort(-expected[q], kind="stable")[:10]
+        assert rows[q].tolist() == best.tolist()
+        assert np.abs(similarities[q] - expected[q][best]).max() < 1e-12
