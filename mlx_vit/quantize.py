@@ -93,8 +93,6 @@ def check_stored_format(config: dict[str, Any], source: str) -> None:
         raise ConfigError(f"{source}: dtype must be one of {', '.join(DTYPES)}, got {shown(dtype, 40, quote=True)}")
     if q is None:
         return
-    mode = q.get("mode", "affine") if isinstance(q, dict) else None
-    bits, sizes = MODES.get(mode, ((), ())) if isinstance(mode, str) else ((), ())
     bits_of = q.get("bits_of", {}) if isinstance(q, dict) else None
     layers = q.get("layers", []) if isinstance(q, dict) else None
     layers = set(layers) if isinstance(layers, list) and all(isinstance(x, str) for x in layers) else set()
@@ -102,15 +100,31 @@ def check_stored_format(config: dict[str, Any], source: str) -> None:
         isinstance(q, dict)
         and set(q) <= {"bits", "group_size", "mode", "layers", "skipped", "bits_of"}
         and type(q.get("bits")) is int
-        and q["bits"] in bits
         and type(q.get("group_size")) is int
-        and q["group_size"] in sizes
+        and isinstance(q.get("mode", "affine"), str)
         and all(isinstance(q.get(key, []), list) for key in ("layers", "skipped"))
         and all(isinstance(layer, str) for layer in [*q.get("layers", []), *q.get("skipped", [])])
         and isinstance(bits_of, dict)
-        and all(k in layers and type(v) is int and v in bits for k, v in bits_of.items())
+        and all(k in layers and type(v) is int for k, v in bits_of.items())
     ):
         raise ConfigError(f"{source}: malformed quantization entry; convert the model again")
+    # Only what mx.quantize makes in that mode, said here: MLX refuses the others only when the layers are built,
+    # and in its own words (of a group size of 48, that the layer's width does not divide by it).
+    mode = q.get("mode", "affine")
+    if mode not in MODES:
+        raise ConfigError(f"{source}: quantization mode {shown(mode, 40, quote=True)} is not one of "
+                          f"{', '.join(MODES)}; convert the model again")  # fmt: skip
+    bits, sizes = MODES[mode]
+    if q["group_size"] not in sizes:
+        raise _not_allowed(source, "group_size", q["group_size"], mode, sizes)
+    for value in (q["bits"], *bits_of.values()):
+        if value not in bits:
+            raise _not_allowed(source, "bits", value, mode, bits)
+
+
+def _not_allowed(source: str, key: str, value: int, mode: str, allowed: tuple[int, ...]) -> ConfigError:
+    return ConfigError(f"{source}: quantization {key} {shown(value, 40)} is not one {mode} allows "
+                       f"({', '.join(map(str, allowed))}); convert the model again")  # fmt: skip
 
 
 def cast_weights(weights: dict[str, np.ndarray], dtype: str) -> dict[str, mx.array]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,17 +15,18 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from checkpoints import IMAGES, make_checkpoint
+from checkpoints import IMAGES, make_checkpoint, one_line_error
 from mlx.utils import tree_flatten
 
 import mlx_vit
 from mlx_vit.convert import Quantize, convert
 from mlx_vit.convert.mlx_folder import build_model
 from mlx_vit.convert.safetensors_io import read_header
-from mlx_vit.errors import MlxVitError
+from mlx_vit.errors import ConfigError, MlxVitError
 from mlx_vit.images import open_image
 from mlx_vit.loading import load_model
 from mlx_vit.preprocess import preprocess
+from mlx_vit.quantize import MODES
 
 # hidden 64, MLP 128: every block linear's input divides 32 and 64; 128 divides only fc2's input.
 WIDE = dict(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2)
@@ -119,6 +121,54 @@ def test_skipped_layers_are_reported(tmp_path):
 def test_unsupported_widths_are_refused_before_work(bits, group_size):
     with pytest.raises(MlxVitError, match="--q-"):
         Quantize(bits, group_size)
+
+
+def test_each_modes_group_sizes_and_bits_are_what_mx_quantize_takes():
+    """MODES, which conversion and loading both check, against MLX itself: a mode's group sizes are exactly those
+    mx.quantize takes in it (of a width every candidate divides), and each of its bits is taken."""
+
+    def takes(mode: str, bits: int, group_size: int) -> bool:
+        try:
+            mx.eval(mx.quantize(mx.ones((4, 768)), group_size=group_size, bits=bits, mode=mode))
+        except ValueError:
+            return False
+        return True
+
+    for mode, (bits, sizes) in MODES.items():
+        assert tuple(g for g in (8, 16, 24, 32, 48, 64, 96, 128, 256) if takes(mode, bits[0], g)) == sizes, mode
+        assert all(takes(mode, b, sizes[0]) for b in bits), mode
+
+
+@pytest.fixture(scope="module")
+def quantized(peaked, tmp_path_factory):
+    folder = convert(str(peaked), tmp_path_factory.mktemp("quantized") / "q", quantize=Quantize(4, 64))
+    load_model(str(folder))  # loads as it is
+    return folder
+
+
+@pytest.mark.parametrize(
+    "changes, needle",
+    [
+        (dict(group_size=48), "quantization group_size 48 is not one affine allows (32, 64, 128)"),
+        (dict(group_size=16), "quantization group_size 16 is not one affine allows (32, 64, 128)"),
+        (dict(mode="mxfp4"), "quantization group_size 64 is not one mxfp4 allows (32)"),
+        (dict(mode="nvfp4", group_size=32), "quantization group_size 32 is not one nvfp4 allows (16)"),
+        (dict(bits=7), "quantization bits 7 is not one affine allows (2, 3, 4, 5, 6, 8)"),
+        (dict(bits_of={"blocks.0.attn.qkv": 1}), "quantization bits 1 is not one affine allows"),
+        (dict(mode="mxfp8", group_size=32), "quantization bits 4 is not one mxfp8 allows (8)"),
+        (dict(mode="int4"), "quantization mode 'int4' is not one of affine, mxfp4, nvfp4, mxfp8"),
+    ],
+)
+def test_a_stored_quantization_mx_quantize_cannot_make_is_refused(quantized, tmp_path, changes, needle):
+    """A converted folder's config.json is untrusted: a group size or bits its mode does not allow (48 with
+    affine, say) is one line naming the config, before any weight is read."""
+    folder = shutil.copytree(quantized, tmp_path / "q")
+    (folder / "manifest.json").unlink()  # it records config.json's size
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+    message = one_line_error(ConfigError, load_model, str(folder), names=folder / "config.json")
+    assert needle in message, message
 
 
 def test_wrong_tensor_dtype_is_refused_on_every_backend(peaked, tmp_path):
