@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from checkpoints import IMAGES, lay_into_hf_cache
+from checkpoints import IMAGES, PHOTOS, hf_pipeline, lay_into_hf_cache, make_checkpoint
 from PIL import Image
 
 import mlx_vit
@@ -48,6 +48,42 @@ def test_api_classify_paths_and_pil_images(vit_folder):
     scores = classifier.scores(classifier.logits(classifier.pixels([photo])))[0]
     assert abs(scores.sum() - 1) < 1e-5 and from_path[0].class_id == int(scores.argmax())
     assert from_path[0].label == classifier.labels[from_path[0].class_id]
+
+
+@pytest.mark.parametrize(
+    "config, sigmoid",
+    [
+        (dict(num_labels=1), True),  # softmax of one logit is always 1.0
+        (dict(problem_type="multi_label_classification"), True),
+        (dict(num_labels=2, problem_type="multi_label_classification"), True),
+        (dict(problem_type="single_label_classification"), False),
+        (dict(num_labels=2), False),
+        ({}, False),
+    ],
+)
+def test_scores_follow_the_image_classification_pipelines_rule(tmp_path, config, sigmoid):
+    """transformers' image-classification pipeline scores a multi-label model, or a one-label one, with a sigmoid of
+    each logit, any other classifier with a softmax: the scores mlx-vit reports follow the same rule, computed here
+    from its logits, and equal the pipeline's own on a photo."""
+    folder = make_checkpoint(tmp_path / "hf", seed=11, **config)
+    classifier = mlx_vit.load(str(folder))
+    classes = len(classifier.labels)
+    logits = classifier.logits(classifier.pixels(PHOTOS)).astype(np.float64)
+    if sigmoid:
+        expected = 1 / (1 + np.exp(-logits))
+    else:
+        expected = np.exp(logits - logits.max(axis=1, keepdims=True))
+        expected /= expected.sum(axis=1, keepdims=True)
+    assert np.abs(classifier.scores(logits) - expected).max() < 1e-12
+    for predictions, row in zip(classifier.classify(PHOTOS, top_k=classes), expected, strict=True):
+        assert [p.class_id for p in predictions] == np.argsort(-row, kind="stable").tolist()
+        assert np.abs([p.score for p in predictions] - row[[p.class_id for p in predictions]]).max() < 1e-6
+    if sigmoid and classes == 1:
+        assert expected.std() > 0.05  # not the constant 1.0 a softmax of one logit gives
+    theirs = {p["label"]: p["score"] for p in hf_pipeline(folder)(str(PHOTOS[0]), top_k=classes)}
+    ours = {p.label: p.score for p in classifier.classify([PHOTOS[0]], top_k=classes)[0]}
+    assert ours.keys() == theirs.keys()
+    assert max(abs(ours[label] - theirs[label]) for label in ours) < 1e-4
 
 
 def test_api_bad_file(vit_folder, tmp_path):
