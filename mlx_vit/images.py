@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, JpegImagePlugin, UnidentifiedImageError
+from PIL import BmpImagePlugin, IcoImagePlugin, Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
 from mlx_vit.errors import ImageError, shown
 from mlx_vit.files import open_regular
@@ -71,8 +71,11 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     name = shown(path)
     try:
         with open_regular(path, ImageError) as f:
-            if _is_heif(f.read(64)):
+            head = f.read(64)
+            if _is_heif(head):
                 _enable_heif(name)
+            if head.startswith(ICO_MAGIC):
+                _check_icon(f, limit, name)
             f.seek(0)
             with warnings.catch_warnings():
                 # Pillow warns from half its own threshold; our limit, checked right after, is the rule. And
@@ -85,7 +88,7 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                     _check_scans(f, image.size, name)
                 image.seek(0)  # multi-frame TIFF, animated GIF/WebP/PNG: the first frame
                 image.load()
-                _check_pixels(image.size, limit, name)  # ICO and ICNS pick their size only when loading
+                _check_pixels(image.size, limit, name)  # a reader may pick its image, and so its size, in load()
                 rgb = to_rgb(_apply_orientation(image))
             # A plain in-memory image, never the file-backed one (its file closes here).
             return image.copy() if rgb is image else rgb
@@ -112,6 +115,29 @@ def _check_pixels(size: tuple[int, int], limit: int, name: str) -> None:
     width, height = size
     if width * height > limit:
         raise ImageError(f"{name}: {width}x{height} pixels is over the limit of {limit:,} (a decompression bomb?)")
+
+
+ICO_MAGIC = b"\x00\x00\x01\x00"
+
+
+def _check_icon(f, limit: int, name: str) -> None:
+    """Refuse an ICO file whose image over `limit` pixels Pillow would decode while opening it (its ICO reader
+    loads the largest entry in Image.open, before its size can be checked), from that image's own header: a PNG,
+    or a DIB whose mask's rows follow the image's. Not the icon directory's size, which the image need not have."""
+    try:
+        f.seek(0)
+        entry = IcoImagePlugin.IcoFile(f).entry[0]  # the one Image.open decodes: the largest the directory names
+        f.seek(entry.offset)
+        png = f.read(8) == b"\x89PNG\r\n\x1a\n"
+        f.seek(entry.offset)
+        if png:
+            width, height = PngImagePlugin.PngImageFile(f).size
+        else:
+            width, height = BmpImagePlugin.DibImageFile(f).size
+            height //= 2
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error):
+        return  # Pillow's reader fails on the same bytes, and says so in its own words
+    _check_pixels((width, height), limit, name)
 
 
 def _check_scans(f, size: tuple[int, int], name: str) -> None:

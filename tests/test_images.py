@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from checkpoints import IMAGES, one_line_error, peak_mb, run_cli
-from PIL import Image, ImageOps
+from PIL import IcoImagePlugin, Image, ImageFile, ImageOps
 
 from mlx_vit import images
 from mlx_vit.classify import load
@@ -120,6 +120,64 @@ def test_pixel_limit_goes_with_the_classifier_not_the_process(vit_folder):
     [result] = strict.classify_files([photo])
     assert "over the limit of 100,000" in result.error
     assert default.classify([photo])[0] and open_image(photo).size == (451, 300)  # nothing global changed
+
+
+def _icon(path: Path, image: bytes, declared: int = 16) -> Path:
+    """An ICO file of one entry whose directory says declared x declared, holding `image` (a PNG, or a DIB with
+    its height doubled for the mask that follows, as icons store them) of whatever size that image has."""
+    directory = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", declared, declared, 0, 0, 1, 32, len(image), 22)
+    path.write_bytes(directory + image)
+    return path
+
+
+def _icons(tmp_path: Path) -> dict[str, Path]:
+    dib = _saved(Image.new("RGB", (300, 400), (200, 10, 30)), "DIB")  # 300x200, then 200 rows of mask
+    return {
+        "png": _icon(tmp_path / "png.ico", _saved(Image.new("RGB", (300, 200), (10, 200, 30)), "PNG")),
+        "dib": _icon(tmp_path / "dib.ico", dib[:4] + struct.pack("<ii", 300, 400) + dib[12:]),
+    }
+
+
+@pytest.mark.parametrize("kind", ["png", "dib"])
+def test_an_icons_image_over_the_limit_is_refused_before_it_is_decoded(tmp_path, monkeypatch, kind):
+    """An ICO's directory says 16x16 (256 pixels) while the image it holds is 300x200: Pillow's ICO reader decodes
+    that image inside Image.open, so its size is read from the image's own header first, and nothing decoded."""
+    path = _icons(tmp_path)[kind]
+    assert path.read_bytes()[6:8] == bytes([16, 16])
+    assert open_image(path).size == (300, 200)  # a real icon, which Pillow decodes to its image's size
+    decoded = []
+    real_load = ImageFile.ImageFile.load
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda image: decoded.append(image) or real_load(image))
+    message = one_line_error(ImageError, open_image, path, max_pixels=10_000, names=path)
+    assert "300x200 pixels is over the limit of 10,000" in message, message
+    assert decoded == []
+    assert open_image(path, max_pixels=60_000).size == (300, 200) and decoded  # the limit is inclusive
+
+
+def test_a_size_a_reader_picks_when_loading_is_checked_again(tmp_path, monkeypatch):
+    """A reader may choose its image, and so its size, only in load() (Pillow's ICNS reader does): what load()
+    makes is checked too. Simulated with the crafted icon, its ICO reader made to wait for load() before reading
+    the image, and the check of the icon's own header (the test above) taken away."""
+    path = _icons(tmp_path)["png"]
+    real_open = IcoImagePlugin.IcoImageFile._open
+
+    def open_without_loading(image):
+        image.load = lambda: None  # Pillow's _open ends in self.load(): not yet
+        try:
+            real_open(image)
+        finally:
+            del image.load
+        image._mode = "RGBA"  # as a lazy reader says before loading (Pillow's ICNS reader does)
+
+    monkeypatch.setattr(IcoImagePlugin.IcoImageFile, "_open", open_without_loading)
+    monkeypatch.setattr(images, "_check_icon", lambda f, limit, name: None)
+    with Image.open(path) as lazy:
+        assert lazy.size == (16, 16)  # the directory's size, until loaded
+        with pytest.warns(UserWarning, match="not the expected size"):
+            lazy.load()
+        assert lazy.size == (300, 200)
+    message = one_line_error(ImageError, open_image, path, max_pixels=10_000, names=path)
+    assert "300x200 pixels is over the limit of 10,000" in message, message
 
 
 def _broken_files(tmp_path: Path) -> dict[str, Path]:
