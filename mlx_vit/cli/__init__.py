@@ -1,7 +1,8 @@
 """The `mlx-vit` command line: one module per command, each a thin shell over one library function.
 
 Heavy modules (mlx, PIL, huggingface_hub) are imported inside the commands so `mlx-vit --help` stays fast.
-Shared options are declared once in `options.py`; `errors.py` turns a library error into its one line.
+Shared options are declared once in `options.py`; commands call the library with keywords, and the app's group
+(`errors.OneLineErrors`) turns any library error into its one line.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import typer
 
 from mlx_vit import __version__
 from mlx_vit.cli import bench, classify, convert, embed, explain, search, tui
-from mlx_vit.cli.errors import ClosedStream, echo, fail, flushed, silence, state
-from mlx_vit.errors import MlxVitError, line, shown
+from mlx_vit.cli.errors import ClosedStream, OneLineErrors, echo, fail, flushed, silence, state
+from mlx_vit.errors import line, shown
 from mlx_vit.files import os_reason
 
 app = typer.Typer(
     help="Vision Transformers on Apple's MLX: classify and embed images, search a library, see attention, convert "
     "checkpoints.",
+    cls=OneLineErrors,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -72,8 +74,8 @@ def main_options(
 
 
 def main() -> None:
-    """The `mlx-vit` command: usage errors as Typer shows them, but bounded; any library error that escaped a
-    command (a callback's, stdout's) as one line; nothing left unflushed to fail again at exit."""
+    """The `mlx-vit` command: usage errors as Typer shows them, but bounded (library errors are the app's group's);
+    an OSError writing stdout as one line; nothing left unflushed to fail again at exit."""
     if sys.stderr is None:
         sys.stderr = open(os.devnull, "w")  # nowhere to say anything: errors still set the exit code
     if sys.stdout is None:
@@ -89,11 +91,6 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):
         fail("interrupted")
         code = 130
-    except MlxVitError as error:
-        if state["debug"]:
-            raise
-        fail(str(error))
-        code = 1
     except OSError as error:  # outside the library's calls only stdout is written (help, a table): one line
         if state["debug"]:
             raise

@@ -6,7 +6,7 @@ import json
 
 import typer
 
-from mlx_vit.cli.errors import echo, fail, state
+from mlx_vit.cli.errors import echo
 from mlx_vit.cli.options import Format
 from mlx_vit.errors import MlxVitError, line
 from mlx_vit.outputs import cell
@@ -37,13 +37,10 @@ def classify_camera(camera: str, classifier, top_k: int, format: Format, frames:
             stopped = f"--frames {frames}"
     except KeyboardInterrupt:
         stopped = "Ctrl-C"
-    except MlxVitError as error:
-        if state["debug"]:
-            raise
-        fail(str(error))
+    except MlxVitError as error:  # its line is printed where every error's is (cli.errors), this summary after it
         if stats.count:
-            typer.echo(line(stats.summary("the error above")), err=True)
-        raise typer.Exit(1) from None
+            error.__notes__ = [*getattr(error, "__notes__", ()), stats.summary("the error above")]
+        raise
     typer.echo(line(stats.summary(stopped)), err=True)
 
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 import typer
+from typer.core import TyperGroup
 
 from mlx_vit.errors import MlxVitError, line
 from mlx_vit.files import os_reason
@@ -29,6 +30,34 @@ def run(fn, *args, **kwargs):
             raise
         fail(str(error))
         raise typer.Exit(1) from None
+
+
+@contextlib.contextmanager
+def one_line_errors():
+    """A user error raised inside becomes its one line on stderr (and any notes added to it, a line each), then
+    exit code 1; with --debug it goes on as a traceback."""
+    try:
+        yield
+    except MlxVitError as error:
+        if state["debug"]:
+            raise
+        fail(str(error))
+        for note in getattr(error, "__notes__", ()):  # PEP 678: what a command adds after the error's own line
+            typer.echo(line(note), err=True)
+        raise typer.Exit(1) from None
+
+
+class OneLineErrors(TyperGroup):
+    """The app's group: the command line read (an eager callback such as --version) and the command run inside
+    `one_line_errors`, so a command just calls the library, and `mlx-vit` and typer's CliRunner say the same."""
+
+    def make_context(self, *args, **kwargs):
+        with one_line_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with one_line_errors():
+            return super().invoke(ctx)
 
 
 def flushed(stream) -> bool:
@@ -61,7 +90,7 @@ def silence(stream) -> None:
 
 
 def echo(text: str) -> None:
-    """typer.echo to stdout; a write that fails is an MlxVitError naming stdout (main prints it on one line)."""
+    """typer.echo to stdout; a write that fails is an MlxVitError naming stdout (printed as one line, as any)."""
     try:
         typer.echo(text)
     except OSError as error:
