@@ -198,14 +198,6 @@ def test_version_names_the_blas(isolated):
             assert "OpenBLAS" in done.stdout and ", core " in done.stdout  # the kernels in use
 
 
-def test_cli_default_model_is_the_library_default():
-    """The CLI repeats the default so `mlx-vit --help` need not import the loading code (and mlx)."""
-    from mlx_vit import loading
-    from mlx_vit.cli import options
-
-    assert options.DEFAULT_MODEL == loading.DEFAULT_MODEL
-
-
 def test_feature_extractor_and_markup_in_names(tmp_path, isolated):
     """A model without a head is one line before any output; labels and paths are shown as they are."""
     from checkpoints import make_checkpoint

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from mlx_vit.cli.errors import echo, print_rich, run
+from mlx_vit.cli.errors import echo, print_rich
 from mlx_vit.cli.options import DType, integer
 
 
@@ -46,7 +46,7 @@ def bench(
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--batch-sizes") from None
     others = None if compare is None else [n.strip() for n in compare.split(",") if n.strip() not in ("", "none")]
-    report = run(run_bench, model, sizes, dtype.value, others, runs=runs, warmup=warmup)
+    report = run_bench(model=model, batch_sizes=sizes, dtype=dtype.value, compare=others, runs=runs, warmup=warmup)
     if format is BenchFormat.json:
         echo(json.dumps(report.to_dict(), indent=2, allow_nan=False))
     else:

@@ -12,8 +12,8 @@ from mlx_vit.errors import MlxVitError, line
 from mlx_vit.outputs import cell
 
 
-def classify_camera(camera: str, classifier, top_k: int, format: Format, frames: int | None,
-                     fps: float | None) -> None:  # fmt: skip
+def classify_camera(camera: str, classifier, *, top_k: int, format: Format, frames: int | None,
+                    fps: float | None) -> None:  # fmt: skip
     """--camera: classify frames as they come; Ctrl-C, --frames N or the end of a file stops with a summary."""
     from itertools import islice
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from mlx_vit.choice import ModelChoice
 from mlx_vit.cli import options
-from mlx_vit.cli.errors import run
 from mlx_vit.cli.options import Arch, Format, ImageSize, Inputs, Model, Revision, decimal, integer
 
 
@@ -54,10 +53,10 @@ def classify(
 ) -> None:
     """Classify images, folders and globs, or camera/video frames with --camera. Results are written as each
     batch finishes. Exit code 0 when all were classified, 1 when any failed (the rest still are)."""
-    from mlx_vit.classify import load
     from mlx_vit.outputs import format_for
 
     chosen = format_for(output, format.value if format else None)
+    choice = ModelChoice(model=model, revision=revision, max_pixels=max_pixels, image_size=image_size, arch=arch)
     if camera:
         from mlx_vit.cli.camera import classify_camera
 
@@ -66,24 +65,15 @@ def classify(
         if chosen not in ("table", "jsonl") or output is not None or resume:
             raise typer.BadParameter("--camera prints table or jsonl (one line per frame) to stdout",
                                      param_hint="--format")  # fmt: skip
-        classifier = run(load, model, revision, image_size=image_size, arch=arch)
-        classify_camera(images[0] if images else "0", classifier, top_k, Format(chosen), frames, fps)
+        classify_camera(images[0] if images else "0", choice.load(), top_k=top_k, format=Format(chosen),
+                        frames=frames, fps=fps)  # fmt: skip
         return
     if not images:
         raise typer.BadParameter("give images, folders or globs to classify (or --camera)", param_hint="IMAGES")
     if frames is not None or fps is not None:
         raise typer.BadParameter("--frames and --fps go with --camera", param_hint="--frames/--fps")
-    stats = run(_classify, images, output, chosen, resume, model, revision, max_pixels, image_size, arch, top_k,
-                threshold, batch_size, workers, progress)  # fmt: skip
-    raise typer.Exit(1 if stats.failed else 0)
-
-
-def _classify(images: list[str], output: Path | None, format: str, resume: bool, model: str, revision: str | None,
-              max_pixels: int, image_size: int | None, arch: str | None, top_k: int, threshold: float,
-              batch_size: int, workers: int | None, progress: bool | None):  # fmt: skip
-    from mlx_vit.classify import load
     from mlx_vit.runs import classify_library
 
-    classifier = load(model, revision, max_pixels, image_size, arch)
-    return classify_library(classifier, images, output, format, top_k=top_k, threshold=threshold, resume=resume,
-                            batch_size=batch_size, workers=workers, progress=progress)  # fmt: skip
+    stats = classify_library(choice.load(), images, output=output, format=chosen, top_k=top_k, threshold=threshold,
+                             resume=resume, batch_size=batch_size, workers=workers, progress=progress)  # fmt: skip
+    raise typer.Exit(1 if stats.failed else 0)

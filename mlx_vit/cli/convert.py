@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from mlx_vit.cli.errors import echo, run
+from mlx_vit.cli.errors import echo
 from mlx_vit.cli.options import Arch, DType, ImageSize, Revision, integer
 from mlx_vit.errors import MlxVitError, shown
 
@@ -67,10 +67,8 @@ def convert(
     elif any(v is not None for v in (q_bits, q_group_size, q_mode, quant_predicate)):
         raise typer.BadParameter("--q-bits, --q-group-size, --q-mode and --quant-predicate go with -q/--quantize",
                                  param_hint="-q")  # fmt: skip
-    folder = run(
-        convert_checkpoint, src, mlx_path, force=force, revision=revision, quantize=options, dtype=dtype.value,
-        arch=arch, image_size=image_size,
-    )  # fmt: skip
+    folder = convert_checkpoint(src, mlx_path=mlx_path, force=force, revision=revision, quantize=options,
+                                dtype=dtype.value, arch=arch, image_size=image_size)  # fmt: skip
     size = sum(p.stat().st_size for p in folder.iterdir())
     amount = f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
     echo(f"wrote {shown(str(folder))} ({amount})")

@@ -7,8 +7,8 @@ from typing import Annotated
 
 import typer
 
+from mlx_vit.choice import ModelChoice
 from mlx_vit.cli import options
-from mlx_vit.cli.errors import run
 from mlx_vit.cli.options import Arch, ImageSize, Inputs, Model, Revision
 
 
@@ -42,18 +42,11 @@ def embed(
     float32, one row per image in input order. Exit code 1 when any image failed (the rest are written)."""
     if not images:
         raise typer.BadParameter("give images, folders or globs to embed", param_hint="IMAGES")
-    stats = run(_embed, images, output, model, revision, max_pixels, image_size, arch, all_tokens, normalize, resume,
-                batch_size, workers, progress)  # fmt: skip
-    raise typer.Exit(1 if stats.failed else 0)
-
-
-def _embed(images: list[str], output: Path, model: str, revision: str | None, max_pixels: int,
-           image_size: int | None, arch: str | None, all_tokens: bool, normalize: bool, resume: bool,
-           batch_size: int, workers: int | None, progress: bool | None):  # fmt: skip
-    from mlx_vit.classify import load
     from mlx_vit.runs import embed_library
     from mlx_vit.spool import check_index_path
 
     check_index_path(output)  # before the model loads
-    classifier = load(model, revision, max_pixels, image_size, arch)
-    return embed_library(classifier, images, output, all_tokens, normalize, resume, batch_size, workers, progress)
+    choice = ModelChoice(model=model, revision=revision, max_pixels=max_pixels, image_size=image_size, arch=arch)
+    stats = embed_library(choice.load(), images, output=output, all_tokens=all_tokens, normalize=normalize,
+                          resume=resume, batch_size=batch_size, workers=workers, progress=progress)  # fmt: skip
+    raise typer.Exit(1 if stats.failed else 0)

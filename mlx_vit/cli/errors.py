@@ -21,17 +21,6 @@ def fail(message: str) -> None:
     typer.echo(line(f"error: {message}"), err=True)
 
 
-def run(fn, *args, **kwargs):
-    """Run a library call; a user error becomes one line on stderr and exit code 1 (--debug: traceback)."""
-    try:
-        return fn(*args, **kwargs)
-    except MlxVitError as error:
-        if state["debug"]:
-            raise
-        fail(str(error))
-        raise typer.Exit(1) from None
-
-
 @contextlib.contextmanager
 def one_line_errors():
     """A user error raised inside becomes its one line on stderr (and any notes added to it, a line each), then

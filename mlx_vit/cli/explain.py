@@ -8,8 +8,8 @@ from typing import Annotated
 
 import typer
 
+from mlx_vit.choice import ModelChoice
 from mlx_vit.cli import options
-from mlx_vit.cli.errors import run
 from mlx_vit.cli.options import Arch, ImageSize, Model, Revision, integer
 from mlx_vit.errors import shown
 from mlx_vit.files import fitted
@@ -74,16 +74,9 @@ def explain(
     except NumberError as error:
         raise typer.BadParameter(f"{error}: give a head number (from 0) or mean", param_hint="--head") from None
     output = output or Path(fitted(image.stem, f"-{method.value}.png"))
-    run(_explain, image, model, output, method.value, layer, head_number, label, save_npy, grid, top_k, force,
-        revision, max_pixels, image_size, arch)  # fmt: skip
-
-
-def _explain(image: Path, model: str, output: Path, method: str, layer: int | None, head: int | None,
-             label: str | None, save_npy: Path | None, grid: bool, top_k: int, force: bool, revision: str | None,
-             max_pixels: int, image_size: int | None, arch: str | None) -> None:  # fmt: skip
-    from mlx_vit.classify import load
     from mlx_vit.explain import write_explanation
 
-    classifier = load(model, revision, max_pixels, image_size, arch)
-    write_explanation(classifier, image, output, method, layer, head, grid, top_k, label, save_npy, force)
+    choice = ModelChoice(model=model, revision=revision, max_pixels=max_pixels, image_size=image_size, arch=arch)
+    write_explanation(choice.load(), image, output=output, method=method.value, layer=layer, head=head_number,
+                      grid=grid, top_k=top_k, label=label, save_npy=save_npy, force=force)  # fmt: skip
     typer.echo(f"wrote {shown(output)}" + (f" and {shown(save_npy)}" if save_npy else ""), err=True)

@@ -11,9 +11,9 @@ from typing import Annotated
 import typer
 
 from mlx_vit import numbers
+from mlx_vit.choice import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS  # the defaults, held once in mlx_vit.choice
+from mlx_vit.choice import DEFAULT_MODEL as DEFAULT_MODEL
 from mlx_vit.errors import shown
-
-DEFAULT_MODEL = "google/vit-base-patch16-224"  # kept in step with mlx_vit.loading.DEFAULT_MODEL by a test
 
 
 def integer(low: int | None = 1, high: int | None = None):
@@ -80,7 +80,6 @@ MaxPixels = Annotated[
         "--max-pixels", parser=integer(), help="Refuse larger images as decompression bombs (never disabled)."
     ),
 ]
-DEFAULT_MAX_PIXELS = 128_000_000  # mlx_vit.images.DEFAULT_MAX_PIXELS: a test keeps them equal
 Resume = Annotated[
     bool,
     typer.Option("--resume", help="Continue -o FILE (jsonl or csv; .safetensors/.npy for embed): skip the inputs "

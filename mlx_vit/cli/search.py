@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from mlx_vit.cli import options
-from mlx_vit.cli.errors import echo, fail, print_rich, run
+from mlx_vit.cli.errors import echo, fail, print_rich
 from mlx_vit.cli.options import Inputs, Revision, integer
 
 
@@ -40,8 +40,9 @@ def search(
     if not queries:
         raise typer.BadParameter("give query images", param_hint="QUERIES")
     from mlx_vit.outputs import cell
+    from mlx_vit.search import search_index
 
-    answers = run(_search, queries, index, top_k, model, revision, max_pixels)
+    answers = search_index(queries, index=index, top_k=top_k, model=model, revision=revision, max_pixels=max_pixels)
     for answer in answers:
         if answer.error:
             fail(answer.error)
@@ -61,9 +62,3 @@ def search(
                               end_section=rank == len(answer.matches))  # fmt: skip
         print_rich(table)
     raise typer.Exit(1 if any(a.error for a in answers) else 0)
-
-
-def _search(queries: list[str], index: Path, top_k: int, model: str | None, revision: str | None, max_pixels: int):
-    from mlx_vit.search import search_index
-
-    return search_index(queries, index, top_k, model, revision, max_pixels)

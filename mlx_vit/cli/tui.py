@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from mlx_vit.cli.errors import run
 from mlx_vit.cli.options import DEFAULT_MODEL, Model, integer
 
 
@@ -25,4 +24,4 @@ def tui(
     """Browse, preview and classify images (or camera frames) in the terminal. Keys: ? in the app."""
     from mlx_vit.tui.app import run as run_tui
 
-    run(run_tui, path, model, top_k=top_k, camera=camera, graphics=not blocks)
+    run_tui(path, model=model, top_k=top_k, camera=camera, graphics=not blocks)
