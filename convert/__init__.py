@@ -16,18 +16,10 @@ from mlx_vit.files import exists, is_dir
 from mlx_vit.hub import download
 
 from .checkpoint import read_checkpoint
-from .mlx_folder import (
-    FORMAT,
-    FORMAT_VERSION,
-    at_image_size,
-    build_model,
-    check_config,
-    check_target,
-    is_mlx_folder,
-    write_mlx_folder,
-)
+from .folder_config import FORMAT, FORMAT_VERSION, FolderConfig
+from .mlx_folder import build_model, check_target, is_mlx_folder, write_mlx_folder
 
-__all__ = ["FORMAT", "Quantize", "convert", "convert_folder", "is_mlx_folder", "write_mlx_folder"]
+__all__ = ["FORMAT", "FolderConfig", "Quantize", "convert", "convert_folder", "is_mlx_folder", "write_mlx_folder"]
 
 log = logging.getLogger("mlx_vit")
 
@@ -69,8 +61,9 @@ class Quantize:
 
 
 def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | None = None, dtype: str = "float32",
-                   arch: str | None = None, image_size: int | None = None) -> tuple[dict, dict[str, Any]]:  # fmt: skip
-    """Read a checkpoint (folder or file, any format in checkpoint.FORMATS) into (MLX weights, config.json)."""
+                   arch: str | None = None, image_size: int | None = None) -> tuple[dict, FolderConfig]:  # fmt: skip
+    """Read a checkpoint (folder or file, any format in checkpoint.FORMATS) into (MLX weights, its config), the
+    config checked as loading will check it."""
     from mlx_vit.quantize import DTYPES, cast_weights, quantize_weights
 
     if dtype not in DTYPES:
@@ -99,9 +92,7 @@ def convert_folder(folder: Path, source: dict[str, Any], quantize: Quantize | No
     }
     if checkpoint.image_size not in (None, checkpoint.config.image_size):  # DINOv2: a 518-px table, 224-px crops
         config["image_size"] = checkpoint.image_size
-    config = at_image_size(config, image_size, shown(folder))
-    check_config(config, shown(folder))  # what load_model will check, checked before writing
-    return weights, config
+    return weights, FolderConfig.from_dict(config, shown(folder)).at_image_size(image_size, shown(folder))
 
 
 def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, revision: str | None = None,
@@ -126,7 +117,7 @@ def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, r
     log.info("converting %s", shown(src))
     weights, config = convert_folder(folder, source, quantize, dtype, arch, image_size)
     build_model(config, weights, str(folder))  # what is written must load: names, shapes, dtypes, finite values
-    q = config["quantization"]
+    q = config.quantization
     if q:
         eights = len(q.get("bits_of", {}))
         mixed = f", {eights} of them (attention) to 8" if eights else ""

@@ -1,11 +1,6 @@
 """The mlx-vit model folder: what `convert` writes and `load_model` reads back.
 
-    config.json        {"format": "mlx-vit", "format_version": 1, "model": {...ViTConfig...}, "architecture": ...,
-                        "id2label": {"0": ...}, "problem_type": ..., "preprocessing": {...}, "dtype": "float32",
-                        "quantization": null or {"bits", "group_size", "mode", "layers", "skipped"},
-                        "source": {"repo": ..., "revision": ...} or {"path": ...},
-                        "image_size": N (only where the model runs at another size than its weights'),
-                        "pos_embed_resample": {"interpolation": ..., "antialias": ...} (how, then)}
+    config.json        a FolderConfig (folder_config.py): the model, labels, preprocessing, dtype, quantization
     manifest.json      {"format": "mlx-vit", "files": {NAME: {"size": ..., "sha256": ...}}, "source": ...}
     model.safetensors  the weights, with the MLX model's names and layouts
 
@@ -21,9 +16,7 @@ import hashlib
 import shutil
 import time
 import uuid
-from dataclasses import fields
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,21 +27,15 @@ from mlx_vit.config import ViTConfig
 from mlx_vit.errors import CheckpointError, ConfigError, MlxVitError, shown
 from mlx_vit.files import beside, exists, open_regular, os_reason, plain_name, read_json, sync, write_new
 from mlx_vit.model import ViT
-from mlx_vit.preprocess import PreprocessConfig
-from mlx_vit.quantize import check_stored_format, layer_settings, packed_kinds
+from mlx_vit.quantize import layer_settings, packed_kinds
 
-from .common import TRANSFORMERS_RESAMPLE
-from .pos_embed import INTERPOLATIONS, resample_pos_embed
+from .folder_config import FORMAT, FolderConfig
+from .pos_embed import resample_pos_embed
 from .safetensors_io import header_of
 
-FORMAT = "mlx-vit"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"
 STALE_SECONDS = 3600
-PROBLEM_TYPES = (None, "single_label_classification", "multi_label_classification", "regression")
-_REQUIRED = {"format", "format_version", "model", "id2label", "preprocessing", "dtype", "quantization"}
-_OPTIONAL = {"architecture", "problem_type", "source", "image_size", "pos_embed_resample"}
 
 
 def is_mlx_folder(folder: Path) -> bool:
@@ -56,89 +43,6 @@ def is_mlx_folder(folder: Path) -> bool:
         return read_json(folder / "config.json").get("format") == FORMAT
     except MlxVitError:
         return False
-
-
-def check_config(config: dict[str, Any], source: str) -> tuple[ViTConfig, PreprocessConfig]:
-    """ConfigError unless an mlx-vit config.json is one that `convert` could have written, in every key.
-
-    Keys an older mlx-vit did not write take their defaults; keys it never writes are refused.
-    """
-
-    def fail(message: str) -> None:
-        raise ConfigError(f"{source}: {message}")
-
-    unknown = set(config) - _REQUIRED - _OPTIONAL
-    if unknown:
-        fail(f"unknown key '{shown(sorted(unknown)[0], 60)}' (not written by mlx-vit convert)")
-    missing = _REQUIRED - set(config)
-    if missing:
-        fail(f"missing key '{sorted(missing)[0]}'; convert the model again")
-    if config["format"] != FORMAT or config["format_version"] != FORMAT_VERSION:
-        fail(f"not an mlx-vit model folder of format version {FORMAT_VERSION}; convert the model again")
-    values = config["model"]
-    if not isinstance(values, dict):
-        fail("model must be an object")
-    names = {f.name for f in fields(ViTConfig)}
-    if set(values) - names:
-        fail(f"model has unknown key '{shown(sorted(set(values) - names)[0], 60)}'")
-    ViTConfig.from_dict(values, source)  # the model the weights are for
-    model = runtime_config(config, source)  # the model that runs: position embeddings resampled to image_size
-    preprocessing = PreprocessConfig.from_dict(config["preprocessing"], source)
-    check_input_size(preprocessing, model, source)
-    resample = config.get("pos_embed_resample", TRANSFORMERS_RESAMPLE)
-    if not (isinstance(resample, dict) and set(resample) == {"interpolation", "antialias"}
-            and resample["interpolation"] in INTERPOLATIONS and isinstance(resample["antialias"], bool)):  # fmt: skip
-        fail(f"pos_embed_resample must be {{\"interpolation\": one of {', '.join(INTERPOLATIONS)}, "
-             "\"antialias\": true or false}")  # fmt: skip
-    id2label = config["id2label"]
-    expected = [str(i) for i in range(model.num_labels)]
-    if not (isinstance(id2label, dict) and all(isinstance(v, str) for v in id2label.values())):
-        fail("id2label must map class ids to label names")
-    if sorted(id2label, key=lambda k: (len(k), k)) != expected:
-        wrong = next((k for k in id2label if k not in expected), None)
-        detail = f"has '{shown(wrong, 40)}'" if wrong is not None else f"lacks class {len(id2label)}"
-        fail(f"id2label must name classes 0 to {model.num_labels - 1}, one each ({detail})")
-    if config.get("problem_type") not in PROBLEM_TYPES:
-        fail(f"problem_type {shown(config.get('problem_type'), 60, quote=True)} is not one transformers knows")
-    for key in ("architecture",):
-        if config.get(key) is not None and not isinstance(config[key], str):
-            fail(f"{key} must be a string")
-    check_stored_format(config, source)
-    return model, preprocessing
-
-
-def runtime_config(config: dict[str, Any], source: str) -> ViTConfig:
-    """The model config.json runs: its `model` at its `image_size` (by default the size the weights are for)."""
-    model = ViTConfig.from_dict(config["model"], source)
-    size = config.get("image_size", model.image_size)
-    if size == model.image_size:
-        return model
-    if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % model.patch_size:
-        raise ConfigError(f"{source}: image_size must be a positive multiple of the patch size "
-                          f"{model.patch_size}, got {shown(size, 40, quote=True)}")  # fmt: skip
-    return ViTConfig.from_dict({**model.to_dict(), "image_size": size}, source)
-
-
-def at_image_size(config: dict[str, Any], size: int | None, source: str) -> dict[str, Any]:
-    """config.json for running its model at `size` (--image-size; None: as it is), the preprocessing scaled as
-    the checkpoint's reference scales it."""
-    if size is None:
-        return config
-    preprocessing = PreprocessConfig.from_dict(config["preprocessing"], source).at_size(size)
-    config = {**config, "image_size": size, "preprocessing": preprocessing.to_dict()}
-    if size == config["model"]["image_size"]:
-        del config["image_size"]
-    return config
-
-
-def check_input_size(preprocessing: PreprocessConfig, model: ViTConfig, source: str) -> None:
-    """ConfigError unless the preprocessing makes exactly the square inputs the model takes."""
-    size = preprocessing.fixed_size()
-    if size != (model.image_size, model.image_size):
-        made = f"{size[0]}x{size[1]}" if size else "variable-size"
-        raise ConfigError(
-            f"{source}: preprocessing makes {made} pixels but the model takes {model.image_size}x{model.image_size}"
-        )
 
 
 def check_manifest(folder: Path) -> None:
@@ -165,10 +69,9 @@ def check_manifest(folder: Path) -> None:
             raise CheckpointError(f"{shown(file)}: missing or incomplete; convert the model again with --force")
 
 
-def read_mlx_folder(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
+def read_mlx_folder(folder: Path) -> tuple[FolderConfig, dict[str, mx.array]]:
     """(config.json, weights) of an mlx-vit folder, each checked; the weights are evaluated (in memory)."""
-    config = read_json(folder / "config.json")
-    check_config(config, shown(folder / "config.json"))
+    config = FolderConfig.from_dict(read_json(folder / "config.json"), shown(folder / "config.json"))
     check_manifest(folder)
     path = folder / WEIGHTS
     if not exists(path):
@@ -192,10 +95,10 @@ def read_mlx_folder(folder: Path) -> tuple[dict[str, Any], dict[str, mx.array]]:
     return config, weights
 
 
-def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: str) -> ViT:
+def build_model(config: FolderConfig, weights: dict[str, mx.array], source: str) -> ViT:
     """The model for `config` with `weights`, every name, shape, dtype and value checked.
 
-    Quantized layers are rebuilt from config["quantization"]. Used before a conversion is written, and on every
+    Quantized layers are rebuilt from config.quantization. Used before a conversion is written, and on every
     load, so a model that was written can be loaded, and one that loads computes finite numbers.
     """
     model, packed = _skeleton(config, weights, source)
@@ -207,31 +110,30 @@ def build_model(config: dict[str, Any], weights: dict[str, mx.array], source: st
             raise CheckpointError(
                 f"{source}: tensor '{key}' holds NaN or infinite values (in {_dtype_name(weights[key].dtype)})"
             )
-    runtime = runtime_config(config, f"{source}/config.json")
-    if runtime != model.config:  # another input size: the position table resampled once, here
-        weights = {**weights, "pos_embed": _resampled(weights["pos_embed"], model.config, runtime, config)}
-        model, _ = _skeleton(config, weights, source, runtime)
+    if config.image_size is not None:  # another input size: the position table resampled once, here
+        weights = {**weights, "pos_embed": _resampled(weights["pos_embed"], config)}
+        model, _ = _skeleton(config, weights, source, config.runtime)
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model
 
 
-def _resampled(pos_embed: mx.array, stored: ViTConfig, runtime: ViTConfig, config: dict[str, Any]) -> mx.array:
-    """The position table for `stored`'s grid resampled to `runtime`'s, as the checkpoint's reference does."""
+def _resampled(pos_embed: mx.array, config: FolderConfig) -> mx.array:
+    """The position table for the weights' grid resampled to the runtime's, as the checkpoint's reference does."""
+    stored, runtime = config.model, config.runtime
     grid = runtime.image_size // runtime.patch_size
     prefix = 0 if stored.no_embed_class else stored.num_prefix_tokens
     old = stored.image_size // stored.patch_size
-    resample = config.get("pos_embed_resample", TRANSFORMERS_RESAMPLE)
     table = np.array(pos_embed.astype(mx.float32))
-    table = resample_pos_embed(table, (grid, grid), prefix, old_grid=(old, old), **resample)
+    table = resample_pos_embed(table, (grid, grid), prefix, old_grid=(old, old), **config.resample)
     return mx.array(table).astype(pos_embed.dtype)
 
 
-def _skeleton(config: dict[str, Any], names, source: str, model_config: ViTConfig | None = None):
+def _skeleton(config: FolderConfig, names, source: str, model_config: ViTConfig | None = None):
     """The (lazy, unevaluated) model `config` describes (or `model_config`) for tensors of these names, and its
     packed weights."""
-    model = ViT(model_config or ViTConfig.from_dict(config["model"], f"{source}/config.json"))  # nothing allocated
-    quantization = config.get("quantization") or {}
+    model = ViT(model_config or config.model)  # nothing allocated
+    quantization = config.quantization or {}
     # Layers stay quantized unless to_float32 expanded them (then their scales are gone).
     layers = {layer for layer in quantization.get("layers", []) if f"{layer}.scales" in names}
     if layers:
@@ -299,7 +201,7 @@ def check_target(target: Path, force: bool) -> None:
         raise MlxVitError(f"{shown(target)}: exists and is not an mlx-vit model folder; refusing to replace it")
 
 
-def write_mlx_folder(target: Path, weights: dict, config: dict[str, Any], force: bool) -> Path:
+def write_mlx_folder(target: Path, weights: dict, config: FolderConfig, force: bool) -> Path:
     """Write weights, config and manifest into a temporary sibling of `target`, then rename it into place.
 
     An existing target is refused unless `force`; with `force` the old folder is kept until the new one is
@@ -332,7 +234,7 @@ def _save_weights(path: Path, weights: dict) -> None:
         raise OSError(f"{shown(str(error), 120).rstrip('.')}; is the disk full?") from None
 
 
-def _write(target: Path, weights: dict, config: dict[str, Any]) -> Path:
+def _write(target: Path, weights: dict, config: FolderConfig) -> Path:
     import json
 
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -344,9 +246,9 @@ def _write(target: Path, weights: dict, config: dict[str, Any]) -> Path:
     tmp.mkdir()
     try:
         _save_weights(tmp / WEIGHTS, weights)
-        write_new(tmp / "config.json", (json.dumps(config, indent=2, allow_nan=False) + "\n").encode())
+        write_new(tmp / "config.json", (json.dumps(config.to_dict(), indent=2, allow_nan=False) + "\n").encode())
         files = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)} for p in sorted(tmp.iterdir())}
-        manifest = {"format": FORMAT, "files": files, "source": config.get("source")}
+        manifest = {"format": FORMAT, "files": files, "source": config.source}
         write_new(tmp / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
         for path in [*tmp.iterdir(), tmp]:
             sync(path)

@@ -20,7 +20,7 @@ import struct
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,6 +38,9 @@ from mlx_vit.files import (
     plain_name,
     replace_together,
 )
+
+if TYPE_CHECKING:
+    from mlx_vit.engine import Engine
 
 TENSOR = "embeddings"
 FORMAT = "mlx-vit embeddings"
@@ -57,12 +60,12 @@ class Embedded:
     error: str | None = None
 
 
-def embedded_batches(classifier: Any, items: Iterable[Any], batch_size: int = 8, workers: int | None = None,
+def embedded_batches(engine: Engine, items: Iterable[Any], batch_size: int = 8, workers: int | None = None,
                      all_tokens: bool = False, normalize: bool = False,
                      one_per_line: bool = False) -> Iterator[list[Embedded]]:  # fmt: skip
     """Embedded records a batch at a time, in input order: a file that cannot be read, or whose features are
     not finite, is a record with its error. `one_per_line`: a path with a line break is refused (.paths.txt)."""
-    for batch in classifier.prepared_batches(items, batch_size, workers):
+    for batch in engine.prepared_batches(items, batch_size, workers):
         records = [Embedded(result.path, error=result.error) for result, _ in batch]
         good = []
         for record, (_, pixels) in zip(records, batch, strict=True):
@@ -71,7 +74,7 @@ def embedded_batches(classifier: Any, items: Iterable[Any], batch_size: int = 8,
             elif pixels is not None:
                 good.append((record, pixels))
         if good:
-            vectors, finite = features(classifier, np.stack([p for _, p in good]), all_tokens, normalize)
+            vectors, finite = features(engine, np.stack([p for _, p in good]), all_tokens, normalize)
             for (record, _), vector, ok in zip(good, vectors, finite, strict=True):
                 if ok:
                     record.vector = vector
@@ -80,12 +83,11 @@ def embedded_batches(classifier: Any, items: Iterable[Any], batch_size: int = 8,
         yield records
 
 
-def features(classifier: Any, pixels: np.ndarray, all_tokens: bool = False,
+def features(engine: Engine, pixels: np.ndarray, all_tokens: bool = False,
              normalize: bool = False) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """(B, H, W, 3) pixels -> (float32 features, a per-image mask of those that are finite): pooled (what the head
     reads) or every token; `normalize` scales each vector (each token's) to unit L2 norm, as F.normalize does."""
-    model = classifier.model
-    vectors = classifier.forward(pixels, lambda x: model.features(x, all_tokens))
+    vectors = engine.features(pixels, all_tokens)
     finite = np.isfinite(vectors).reshape(len(vectors), -1).all(axis=1)
     if normalize:
         with np.errstate(all="ignore"):

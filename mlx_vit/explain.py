@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import textwrap
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from mlx_vit.errors import MlxVitError, shown
+
+if TYPE_CHECKING:
+    from mlx_vit.classify import Classifier
 
 METHODS = ("rollout", "last", "cls")
 # Dark to bright (black, purple, red, orange, pale yellow): brightness rises with attention, so the map reads in
@@ -99,12 +103,12 @@ def attention_maps(config, layers: list[np.ndarray], pool: np.ndarray | None, me
     return np.asarray(maps, np.float32).reshape(-1, side, side), what
 
 
-def explain(classifier, image, method: str = "rollout", layer: int | None = None, head: int | None = None,
+def explain(classifier: Classifier, image, method: str = "rollout", layer: int | None = None, head: int | None = None,
             grid: bool = False, top_k: int = 5) -> Explanation:  # fmt: skip
     """The attention map of one image (a path or a PIL image) under `classifier`, with its top-k predictions."""
     import mlx.core as mx
 
-    config = classifier.model.config
+    config = classifier.model_config
     check_options(method, layer, head, grid, config.num_hidden_layers)
     if head is not None and not 0 <= head < config.num_attention_heads:
         raise MlxVitError(f"--head {head}: the model has heads 0..{config.num_attention_heads - 1}, or mean")
@@ -117,12 +121,12 @@ def explain(classifier, image, method: str = "rollout", layer: int | None = None
             return weights.astype(mx.float32).mean(axis=1, keepdims=True)
         return weights if index == read else None
 
-    logits, layers, pool = classifier.model.with_attention(mx.array(pixels).astype(classifier.dtype), keep)
+    logits, layers, pool = classifier.attention(pixels, keep)
     to_numpy = lambda a: None if a is None else np.array(a[0].astype(mx.float32), np.float64)  # noqa: E731
     maps, what = attention_maps(config, [to_numpy(w) for w in layers], to_numpy(pool), method, layer, head, grid)
     if not np.isfinite(maps).all():
         raise MlxVitError(f"{shown(image)}: the model computed NaN or infinite attention")
-    predictions = classifier.predictions_of(np.array(logits.astype(mx.float32)), top_k)[0] if classifier.labels else []
+    predictions = classifier.predictions_of(logits, top_k)[0] if classifier.labels else []
     if predictions is None:
         raise MlxVitError(f"{shown(image)}: the model computed NaN or infinite scores")
     titles = [f"head {h}" for h in range(len(maps))] if grid else [""]
@@ -187,7 +191,7 @@ def render(
     return picture
 
 
-def write_explanation(classifier, image, output, method: str = "rollout", layer: int | None = None,
+def write_explanation(classifier: Classifier, image, output, method: str = "rollout", layer: int | None = None,
                       head: int | None = None, grid: bool = False, top_k: int = 5, label: str | None = None,
                       save_npy=None, force: bool = False) -> Explanation:  # fmt: skip
     """`mlx-vit explain`: the PNG at `output` (and the maps at `save_npy`): both are written in full before either

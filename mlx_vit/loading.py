@@ -12,12 +12,11 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mlx_vit import runtime
 from mlx_vit.choice import DEFAULT_MODEL
-from mlx_vit.convert import FORMAT, convert_folder, is_mlx_folder, write_mlx_folder
-from mlx_vit.convert.mlx_folder import at_image_size, build_model, check_config, read_mlx_folder
+from mlx_vit.convert import FORMAT, FolderConfig, convert_folder, is_mlx_folder, write_mlx_folder
+from mlx_vit.convert.mlx_folder import build_model, read_mlx_folder
 from mlx_vit.errors import CheckpointError, MlxVitError, ModelNotFoundError, shown
 from mlx_vit.files import exists, is_dir, read_json, read_limited, replace_together
 from mlx_vit.hub import HubUnreachableError, download
@@ -30,7 +29,7 @@ log = logging.getLogger("mlx_vit")
 @dataclass
 class LoadedModel:
     model: ViT
-    config: dict[str, Any]  # the MLX folder's config.json contents, as checked
+    config: FolderConfig  # the MLX folder's config.json, or the checkpoint's as convert would write it
     name: str
     runtime_dtype: str = "float32"  # what the weights are in memory: float32 where the CPU expanded them
 
@@ -46,27 +45,19 @@ def cache_dir() -> Path:
 
 def load_mlx_folder(folder: Path, image_size: int | None = None) -> LoadedModel:
     config, weights = read_mlx_folder(folder)
-    if image_size is not None:
-        config = at_image_size(config, image_size, shown(folder / "config.json"))
-        check_config(config, shown(folder / "config.json"))
-    dtype = config["dtype"]
-    if runtime.current().cpu and (config["quantization"] or dtype != "float32"):
+    config = config.at_image_size(image_size, shown(folder / "config.json"))
+    dtype = config.dtype
+    if runtime.current().cpu and (config.quantization or dtype != "float32"):
         # MLX's CPU quantized/half matmuls are scalar loops, ~15-30x slower than float32 with a real BLAS.
         log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", shown(folder),
-                 describe(config))  # fmt: skip
+                 config.describe())  # fmt: skip
         try:
-            weights = to_float32(weights, config["quantization"])
+            weights = to_float32(weights, config.quantization)
         except (CheckpointError, ValueError) as error:
             raise CheckpointError(f"{shown(folder / 'model.safetensors')}: {shown(str(error), 200)}") from None
         dtype = "float32"
     model = build_model(config, weights, shown(folder))
     return LoadedModel(model, config, str(folder), runtime_dtype=dtype)
-
-
-def describe(config: dict[str, Any]) -> str:
-    """'4-bit (group 64)', 'float16', ... as a model's weights are stored."""
-    q = config.get("quantization")
-    return f"{q['bits']}-bit (group {q['group_size']})" if q else config.get("dtype", "float32")
 
 
 def load_checkpoint(path: Path, image_size: int | None = None, arch: str | None = None) -> LoadedModel:

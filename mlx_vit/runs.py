@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import numpy as np
 
@@ -28,6 +28,11 @@ from mlx_vit.errors import MlxVitError, line
 from mlx_vit.inputs import Input, count_inputs, find_inputs
 from mlx_vit.outputs import RESULTS, Output, ResultWriter
 from mlx_vit.resume import Done
+
+if TYPE_CHECKING:
+    from mlx_vit.classify import Classifier
+    from mlx_vit.config import ViTConfig
+    from mlx_vit.engine import Engine
 
 
 @dataclass
@@ -173,14 +178,14 @@ def run_library(arguments: list[str | os.PathLike], batches: Callable[[Iterator[
     return stats
 
 
-def classify_library(classifier: Any, inputs: list[str | os.PathLike], output: str | os.PathLike | None = None,
+def classify_library(classifier: Classifier, inputs: list[str | os.PathLike], output: str | os.PathLike | None = None,
                      format: str = "table", top_k: int = 5, threshold: float = 0.0, resume: bool = False,
                      batch_size: int = 8, workers: int | None = None, progress: bool | None = None,
                      stdin: TextIO | None = None) -> Stats:  # fmt: skip
     """Classify every input into `output` (stdout when None) in `format`; see the module docstring."""
     classifier.check_classifies()  # before any output: a feature extractor has no labels to print
     rank, _ = distributed.world()
-    classes = classifier.model.config.num_labels
+    classes = classifier.model_config.num_labels
     sink = ResultWriter(Output(output, format, resume), classifier.name, top_k, classes) if rank == 0 else None
 
     def batches(items: Iterator[Input]) -> Iterator[list[Any]]:
@@ -208,14 +213,14 @@ class EmbeddedCodec:
                 header["records"]]  # fmt: skip
 
 
-def row_shape(config: Any, all_tokens: bool) -> tuple[int, ...]:
+def row_shape(config: ViTConfig, all_tokens: bool) -> tuple[int, ...]:
     """The shape of one image's features: pooled (what the head reads), or every token after the final norm."""
     if all_tokens or config.global_pool == "":
         return (config.num_prefix_tokens + config.num_patches, config.hidden_size)
     return (config.num_features,)
 
 
-def embed_library(classifier: Any, inputs: list[str | os.PathLike], output: str | os.PathLike,
+def embed_library(engine: Engine, inputs: list[str | os.PathLike], output: str | os.PathLike,
                   all_tokens: bool = False, normalize: bool = False, resume: bool = False, batch_size: int = 8,
                   workers: int | None = None, progress: bool | None = None,
                   stdin: TextIO | None = None) -> Stats:  # fmt: skip
@@ -223,16 +228,16 @@ def embed_library(classifier: Any, inputs: list[str | os.PathLike], output: str 
     from mlx_vit.spool import EmbeddingSpool
 
     rank, _ = distributed.world()
-    config = classifier.model.config
+    config = engine.model_config
     shape = row_shape(config, all_tokens)
     # A local model by its absolute path, so that `search` finds it from any folder.
-    model = os.path.abspath(classifier.name) if os.path.exists(classifier.name) else classifier.name
+    model = os.path.abspath(engine.name) if os.path.exists(engine.name) else engine.name
     settings = {"normalize": str(normalize).lower(), "all_tokens": str(all_tokens).lower(),
                 "image_size": str(config.image_size)}  # fmt: skip
     sink = EmbeddingSpool(output, model, shape, resume, settings) if rank == 0 else None
     listed = Path(output).suffix.lower() == ".npy"  # its paths go one per line in FILE.paths.txt
 
     def batches(items: Iterator[Input]) -> Iterator[list[Embedded]]:
-        return embedded_batches(classifier, items, batch_size, workers, all_tokens, normalize, listed)
+        return embedded_batches(engine, items, batch_size, workers, all_tokens, normalize, listed)
 
     return run_library(inputs, batches, sink, EmbeddedCodec(), stdin, progress, what="embedded")

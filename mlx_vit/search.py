@@ -89,7 +89,7 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
     if model is None and made_by is None:
         raise IndexFileError(f"{name}: a .npy index does not record its model; name it with -m")
     classifier = load(model or made_by, revision, max_pixels or DEFAULT_MAX_PIXELS)
-    width = classifier.model.config.num_features
+    width = classifier.model_config.num_features
     if width != vectors.shape[1]:
         raise IndexFileError(f"{name}: holds {vectors.shape[1]}-wide vectors, {classifier.name} makes {width}-wide "
                              "ones; search with the index's model")  # fmt: skip

@@ -14,9 +14,13 @@ import numpy as np
 import pytest
 from checkpoints import make_checkpoint
 
-from mlx_vit.convert import convert, write_mlx_folder
+from mlx_vit.config import ViTConfig
+from mlx_vit.convert import FolderConfig, convert, write_mlx_folder
 from mlx_vit.errors import MlxVitError
 from mlx_vit.loading import load_model
+from mlx_vit.preprocess import PreprocessConfig
+
+A_CONFIG = FolderConfig(ViTConfig(), PreprocessConfig())  # any config: these tests are about the files
 
 
 @pytest.fixture(scope="module")
@@ -116,5 +120,7 @@ def test_stale_temporary_folders_are_cleaned_up(tmp_path):
     os.utime(stale, (time.time() - 7200,) * 2)
     fresh = tmp_path / ".model.tmp-cafecafe"  # perhaps another conversion running right now: left alone
     fresh.mkdir()
-    write_mlx_folder(tmp_path / "model", {"w": np.zeros(2, np.float32)}, {"format": "mlx-vit"}, force=False)
+    write_mlx_folder(
+        tmp_path / "model", {"w": np.zeros(2, np.float32)}, FolderConfig(ViTConfig(), PreprocessConfig()), force=False
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-cafecafe", "model"]

@@ -12,9 +12,13 @@ from checkpoints import IMAGES, PHOTOS, hf_pipeline, lay_into_hf_cache, make_che
 from PIL import Image
 
 import mlx_vit
-from mlx_vit.convert import convert, is_mlx_folder, write_mlx_folder
+from mlx_vit.config import ViTConfig
+from mlx_vit.convert import FolderConfig, convert, is_mlx_folder, write_mlx_folder
 from mlx_vit.errors import CheckpointError, ConfigError, ImageError, MlxVitError, ModelNotFoundError
 from mlx_vit.loading import load_model
+from mlx_vit.preprocess import PreprocessConfig
+
+A_CONFIG = FolderConfig(ViTConfig(), PreprocessConfig())  # any config: these tests are about the files
 
 
 @pytest.fixture(autouse=True)
@@ -149,7 +153,7 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, failure):
     monkeypatch.setattr(mx, "save_safetensors", fail)
     # A disk error is the user's to fix: one line naming the target. Anything else propagates as it is.
     with pytest.raises(MlxVitError if isinstance(failure, OSError) else type(failure)):
-        write_mlx_folder(tmp_path / "model", {"w": np.zeros(2, np.float32)}, {"format": "mlx-vit"}, force=False)
+        write_mlx_folder(tmp_path / "model", {"w": np.zeros(2, np.float32)}, A_CONFIG, force=False)
     assert list(tmp_path.iterdir()) == []
 
 

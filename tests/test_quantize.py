@@ -19,7 +19,7 @@ from checkpoints import IMAGES, make_checkpoint, one_line_error
 from mlx.utils import tree_flatten
 
 import mlx_vit
-from mlx_vit.convert import Quantize, convert
+from mlx_vit.convert import FolderConfig, Quantize, convert
 from mlx_vit.convert.mlx_folder import build_model
 from mlx_vit.convert.safetensors_io import read_header
 from mlx_vit.errors import ConfigError, MlxVitError
@@ -57,8 +57,8 @@ def reference_probabilities(folder) -> np.ndarray:
 @pytest.mark.parametrize("bits, group_size", [(4, 32), (4, 64), (8, 64), (8, 128), (6, 32)])
 def test_config_records_what_loading_rebuilds(peaked, tmp_path, bits, group_size):
     out = convert(str(peaked), tmp_path / "q", quantize=Quantize(bits, group_size))
-    config = json.loads((out / "config.json").read_text())
-    q = config["quantization"]
+    config = FolderConfig.from_dict(json.loads((out / "config.json").read_text()), str(out))
+    q = config.quantization
     assert (q["bits"], q["group_size"]) == (bits, group_size)
     blocks = {f"blocks.{i}.{n}" for i in (0, 1) for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")}
     skipped = {layer for layer in blocks if not layer.endswith("fc2")} if group_size == 128 else set()
@@ -176,6 +176,6 @@ def test_wrong_tensor_dtype_is_refused_on_every_backend(peaked, tmp_path):
     out = convert(str(peaked), tmp_path / "q", quantize=Quantize(4, 64))
     weights = mx.load(str(out / "model.safetensors"))
     weights["blocks.0.attn.qkv.weight"] = weights["blocks.0.attn.qkv.weight"].view(mx.float32)
-    config = json.loads((out / "config.json").read_text())
+    config = FolderConfig.from_dict(json.loads((out / "config.json").read_text()), str(out))
     with pytest.raises(MlxVitError, match="blocks.0.attn.qkv.weight"):
         build_model(config, weights, str(out))  # the Metal/CUDA path: layers stay quantized

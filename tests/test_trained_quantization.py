@@ -59,11 +59,12 @@ def test_microscaling_modes_round_trip_and_agree(mode, bits, group_size, heldout
 
     import mlx.core as mx
 
+    from mlx_vit.convert import FolderConfig
     from mlx_vit.convert.mlx_folder import build_model
 
     out = convert(str(DIGITS / "model"), tmp_path / mode, quantize=Quantize.of(mode=mode))
-    config = json.loads((out / "config.json").read_text())
-    q = config["quantization"]
+    config = FolderConfig.from_dict(json.loads((out / "config.json").read_text()), str(out))
+    q = config.quantization
     assert (q["mode"], q["bits"], q["group_size"]) == (mode, bits, group_size) and len(q["layers"]) == 16
     weights = mx.load(str(out / "model.safetensors"))
     assert weights["blocks.0.attn.qkv.scales"].dtype == mx.uint8 and "blocks.0.attn.qkv.biases" not in weights

@@ -167,11 +167,11 @@ class Backend:
         classifier = self._load_classifier(model)
         config = classifier.config
         self._classifier = classifier
-        dtype = str(config.get("dtype", "float32"))
+        dtype = config.dtype
         if classifier.runtime_dtype != dtype:  # e.g. expanded for the CPU on load
             dtype = f"{dtype} (runs as {classifier.runtime_dtype})"
         return ModelInfo(name=label or classifier.name, dtype=dtype,
-                         quantization=quantization_label(config.get("quantization")), device=self.device(),
+                         quantization=quantization_label(config.quantization), device=self.device(),
                          labels=len(classifier.labels))  # fmt: skip
 
     def _classify(self, request: int, image: Image.Image | np.ndarray, attention: bool) -> Classification:
