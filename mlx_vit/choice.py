@@ -13,7 +13,12 @@ if TYPE_CHECKING:
     from mlx_vit.classify import Classifier
 
 DEFAULT_MODEL = "google/vit-base-patch16-224"
-DEFAULT_MAX_PIXELS = 128_000_000  # why this many: the comment at mlx_vit.images.DEFAULT_MAX_PIXELS
+# Images of more pixels are refused before they are decoded (--max-pixels raises it). Every model here looks at
+# 224-518 px, so a larger image costs only time and memory: decoding peaks at ~8.5 bytes a pixel for JPEG and
+# PNG and ~16.5 for WebP (Pillow's decoder holds three canvases), ~1.1 GB and ~2.1 GB at this limit
+# (tests/test_images.py bounds them). It is above every camera's photo (100 MP medium format is 102 MP,
+# phones 12-48 MP, their panoramas up to ~65 MP) and below Pillow's bomb threshold of 178,956,970 pixels.
+DEFAULT_MAX_PIXELS = 128_000_000
 
 
 @dataclass(frozen=True)

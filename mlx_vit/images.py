@@ -19,11 +19,6 @@ from typing import Any
 import numpy as np
 from PIL import BmpImagePlugin, IcoImagePlugin, Image, JpegImagePlugin, PngImagePlugin, UnidentifiedImageError
 
-# Images of more pixels are refused before they are decoded (--max-pixels raises it). Every model here looks at
-# 224-518 px, so a larger image costs only time and memory: decoding peaks at ~8.5 bytes a pixel for JPEG and
-# PNG and ~16.5 for WebP (Pillow's decoder holds three canvases), ~1.1 GB and ~2.1 GB at this limit
-# (tests/test_images.py bounds them). It is above every camera's photo (100 MP medium format is 102 MP,
-# phones 12-48 MP, their panoramas up to ~65 MP) and below Pillow's bomb threshold of 178,956,970 pixels.
 from mlx_vit.choice import DEFAULT_MAX_PIXELS
 from mlx_vit.errors import ImageError, shown
 from mlx_vit.files import open_regular

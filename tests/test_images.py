@@ -556,11 +556,5 @@ def test_max_pixels_option(vit_folder, isolated):
     assert run_cli("classify", cat, "-m", vit_folder, "--max-pixels", "0", env=isolated).returncode == 2
 
 
-def test_cli_default_pixel_limit_is_the_libraries():
-    import inspect
-
-    from mlx_vit.cli import classify, options
-
-    assert inspect.signature(classify.classify).parameters["max_pixels"].default == DEFAULT_MAX_PIXELS
-    assert options.DEFAULT_MAX_PIXELS == DEFAULT_MAX_PIXELS
-    assert DEFAULT_MAX_PIXELS < 2 * Image.MAX_IMAGE_PIXELS  # ours is the one that refuses
+def test_the_default_pixel_limit_is_the_one_that_refuses():
+    assert DEFAULT_MAX_PIXELS < 2 * Image.MAX_IMAGE_PIXELS  # not Pillow's bomb error, which names no limit
