@@ -26,9 +26,9 @@ from textual.widgets import Footer, Header
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.images import open_image
 from mlx_vit.tui import messages
-from mlx_vit.tui.backend import MAX_TOP_K, Backend, ModelInfo, Superseded, cached_models, error_text
-from mlx_vit.tui.camera_session import CameraSession, WebcamMode
+from mlx_vit.tui.backend import MAX_TOP_K, Backend, Classification, ModelInfo, Superseded, cached_models, error_text
 from mlx_vit.tui.screens import HelpScreen, ModelScreen, PromptScreen
+from mlx_vit.tui.webcam import Webcam
 from mlx_vit.tui.widgets import (
     FolderBrowser,
     GraphicsPreview,
@@ -70,7 +70,7 @@ def display_path(path: str | Path) -> str:
         return shown(path)
 
 
-class MlxVitApp(WebcamMode, App[None]):
+class MlxVitApp(App[None]):
     """Browse, preview and classify images and camera frames."""
 
     CSS_PATH = Path(__file__).parent / "app.tcss"  # absolute, so subclasses elsewhere find it too
@@ -112,9 +112,6 @@ class MlxVitApp(WebcamMode, App[None]):
         self.current: Path | None = None  # the image chosen in the browser
         self.model_info: ModelInfo | None = None
         self._request = 0  # number of the newest classification asked for; older answers are dropped
-        self._camera_sessions = 0  # how often webcam mode was started: frames of an older session are dropped
-        self._camera: CameraSession | None = None  # while webcam mode is on
-        self._camera_source = camera or "0"
         self.attention = False  # overlay the attention map
         self._image: Image.Image | None = None  # the current photo, without any overlay
         self._log_handler = _ForwardLog(self)
@@ -137,6 +134,7 @@ class MlxVitApp(WebcamMode, App[None]):
                 yield PredictionBars(id="predictions")
         yield StatusLine(id="status")
         yield Footer()
+        yield Webcam(self.backend, self._frame_source, spec=self._start_camera or "0", id="webcam")
 
     def on_mount(self) -> None:
         logger = logging.getLogger("mlx_vit")
@@ -157,8 +155,6 @@ class MlxVitApp(WebcamMode, App[None]):
         self.query_one("#browser").focus()
 
     def on_unmount(self) -> None:
-        if self._camera is not None:
-            self._camera.stop.set()
         if self._saved_logging is not None:
             logger = logging.getLogger("mlx_vit")
             logger.handlers[:], level = self._saved_logging
@@ -179,6 +175,10 @@ class MlxVitApp(WebcamMode, App[None]):
     @property
     def browser(self) -> FolderBrowser:
         return self.query_one("#browser", FolderBrowser)
+
+    @property
+    def webcam(self) -> Webcam:
+        return self.query_one("#webcam", Webcam)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in MAIN_ACTIONS and isinstance(self.screen, ModalScreen):
@@ -273,6 +273,9 @@ class MlxVitApp(WebcamMode, App[None]):
         if result.overlay is not None and self.attention:
             self.preview.set_image(result.overlay)
             self.preview.border_title = Text(f"attention · {result.attention}")  # the model's view, its map over it
+        self._show_predictions(result)
+
+    def _show_predictions(self, result: Classification) -> None:
         self.predictions.show(result.predictions)
         self.status.timing = f"inference {seconds_text(result.seconds)}"
 
@@ -318,6 +321,64 @@ class MlxVitApp(WebcamMode, App[None]):
         self.status.busy = ""
         self.notify(message.error, title="model not loaded", severity="error", timeout=10)
 
+    # Webcam mode: the Webcam widget runs the camera; the App shows its frames in place of the current image
+
+    @property
+    def webcam_on(self) -> bool:
+        return self.webcam.running
+
+    def start_camera(self, spec: str) -> None:
+        """Open the camera or video file `spec` and classify its newest frames until stopped."""
+        self.stop_camera()
+        webcam = self.webcam
+        try:
+            webcam.start(spec)
+        except (MlxVitError, OSError) as error:
+            self.notify(error_text(error), title="webcam", severity="error", timeout=10)
+            return
+        self._request += 1  # drop any image classification still on its way
+        self.sub_title = f"webcam {shown(spec)}"
+        self.preview.set_image(None)
+        self.predictions.show_note("waiting for the first frame …")
+        self.status.position = webcam.name
+        self._webcam_title()
+
+    def _webcam_title(self) -> None:
+        attention = " · attention" if self.attention else ""
+        self.preview.border_title = Text(f"webcam · {self.webcam.name}{attention}")  # Text: names are not markup
+
+    def stop_camera(self) -> None:
+        """Leave webcam mode (the camera thread ends after its current frame) and show the current image again."""
+        if not self.webcam.stop():
+            return
+        self.preview.border_title = "preview"
+        self.preview.set_image(None)
+        self.predictions.show_note("choose an image")
+        current, self.current = self.current, None
+        if current is not None:
+            self.show_image(current)
+        else:
+            self.sub_title = ""
+            self._update_position()
+
+    def on_camera_frame(self, message: messages.CameraFrame) -> None:
+        webcam = self.webcam
+        if not webcam.is_current(message):
+            return
+        self.preview.set_image(message.image)
+        fps = f" · {message.fps:.1f} fps" if message.fps is not None else ""
+        self.status.position = f"{webcam.name} · frame {message.index}{fps}"
+        if message.result is None:
+            self.predictions.show_note(message.error or "")
+            return
+        self._show_predictions(message.result)
+
+    def on_camera_stopped(self, message: messages.CameraStopped) -> None:
+        if not self.webcam.is_current(message):
+            return
+        self.stop_camera()
+        self.notify(message.error or "camera stopped", title="webcam", severity="warning")
+
     # Actions
 
     def action_open(self) -> None:
@@ -362,7 +423,7 @@ class MlxVitApp(WebcamMode, App[None]):
             if text:
                 self.start_camera(text)
 
-        self.push_screen(PromptScreen("Camera index or video file", self._camera_source), answer)
+        self.push_screen(PromptScreen("Camera index or video file", self.webcam.spec), answer)
 
     def action_model(self) -> None:
         def answer(choice: tuple[str, str | None] | None) -> None:
@@ -381,9 +442,9 @@ class MlxVitApp(WebcamMode, App[None]):
         """Overlay the attention map, or take it away: the next answer (photo or frame) follows, the UI never waits."""
         self.attention = not self.attention
         self.notify(f"attention map {'on: rollout over the model’s view of the image' if self.attention else 'off'}")
-        if self._camera is not None:
-            self._camera.attention = self.attention
-            self._camera_title()
+        self.webcam.attention = self.attention
+        if self.webcam_on:
+            self._webcam_title()
         elif self._image is not None:
             if not self.attention:
                 self.preview.set_image(self._image)
@@ -399,7 +460,7 @@ class MlxVitApp(WebcamMode, App[None]):
         if not predictions:
             self.notify("nothing to copy yet", severity="warning")
             return
-        what = f"webcam {self._camera_source}" if self.webcam_on else str(self.current)
+        what = f"webcam {self.webcam.spec}" if self.webcam_on else str(self.current)
         # Pasted into a terminal, a control character in a label would act there: escaped, as on screen.
         lines = [shown(what)] + [f"{shown(p.label)}\t{p.score:.4f}\t{p.class_id}" for p in predictions]
         self.copy_to_clipboard("\n".join(lines) + "\n")

@@ -62,7 +62,7 @@ class ClassifyFailed(Message):
 @dataclass(eq=False)
 class CameraFrame(Message):
     """The newest camera frame, its classification (or the error that stopped it, e.g. no model yet) and the
-    classified frames per second."""
+    classified frames per second. Only the newest one matters: see can_replace."""
 
     session: int  # which start of webcam mode this frame belongs to
     index: int
@@ -70,6 +70,11 @@ class CameraFrame(Message):
     result: Classification | None
     error: str | None
     fps: float | None
+
+    def can_replace(self, message: Message) -> bool:
+        # Textual asks the message it is about to handle whether the next one in the queue may take its place:
+        # a newer frame does, so a UI slower than the camera shows the newest frame instead of falling behind.
+        return isinstance(message, CameraFrame)
 
 
 @dataclass(eq=False)
