@@ -79,7 +79,7 @@ def read_done(path: Path, format: str) -> tuple[Done, int, Tail | None]:
     """
     name = shown(path)
     with open_regular(path, OutputError) as f:
-        return _read_jsonl(f, name) if format == "jsonl" else _read_csv(f, name)
+        return READERS[format](f, name)
 
 
 def _read_jsonl(f, name: str) -> tuple[Done, int, None]:
@@ -174,3 +174,7 @@ def _swallows_a_record(f, start: int, end: int) -> bool:
         if len(rows) == 1 and len(rows[0]) == len(CSV_HEADER):
             return True
     return False
+
+
+# The formats --resume continues (each an outputs.Format with `resumable` set), by name: their readers.
+READERS = {"jsonl": _read_jsonl, "csv": _read_csv}

@@ -11,8 +11,8 @@ import pytest
 
 from mlx_vit.classify import Prediction, Result
 from mlx_vit.errors import OutputError
-from mlx_vit.outputs import RESULTS, Output, ResultWriter, csv_rows, format_for
-from mlx_vit.resume import CSV_HEADER, Done, read_done
+from mlx_vit.outputs import FORMATS, RESULTS, CsvFormat, Format, Output, ResultWriter, format_for
+from mlx_vit.resume import CSV_HEADER, READERS, Done, read_done
 
 TRICKY = [
     "plain",
@@ -162,7 +162,7 @@ def test_resume_after_a_kill_at_any_byte_ends_with_every_image_once(tmp_path, fo
 
 def csv_lines(result) -> list[bytes]:
     text = io.StringIO()
-    csv.writer(text).writerows(csv_rows(result))
+    csv.writer(text).writerows(CsvFormat.rows(result))
     return [text.getvalue().encode()]
 
 
@@ -282,3 +282,53 @@ def test_finished_paths_match_however_they_are_spelled(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     done = Done(np.array([Done.key(str(tmp_path / "photos" / "a.png"))], np.uint64))
     assert "photos/a.png" in done and "./photos//a.png" in done and "photos/b.png" not in done
+
+
+def test_each_format_is_one_class_named_in_the_registry():
+    assert list(FORMATS) == ["table", "json", "jsonl", "csv"]
+    assert all(issubclass(kind, Format) and kind.name == name for name, kind in FORMATS.items())
+    assert [name for name, kind in FORMATS.items() if kind.resumable] == list(READERS)  # resume.py reads them
+    suffixes = {name: kind.suffix for name, kind in FORMATS.items() if kind.suffix}
+    assert suffixes == {"json": ".json", "jsonl": ".jsonl", "csv": ".csv"}
+    assert all(format_for(f"out{suffix}", None) == name for name, suffix in suffixes.items())
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_each_format_reads_back_through_resume_if_it_is_resumable(tmp_path, name):
+    """A finished output resumed with the same inputs keeps every image and gains nothing; one that cannot be
+    resumed says so."""
+    path = tmp_path / f"out.{name}"
+    write(path, name, [results(0, 3), results(3, 3)], top_k=3)
+    whole = path.read_bytes()
+    if not FORMATS[name].resumable:
+        with pytest.raises(OutputError, match=f"--resume continues jsonl or csv output, not {name}"):
+            Output(path, name, resume=True)
+        return
+    writer = ResultWriter(Output(path, name, resume=True), "model", 3, 1000)
+    assert [r.path in writer.done for r in results(0, 6)] == [True] * 6
+    writer.write([r for r in results(0, 6) if r.path not in writer.done])
+    writer.close()
+    assert path.read_bytes() == whole
+
+
+class PathsFormat(Format):
+    """A format the package does not have: the paths classified, a line each."""
+
+    name = "paths"
+    suffix = ".paths"
+
+    def write(self, results):
+        self.output.append("".join(r.path + "\n" for r in results))
+
+
+def test_a_new_format_is_one_class_in_the_registry(tmp_path, monkeypatch):
+    monkeypatch.setitem(FORMATS, "paths", PathsFormat)
+    path = tmp_path / "out.paths"
+    assert format_for(path, None) == "paths"
+    output = Output(path, "paths")
+    writer = ResultWriter(output, "model")
+    writer.write(results(0, 2))
+    assert not path.exists()  # not resumable: written whole, moved into place at the end
+    writer.write(results(2, 2))
+    writer.close()
+    assert path.read_text() == "".join(r.path + "\n" for r in results(0, 4))
