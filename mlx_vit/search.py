@@ -88,13 +88,13 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
         raise IndexFileError(f"{name}: holds every token (--all-tokens); search needs one vector an image")
     if model is None and made_by is None:
         raise IndexFileError(f"{name}: a .npy index does not record its model; name it with -m")
-    classifier = load(model or made_by, revision, max_pixels or DEFAULT_MAX_PIXELS)
-    width = classifier.model_config.num_features
+    engine = load(model=model or made_by, revision=revision, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    width = engine.model_config.num_features
     if width != vectors.shape[1]:
-        raise IndexFileError(f"{name}: holds {vectors.shape[1]}-wide vectors, {classifier.name} makes {width}-wide "
+        raise IndexFileError(f"{name}: holds {vectors.shape[1]}-wide vectors, {engine.name} makes {width}-wide "
                              "ones; search with the index's model")  # fmt: skip
     answers: list[Answer] = []
-    for records in embedded_batches(classifier, find_inputs(list(queries))):
+    for records in embedded_batches(engine, find_inputs(list(queries))):
         found = [r for r in records if r.error is None]
         if found:
             try:
