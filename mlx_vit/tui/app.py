@@ -106,7 +106,7 @@ class MlxVitApp(App[None]):
         self._start_folder = path.parent if path.is_file() else path
         self._start_model = (model, model_label) if model else None
         self._start_camera = camera
-        self._frame_source = frame_source
+        self.webcam = Webcam(backend, frame_source, spec=camera or "0", id="webcam")  # composed with the rest
         self._graphics = graphics
         self.top_k = max(1, min(MAX_TOP_K, top_k))
         self.current: Path | None = None  # the image chosen in the browser
@@ -134,7 +134,7 @@ class MlxVitApp(App[None]):
                 yield PredictionBars(id="predictions")
         yield StatusLine(id="status")
         yield Footer()
-        yield Webcam(self.backend, self._frame_source, spec=self._start_camera or "0", id="webcam")
+        yield self.webcam
 
     def on_mount(self) -> None:
         logger = logging.getLogger("mlx_vit")
@@ -175,10 +175,6 @@ class MlxVitApp(App[None]):
     @property
     def browser(self) -> FolderBrowser:
         return self.query_one("#browser", FolderBrowser)
-
-    @property
-    def webcam(self) -> Webcam:
-        return self.query_one("#webcam", Webcam)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in MAIN_ACTIONS and isinstance(self.screen, ModalScreen):
