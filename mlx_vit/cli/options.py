@@ -14,6 +14,7 @@ from mlx_vit import numbers
 from mlx_vit.choice import DEFAULT_MAX_PIXELS as DEFAULT_MAX_PIXELS  # the defaults, held once in mlx_vit.choice
 from mlx_vit.choice import DEFAULT_MODEL as DEFAULT_MODEL
 from mlx_vit.errors import shown
+from mlx_vit.outputs import FORMATS
 
 
 def integer(low: int | None = 1, high: int | None = None):
@@ -49,11 +50,8 @@ class DType(str, Enum):
     bfloat16 = "bfloat16"
 
 
-class Format(str, Enum):
-    table = "table"
-    json = "json"
-    jsonl = "jsonl"
-    csv = "csv"
+# The output formats' names, as mlx_vit.outputs registers them: a new format is one class there.
+Format = Enum("Format", {name: name for name in FORMATS}, type=str)
 
 
 Model = Annotated[str, typer.Option("-m", "--model", help="MLX folder, checkpoint folder or file, or Hub repo id.")]
