@@ -80,7 +80,8 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                 _check_pixels(image.size, limit, name)
                 if isinstance(image, JpegImagePlugin.JpegImageFile) and image.info.get("progressive"):  # MPO too
                     _check_scans(f, image.size, name)
-                image.seek(0)  # multi-frame TIFF, animated GIF/WebP/PNG: the first frame
+                # Not seek(0): Image.open leaves every reader at its first image (multi-frame TIFF, animated GIF,
+                # WebP and PNG at frame 0), and a PSD's, its composite, is frame 1 (its layers are 1..n).
                 image.load()
                 _check_pixels(image.size, limit, name)  # a reader may pick its image, and so its size, in load()
                 rgb = to_rgb(_apply_orientation(image))

@@ -456,6 +456,18 @@ def test_first_frame_of_animations_and_multipage_files(tmp_path):
     np.testing.assert_array_equal(np.asarray(open_image(IMAGES / "multipage.tif")), first)
 
 
+def test_a_psd_file_is_its_composite_image(tmp_path):
+    """Pillow numbers a PSD's images from 1 (the composite image, then its layers): seeking to frame 0 refused
+    every PSD file. Made by hand (Pillow writes none): raw 8-bit RGB planes, no layers."""
+    planes = np.arange(3 * 6 * 8, dtype=np.uint8).reshape(3, 6, 8) * 2
+    header = b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, 6, 8, 8, 3) + struct.pack(">III", 0, 0, 0)
+    path = tmp_path / "flat.psd"
+    path.write_bytes(header + struct.pack(">H", 0) + planes.tobytes())
+    with Image.open(path) as raw:
+        assert (raw.format, raw.size, raw.mode) == ("PSD", (8, 6), "RGB")
+    np.testing.assert_array_equal(np.asarray(open_image(path)), planes.transpose(1, 2, 0))
+
+
 def test_lab_tiff_is_not_read_as_transparent(tmp_path):
     lab = Image.new("LAB", (4, 4), (136, 208, 195))  # sRGB red, in 8-bit CIELAB
     path = _write(tmp_path / "lab.tif", lab)
