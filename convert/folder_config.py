@@ -13,6 +13,7 @@ A second part (a text tower, a head naming its backbone) is one more key here, c
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,8 +138,8 @@ class FolderConfig:
             "preprocessing": self.preprocessing.to_dict(),
             "pos_embed_resample": dict(self.resample),
             "dtype": self.dtype,
-            "quantization": self.quantization,
-            "source": self.source,
+            "quantization": copy.deepcopy(self.quantization),  # copies: the config stays as it is
+            "source": copy.deepcopy(self.source),
         }
         if self.image_size is not None:
             values["image_size"] = self.image_size

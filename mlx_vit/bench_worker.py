@@ -74,7 +74,7 @@ class _MlxRunner(_Runner):
         self.dtype = getattr(mx, self.spec["dtype"])
         if self.dtype != mx.float32:
             self.model.set_dtype(self.dtype)
-        plan = runtime.current()  # load_model's; a random model's decided now, as a load would
+        plan = runtime.adopt(runtime.decide())  # as a load does (a random model is built here, not loaded)
         self.image_size, self.channels = self.model.config.image_size, self.model.config.num_channels
         blas = blas_info()
         where = (f" ({blas.path})" if blas.path else "") + (f", core {blas.core}" if blas.core else "")

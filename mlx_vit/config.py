@@ -147,7 +147,7 @@ class ViTConfig:
         if not isinstance(self.hidden_act, str) or self.hidden_act not in ACTIVATIONS:
             act = shown(self.hidden_act, 40, quote=True)
             fail(f"hidden_act {act} is not supported (supported: {', '.join(ACTIVATIONS)})")
-        if self.pooler and (not isinstance(self.pooler_act, str) or self.pooler_act not in ACTIVATIONS):
+        if not isinstance(self.pooler_act, str) or (self.pooler and self.pooler_act not in ACTIVATIONS):
             fail(f"pooler_act {shown(self.pooler_act, 40, quote=True)} is not supported")
         eps = self.layer_norm_eps
         if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 < eps < 1):

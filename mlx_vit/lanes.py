@@ -12,8 +12,8 @@ the lanes add up their parts of the attention's and the MLP's output projection,
 first time (ViT-B: ~140 MB), and again when the weights are replaced (`forget` after editing them in place). A
 model not in float32, or one too narrow to gain (MIN_LANE_WIDTH), runs such a batch in one lane.
 
-How many lanes and threads is the runtime plan's (mlx_vit.runtime), decided when the model was loaded. The
-block's own code runs in each lane (Block.stages): nothing here knows what a block holds.
+How many lanes and threads is the runtime plan's (mlx_vit.runtime, decided at the last load). The block's own
+code runs in each lane (Block.stages): nothing here knows what a block holds.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def split(count: int, parts: int) -> list[tuple[int, int]]:
     return list(zip(bounds, bounds[1:], strict=False))
 
 
-def plan(blocks: list[nn.Module], batch: int, streams: list[mx.Stream]) -> str:
+def how(blocks: list[nn.Module], batch: int, streams: list[mx.Stream]) -> str:
     """How `run` runs a batch: "batch" (a part of the batch a lane), "tensor" (a part of each block a lane) or
     "one": one stream, or a batch the lanes do not divide, of blocks that cannot be split in as many shares
     (Block.splits: not float32, fewer heads than lanes) or too narrow to gain (MIN_LANE_WIDTH)."""
@@ -82,11 +82,11 @@ def plan(blocks: list[nn.Module], batch: int, streams: list[mx.Stream]) -> str:
 
 def run(blocks: list[nn.Module], x: mx.array, streams: list[mx.Stream]) -> mx.array:
     """The transformer blocks on (B, T, D) tokens in one lane a stream (see the module's docstring)."""
-    how = plan(blocks, x.shape[0], streams)
-    use(1 if how == "one" else len(streams))
-    if how != "tensor":
+    way = how(blocks, x.shape[0], streams)
+    use(1 if way == "one" else len(streams))
+    if way != "tensor":
         forget(blocks, stale_only=True)  # copies of replaced weights (quantized, say) would hold memory for nothing
-    if how == "batch":
+    if way == "batch":
         parts = []
         for stream, (start, stop) in zip(streams, split(x.shape[0], len(streams)), strict=True):
             with mx.stream(stream):
@@ -95,7 +95,7 @@ def run(blocks: list[nn.Module], x: mx.array, streams: list[mx.Stream]) -> mx.ar
                     part = block(part)
             parts.append(part)
         return mx.concatenate(parts, axis=0)
-    if how == "tensor":
+    if way == "tensor":
         xs = [x] * len(streams)
         for block in blocks:
             xs = _tensor_parallel(block, xs, streams)
@@ -110,15 +110,17 @@ def forget(blocks: list[nn.Module], stale_only: bool = False) -> None:
     for block in blocks:
         kept = getattr(block, "_shares", None)
         if kept is not None and not (stale_only and kept[0].fits(block)):
-            del block._shares
+            object.__delattr__(block, "_shares")
 
 
 def _shares(block: nn.Module, count: int) -> list:
-    """The block's `count` shares: made the first time, and again when its weights were replaced. Kept as a
-    plain attribute (a list), which an MLX Module holds apart from its parameters."""
+    """The block's `count` shares: made the first time, and again when its weights were replaced. Kept as a plain
+    Python attribute, outside the Module's tree (where MLX would keep a list), so that tree_map and friends never
+    meet them."""
     kept = getattr(block, "_shares", None)
     if kept is None or len(kept) != count or not kept[0].fits(block):
-        kept = block._shares = block.shares(split(block.attention_heads, count), split(block.hidden_units, count))
+        kept = block.shares(split(block.attention_heads, count), split(block.hidden_units, count))
+        object.__setattr__(block, "_shares", kept)
     return kept
 
 

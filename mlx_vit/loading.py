@@ -44,10 +44,11 @@ def cache_dir() -> Path:
 
 
 def load_mlx_folder(folder: Path, image_size: int | None = None) -> LoadedModel:
+    """An mlx-vit folder, its weights as the runtime plan decided here needs them (float32 on the CPU)."""
     config, weights = read_mlx_folder(folder)
     config = config.at_image_size(image_size, shown(folder / "config.json"))
     dtype = config.dtype
-    if runtime.current().cpu and (config.quantization or dtype != "float32"):
+    if runtime.adopt(runtime.decide()).cpu and (config.quantization or dtype != "float32"):
         # MLX's CPU quantized/half matmuls are scalar loops, ~15-30x slower than float32 with a real BLAS.
         log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", shown(folder),
                  config.describe())  # fmt: skip
@@ -64,6 +65,7 @@ def load_checkpoint(path: Path, image_size: int | None = None, arch: str | None 
     """A checkpoint folder or bare weight file of any supported format, converted in memory."""
     weights, config = convert_folder(path, {"path": str(path.resolve())}, arch=arch, image_size=image_size)
     model = build_model(config, weights, shown(path))
+    runtime.adopt(runtime.decide())  # float32, as converted: nothing to expand
     return LoadedModel(model, config, str(path))
 
 
@@ -72,9 +74,8 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
     """Load a model by folder, weight file (with `arch`, a timm name) or Hub id (see the module docstring).
 
     `image_size` runs it at another square input size (position embeddings resampled once, here). How the
-    model runs on this device (mlx_vit.runtime) is decided here too.
+    model runs on this device (mlx_vit.runtime) is decided as it is loaded.
     """
-    runtime.adopt(runtime.decide())
     folder = Path(name).expanduser()
     if is_dir(folder):
         if not exists(folder / "config.json"):

@@ -72,7 +72,7 @@ class Attention(nn.Module):
         if share is None:
             return self.proj(self.mix(*self._qkv(x)))
         B, T, D = x.shape
-        a, b = share.heads
+        a, b = share.columns
         q, k, v = (_rows(self.qkv, i * D + a, i * D + b, x).reshape(B, T, -1, D // self.num_heads)
                    .transpose(0, 2, 1, 3) for i in range(3))  # fmt: skip
         return self.mix(q, k, v) @ share.proj.T
@@ -202,11 +202,12 @@ class Share:
     replaced (update, load_weights, set_dtype, quantize) makes a share stale; one edited in place (`w[:] = ...`)
     does not: call lanes.forget then."""
 
-    def __init__(self, block: Block, heads: tuple[int, int], hidden: tuple[int, int]):
+    def __init__(self, block: Block, heads: tuple[int, int], hidden: tuple[int, int]):  # head and unit ranges
         head = block.width // block.attention_heads
-        self.heads, self.hidden = (heads[0] * head, heads[1] * head), hidden
+        self.columns = (heads[0] * head, heads[1] * head)  # the heads' channels: rows of q, k, v; columns of proj
+        self.hidden = hidden
         # Not evaluated here: the pass evaluates them, also under mx.compile, where weights are placeholders.
-        self.proj = mx.contiguous(block.attn.proj.weight[:, self.heads[0] : self.heads[1]])
+        self.proj = mx.contiguous(block.attn.proj.weight[:, self.columns[0] : self.columns[1]])
         self.fc2 = mx.contiguous(block.mlp.fc2.weight[:, hidden[0] : hidden[1]])
         self._sources = [weakref.ref(layer.weight) for layer in (block.attn.proj, block.mlp.fc2)]
 

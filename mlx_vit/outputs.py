@@ -24,8 +24,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar, TextIO
 
-import numpy as np
-
 from mlx_vit.errors import OutputError, shown
 from mlx_vit.files import failing, os_reason, temporary_beside
 from mlx_vit.resume import CSV_HEADER, Done, Tail, read_done
@@ -151,7 +149,7 @@ class CsvFormat(Format):
         tail = output.tail
         if tail is not None and top_k is not None and (not tail.ranks or tail.ranks >= min(top_k, classes or top_k)):
             self._keep_tail()
-            output.done = Done(np.append(output.done.hashes, np.uint64(self.kept)))
+            output.done = output.done.adding(self.kept)
 
     @staticmethod
     def rows(result: Any) -> list[list[Any]]:

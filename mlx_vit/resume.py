@@ -16,11 +16,9 @@ import itertools
 import os
 import re
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 from mlx_vit.errors import OutputError, shown
 from mlx_vit.files import MAX_JSON_BYTES, lines, open_regular, parse_json, path_string
@@ -39,8 +37,16 @@ class Done:
     skipped when the run resumes as `/home/me/photos/a.jpg`, and the other way round.
     """
 
-    def __init__(self, hashes: np.ndarray | None = None):
-        self.hashes = np.unique(hashes).astype(np.uint64) if hashes is not None else np.zeros(0, np.uint64)
+    def __init__(self, hashes: Sequence[int] | None = None):  # an array("Q") or a numpy array
+        import numpy as np  # here, not at import: `mlx-vit --help` reads the formats' names next door
+
+        self.hashes = np.unique(np.asarray(hashes if hashes is not None else [], dtype=np.uint64))
+
+    def adding(self, key: int) -> Done:
+        """These paths and the one whose key this is."""
+        import numpy as np
+
+        return Done(np.append(self.hashes, np.uint64(key)))
 
     @staticmethod
     def key(path: str) -> int:
@@ -53,9 +59,9 @@ class Done:
     def __contains__(self, path: str) -> bool:
         if not len(self.hashes):
             return False
-        key = np.uint64(self.key(path))
-        at = int(np.searchsorted(self.hashes, key))
-        return at < len(self.hashes) and self.hashes[at] == key
+        key = self.key(path)
+        at = int(self.hashes.searchsorted(self.hashes.dtype.type(key)))
+        return at < len(self.hashes) and int(self.hashes[at]) == key
 
 
 @dataclass
@@ -100,7 +106,7 @@ def _read_jsonl(f, name: str) -> tuple[Done, int, None]:
             raise OutputError(f"{name}: line {number} is not an mlx-vit result; not resuming (remove the file?)")
         hashes.append(Done.key(path))
         end += len(line)
-    return Done(np.frombuffer(hashes, dtype=np.uint64)), end, None
+    return Done(hashes), end, None
 
 
 def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
@@ -155,7 +161,7 @@ def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
         if number > 1 and row[1]:
             ranks += 1
         end = taken
-    done = Done(np.frombuffer(hashes, dtype=np.uint64))
+    done = Done(hashes)
     return (done, end, None) if last_path is None else (done, last_start, Tail(last_path, end, ranks))
 
 

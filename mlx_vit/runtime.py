@@ -1,4 +1,5 @@
-"""How this process runs a model: decided once, when a model is loaded, and asked nowhere else.
+"""How this process runs a model on the default device: decided when a model is loaded (and again if the default
+device changes), and asked nowhere else.
 
 On the CPU (MLX's CPU backend, as on Linux without CUDA) a plan means: GELU and the softmax's exp in the forms
 its vectorizer runs fast (mlx_vit.ops), quantized and half-precision weights expanded to float32 at load (its
@@ -28,6 +29,7 @@ CPU_CACHE_LIMIT = 1 << 30
 
 @dataclass(frozen=True)
 class Plan:
+    device: mx.Device  # what it was decided for: MLX's default device then
     cpu: bool  # the CPU's kernels, float32 weights, lanes
     lanes: int = 1  # the most CPU lanes a forward pass is split into
     threads: int = 1  # the BLAS threads the lanes share out
@@ -38,7 +40,7 @@ class Plan:
 
     def describe(self) -> str:
         """How a CPU pass runs, for --version and bench: "up to 2 CPU lanes of 1 BLAS thread each" (a pass may
-        run in one, see lanes.how); "" off the CPU."""
+        run in one: lanes.how); "" off the CPU."""
         if not self.cpu:
             return ""
         threads = self.threads_per_lane(self.lanes)
@@ -48,10 +50,11 @@ class Plan:
 
 def decide() -> Plan:
     """The plan for the default device and this environment (MLX_VIT_CPU_LANES must be a count: NumberError)."""
-    if mx.default_device() != mx.cpu:
-        return Plan(cpu=False)
+    device = mx.default_device()
+    if device != mx.cpu:
+        return Plan(device, cpu=False)
     threads = thread_budget()
-    return Plan(cpu=True, lanes=lane_count(threads), threads=threads, cache_limit=CPU_CACHE_LIMIT)
+    return Plan(device, cpu=True, lanes=lane_count(threads), threads=threads, cache_limit=CPU_CACHE_LIMIT)
 
 
 _current: Plan | None = None
@@ -69,8 +72,12 @@ def adopt(plan: Plan) -> Plan:
 
 
 def current() -> Plan:
-    """The plan adopted last; one decided now if none was (a model built by hand, not loaded)."""
-    return _current or adopt(decide())
+    """The plan adopted last; one decided now (and kept, not adopted: MLX's cache stays as it is) if none was or
+    if the default device is no longer the one it was decided for (a model built by hand; another device)."""
+    global _current
+    if _current is None or _current.device != mx.default_device():
+        _current = decide()
+    return _current
 
 
 def _count(name: str) -> int | None:

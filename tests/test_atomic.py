@@ -120,7 +120,5 @@ def test_stale_temporary_folders_are_cleaned_up(tmp_path):
     os.utime(stale, (time.time() - 7200,) * 2)
     fresh = tmp_path / ".model.tmp-cafecafe"  # perhaps another conversion running right now: left alone
     fresh.mkdir()
-    write_mlx_folder(
-        tmp_path / "model", {"w": np.zeros(2, np.float32)}, FolderConfig(ViTConfig(), PreprocessConfig()), force=False
-    )
+    write_mlx_folder(tmp_path / "model", {"w": np.zeros(2, np.float32)}, A_CONFIG, force=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".model.tmp-cafecafe", "model"]

@@ -113,7 +113,7 @@ def test_a_camera_error_is_its_line_then_the_summary(monkeypatch):
     assert summary.startswith("camera 0: 1 frames classified in ") and summary.endswith("stopped by the error above")
 
 
-HEAVY = ("mlx", "PIL", "huggingface_hub")
+HEAVY = ("mlx", "PIL", "huggingface_hub", "numpy")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["classify", "--help"], ["embed", "--help"]], ids=" ".join)

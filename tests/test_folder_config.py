@@ -69,3 +69,29 @@ def test_a_load_keeps_a_gib_of_freed_buffers(converted):
     assert mx.set_cache_limit(2 << 30) == runtime.CPU_CACHE_LIMIT  # what the load set; now 2 GiB
     load(str(converted))
     assert mx.set_cache_limit(runtime.CPU_CACHE_LIMIT) == 2 << 30  # kept
+
+
+def test_an_unused_pooler_activation_must_still_be_a_name(converted):
+    """pooler_act is read only with a pooler, but written back whatever it is: a list nested 600 deep was accepted,
+    then crashed to_dict (and a checkpoint's conversion) with a RecursionError."""
+    written = json.loads((converted / "config.json").read_text())
+    deep = "tanh"
+    for _ in range(600):
+        deep = [deep]
+    with pytest.raises(ConfigError, match=r"config.json: pooler_act \[\[\[\[.*is not supported"):
+        FolderConfig.from_dict({**written, "model": {**written["model"], "pooler": False, "pooler_act": deep}},
+                               "config.json")  # fmt: skip
+
+
+def test_what_to_dict_gives_is_a_copy(converted):
+    config = FolderConfig.from_dict(json.loads((converted / "config.json").read_text()), "config.json")
+    config.to_dict()["source"]["path"] = "elsewhere"
+    assert config.source["path"] != "elsewhere"
+
+
+@pytest.mark.parametrize("source", ["x", ["path"], 3])
+def test_a_source_that_is_not_an_object_is_refused(converted, source):
+    """convert writes {"repo", "revision"} or {"path"}; bench reads it as one (a string crashed it)."""
+    written = json.loads((converted / "config.json").read_text())
+    with pytest.raises(ConfigError, match="^config.json: source must be an object$"):
+        FolderConfig.from_dict({**written, "source": source}, "config.json")

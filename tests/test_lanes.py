@@ -70,8 +70,8 @@ def pixels(batch: int, size: int = 32, seed: int = 1) -> mx.array:
 
 def spy_plans(monkeypatch) -> list[str]:
     plans = []
-    real = lanes.plan
-    monkeypatch.setattr(lanes, "plan", lambda *a: plans.append(real(*a)) or plans[-1])
+    real = lanes.how
+    monkeypatch.setattr(lanes, "how", lambda *a: plans.append(real(*a)) or plans[-1])
     return plans
 
 
@@ -294,3 +294,29 @@ def test_each_lane_gets_its_share_of_the_blas_threads(in_lanes, monkeypatch):
     assert get() == 2
     model().with_attention(pixels(2))  # explain's pass: one lane, every thread
     assert get() == 4
+
+
+def test_a_model_built_by_hand_leaves_the_buffer_cache_as_it_is(monkeypatch):
+    """Only a load adopts a plan (and raises MLX's cache of freed buffers); a model built by hand runs by a plan
+    decided for it, with the cache as the program left it."""
+    monkeypatch.setattr(runtime, "_current", None)
+    previous = mx.set_cache_limit(32 << 20)
+    try:
+        model()(pixels(1)).tolist()
+        assert runtime.current().cpu
+        assert mx.set_cache_limit(32 << 20) == 32 << 20
+    finally:
+        mx.set_cache_limit(previous)
+
+
+def test_the_plan_follows_the_default_device(monkeypatch):
+    """A plan is for the device it was decided on: another default device (Metal, CUDA) gets its own, without
+    lanes or the CPU's kernels."""
+    replan()
+    assert runtime.current().cpu
+    gpu = mx.Device(mx.gpu)
+    monkeypatch.setattr(runtime.mx, "default_device", lambda: gpu)
+    plan = runtime.current()
+    assert (plan.device, plan.cpu, plan.lanes, plan.describe()) == (gpu, False, 1, "")
+    monkeypatch.undo()
+    assert runtime.current().cpu

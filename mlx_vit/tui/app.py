@@ -336,12 +336,12 @@ class MlxVitApp(App[None]):
         self.sub_title = f"webcam {shown(spec)}"
         self.preview.set_image(None)
         self.predictions.show_note("waiting for the first frame …")
-        self.status.position = webcam.name
+        self.status.position = webcam.source_name
         self._webcam_title()
 
     def _webcam_title(self) -> None:
         attention = " · attention" if self.attention else ""
-        self.preview.border_title = Text(f"webcam · {self.webcam.name}{attention}")  # Text: names are not markup
+        self.preview.border_title = Text(f"webcam · {self.webcam.source_name}{attention}")  # Text: names are not markup
 
     def stop_camera(self) -> None:
         """Leave webcam mode (the camera thread ends after its current frame) and show the current image again."""
@@ -363,7 +363,7 @@ class MlxVitApp(App[None]):
             return
         self.preview.set_image(message.image)
         fps = f" · {message.fps:.1f} fps" if message.fps is not None else ""
-        self.status.position = f"{webcam.name} · frame {message.index}{fps}"
+        self.status.position = f"{webcam.source_name} · frame {message.index}{fps}"
         if message.result is None:
             self.predictions.show_note(message.error or "")
             return

@@ -45,7 +45,7 @@ class Webcam(Widget):
         return self._spec
 
     @property
-    def name(self) -> str:
+    def source_name(self) -> str:
         """What the running session watches, for the screen ("camera 0", "video clip.mp4"); "" when off."""
         return self._session.name if self._session is not None else ""
 
