@@ -50,12 +50,17 @@ class Stats:
         return time.monotonic() - self.started
 
     def rate(self) -> float:
-        return self.done / self.seconds if self.seconds > 0 else 0.0
+        """Images classified (or embedded) a second: a failure is not a result, so it is not counted."""
+        return (self.done - self.failed) / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self, what: str = "classified") -> str:
+        """The run's last line; it gives a rate only when some image was classified (or embedded)."""
         skipped = f", {self.skipped} skipped (already in the output)" if self.skipped else ""
-        return (f"{self.done - self.failed} {what}, {self.failed} failed{skipped} in {self.seconds:.1f} s "
-                f"({self.rate():.1f} images/s)")  # fmt: skip
+        seconds = self.seconds
+        rate = (
+            f" ({(self.done - self.failed) / seconds:.1f} images/s)" if self.done > self.failed and seconds > 0 else ""
+        )
+        return f"{self.done - self.failed} {what}, {self.failed} failed{skipped} in {seconds:.1f} s{rate}"
 
 
 def pending(arguments: Iterable[str | os.PathLike], stdin: TextIO | None, finished: Done, stats: Stats,
