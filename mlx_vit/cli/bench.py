@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from mlx_vit.cli.errors import echo, print_rich
-from mlx_vit.cli.options import DType, integer
+from mlx_vit.cli.options import DType, default_is, integer
 
 
 class BenchFormat(str, Enum):
@@ -32,7 +32,9 @@ def bench(
     ),
     compare: Annotated[
         str | None,
-        typer.Option("--compare", help="torch, onnxruntime, both comma-separated, or none [default: those installed]."),
+        typer.Option(
+            "--compare", help="torch, onnxruntime, both comma-separated, or none. " + default_is("those installed")
+        ),
     ] = None,
     runs: Annotated[int, typer.Option("--runs", parser=integer(), help="Timed runs per batch size and runtime.")] = 5,
     warmup: Annotated[int, typer.Option("--warmup", parser=integer(0), help="Untimed runs first.")] = 1,

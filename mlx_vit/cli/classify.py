@@ -21,7 +21,7 @@ def classify(
         typer.Option(
             "--format",
             help="table, json (one array), jsonl (a line each) or csv (a row per image and "
-            "rank)  [default: -o's extension, else table]",
+            "rank). " + options.default_is("-o's extension, else table"),
             show_default=False,
         ),
     ] = None,  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mlx_vit.cli.errors import echo
-from mlx_vit.cli.options import Arch, DType, ImageSize, Revision, integer
+from mlx_vit.cli.options import Arch, DType, ImageSize, Revision, default_is, integer
 from mlx_vit.errors import MlxVitError, shown
 
 
@@ -17,18 +17,22 @@ def convert(
         str, typer.Argument(help="Hub repo id (e.g. google/vit-base-patch16-224), a checkpoint folder, or a file.")
     ],
     mlx_path: Annotated[
-        Path | None, typer.Option("-o", "--mlx-path", help="Output folder [default: ./NAME-mlx].")
+        Path | None, typer.Option("-o", "--mlx-path", help="Output folder. " + default_is("./NAME-mlx"))
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     revision: Revision = None,
     quantize: Annotated[bool, typer.Option("-q", "--quantize", help="Quantize the linear layers' weights.")] = False,
     q_bits: Annotated[
         int | None,
-        typer.Option("--q-bits", parser=integer(), help="Bits per weight with -q: 2, 3, 4, 5, 6 or 8.  [default: 4]"),
+        typer.Option(
+            "--q-bits", parser=integer(), help="Bits per weight with -q: 2, 3, 4, 5, 6 or 8. " + default_is("4")
+        ),
     ] = None,
     q_group_size: Annotated[
         int | None,
-        typer.Option("--q-group-size", parser=integer(), help="Weights sharing a scale: 32, 64, 128.  [default: 64]"),
+        typer.Option(
+            "--q-group-size", parser=integer(), help="Weights sharing a scale: 32, 64, 128. " + default_is("64")
+        ),
     ] = None,
     q_mode: Annotated[
         str | None,

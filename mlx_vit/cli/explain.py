@@ -28,7 +28,10 @@ def explain(
     output: Annotated[
         Path | None,
         typer.Option(
-            "-o", "--output", parser=options.output_file, help="The PNG to write [default: ./IMAGE-METHOD.png]."
+            "-o",
+            "--output",
+            parser=options.output_file,
+            help="The PNG to write. " + options.default_is("./IMAGE-METHOD.png"),
         ),
     ] = None,
     method: Annotated[

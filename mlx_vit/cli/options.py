@@ -17,6 +17,12 @@ from mlx_vit.errors import shown
 from mlx_vit.outputs import FORMATS
 
 
+def default_is(text: str) -> str:
+    """`[default: TEXT]` for a help text, where an option's default value cannot say it (None stands for it): Typer
+    reads help as Rich markup, in which an unescaped `[default: ...]` is a style tag and vanishes."""
+    return ("\\" if typer.core.HAS_RICH else "") + f"[default: {text}]"
+
+
 def integer(low: int | None = 1, high: int | None = None):
     """A `parser` for an integer option: mlx_vit.numbers' rules (ASCII digits, bounded, range-checked)."""
     return partial(_parse, numbers.parse_int, low, high)
@@ -85,12 +91,13 @@ Resume = Annotated[
 ]  # fmt: skip
 Workers = Annotated[
     int | None,
-    typer.Option("--workers", parser=integer(), help="Threads decoding images ahead of the model [default: cores - 1, "
-                 "at most 8].", show_default=False),
+    typer.Option("--workers", parser=integer(), help="Threads decoding images ahead of the model. "
+                 + default_is("cores - 1, at most 8"), show_default=False),
 ]  # fmt: skip
 Progress = Annotated[
     bool | None,
-    typer.Option("--progress/--no-progress", help="Progress bar on stderr [default: when stderr is a terminal].",
+    typer.Option("--progress/--no-progress", help="Progress bar on stderr. "
+                 + default_is("when stderr is a terminal"),
                  show_default=False),
 ]  # fmt: skip
 

@@ -29,7 +29,10 @@ def search(
     model: Annotated[
         str | None,
         typer.Option(
-            "-m", "--model", help="The model that embeds the queries [default: the index's own].", show_default=False
+            "-m",
+            "--model",
+            help="The model that embeds the queries. " + options.default_is("the index's own"),
+            show_default=False,
         ),
     ] = None,  # fmt: skip
     revision: Revision = None,
