@@ -3,9 +3,10 @@ threshold and -o options refuse what can never be right."""
 
 from __future__ import annotations
 
+import json
 import time
 
-from checkpoints import run_cli
+from checkpoints import PHOTOS, make_checkpoint, run_cli
 
 from mlx_vit.runs import Stats
 
@@ -31,3 +32,17 @@ def test_classify_of_a_broken_file_alone_prints_no_rate(vit_folder, tmp_path, is
     assert done.returncode == 1
     assert done.stderr.splitlines()[-1].startswith("0 classified, 1 failed in ")
     assert "images/s" not in done.stderr
+
+
+def test_a_threshold_above_1_is_a_usage_error_for_probabilities(vit_folder, isolated):
+    done = run_cli("classify", PHOTOS[0], "-m", vit_folder, "--threshold", "1.5", env=isolated)
+    assert done.returncode == 2, done.stderr
+    assert "--threshold" in done.stderr and "1.5 can never match" in done.stderr
+    assert run_cli("classify", PHOTOS[0], "-m", vit_folder, "--threshold", "1", env=isolated).returncode == 0
+
+
+def test_a_regression_model_takes_a_threshold_above_1(tmp_path, isolated):
+    model = make_checkpoint(tmp_path / "regression", problem_type="regression", num_labels=1)
+    done = run_cli("classify", PHOTOS[0], "-m", model, "--threshold", "1.5", "--format", "jsonl", env=isolated)
+    assert done.returncode == 0, done.stderr
+    assert "predictions" in json.loads(done.stdout)

@@ -27,7 +27,12 @@ def classify(
     ] = None,  # fmt: skip
     threshold: Annotated[
         float,
-        typer.Option("--threshold", parser=decimal(0.0), help="Drop predictions scoring below P.", metavar="P"),
+        typer.Option(
+            "--threshold",
+            parser=decimal(0.0),
+            help="Drop predictions scoring below P: a probability, 0 to 1 (any P for a regression model's raw scores).",
+            metavar="P",
+        ),
     ] = 0.0,
     resume: options.Resume = False,
     batch_size: options.BatchSize = 8,
@@ -72,8 +77,14 @@ def classify(
         raise typer.BadParameter("give images, folders or globs to classify (or --camera)", param_hint="IMAGES")
     if frames is not None or fps is not None:
         raise typer.BadParameter("--frames and --fps go with --camera", param_hint="--frames/--fps")
+    classifier = choice.load()
+    # Probabilities never pass 1, so such a threshold drops every prediction; a regression model's scores are its
+    # raw outputs (an age, a price), which a threshold above 1 can rightly cut.
+    if threshold > 1 and not classifier.regression:
+        raise typer.BadParameter(f"{threshold:g} can never match: this model's scores are probabilities, from 0 to 1",
+                                 param_hint="--threshold")  # fmt: skip
     from mlx_vit.runs import classify_library
 
-    stats = classify_library(choice.load(), images, output=output, format=chosen, top_k=top_k, threshold=threshold,
+    stats = classify_library(classifier, images, output=output, format=chosen, top_k=top_k, threshold=threshold,
                              resume=resume, batch_size=batch_size, workers=workers, progress=progress)  # fmt: skip
     raise typer.Exit(1 if stats.failed else 0)
