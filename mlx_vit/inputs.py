@@ -3,8 +3,9 @@
 Every argument is taken in order. A folder is walked depth first with its entries sorted by name, so the first
 batch starts as soon as the first files are found, however large the library; only one folder's listing is held
 at a time. Hidden files and folders (a leading dot) are skipped, and so are files whose extension is not an
-image format `open_image` reads. A file named on its own is always taken: it is refused, with a reason, when it
-turns out not to be an image. A glob (quoted, so that the shell leaves it alone) is walked the same way.
+image format `open_image` reads, in any case (`.JPG` as `.jpg`). A file named on its own is always taken: it is
+refused, with a reason, when it turns out not to be an image. A glob (quoted, so that the shell leaves it alone)
+is walked the same way, and its written extension matches in any case too (`'trips/**/*.jpg'` takes `IMG_1.JPG`).
 
 Nothing is opened here. Whatever is not a regular file (a FIFO, socket or device) becomes an `Input` with an
 error, which the run reports in one line and moves past.
@@ -252,9 +253,25 @@ def _steps(folder: str, parts: list[str], prefix: bool) -> Iterator[tuple[str, l
             if is_dir and not name.startswith("."):
                 yield join(name), parts, True
         return
-    rule = re.compile(fnmatch.translate(head))
+    matches = _name_rule(head, last=not rest)
     for name, is_dir in names:
         if name.startswith(".") and not head.startswith("."):
             continue
-        if rule.match(name) and (not rest or is_dir):
+        if matches(name) and (not rest or is_dir):
             yield join(name), rest, True
+
+
+def _name_rule(part: str, last: bool):
+    """Whether a name matches one part of a glob. In the last part a written extension (`*.jpg`) matches in any
+    case, as a folder walk takes `IMG_1234.JPG`; the rest of the name and the folders match as written, as in the
+    shell, since the file system tells `Trips` from `trips`."""
+    stem, extension = os.path.splitext(part)
+    if not last or not extension or _MAGIC.search(extension) or not stem:
+        return re.compile(fnmatch.translate(part)).match
+    rule = re.compile(fnmatch.translate(stem)).match
+
+    def matches(name: str) -> bool:
+        name_stem, name_extension = os.path.splitext(name)
+        return name_extension.lower() == extension.lower() and rule(name_stem) is not None
+
+    return matches

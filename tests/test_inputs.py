@@ -78,6 +78,28 @@ def test_globs_walk_in_order_and_skip_hidden_names(library, monkeypatch):
     assert found("nothing-*.png") == [("nothing-*.png", "nothing-*.png: no file matches this pattern")]
 
 
+def test_a_globs_extension_matches_in_any_case_as_the_walk_does(tmp_path, monkeypatch):
+    """Cameras write IMG_1234.JPG: `'trips/**/*.jpg'` takes it, as a walk of trips/ does; the rest of a name, and
+    the folders, match as written (the file system tells them apart)."""
+    names = ["trips/2020/IMG_1234.JPG", "trips/2020/img_1235.jpg", "trips/2020/IMG_1236.Jpg",
+             "trips/2020/day/IMG_1237.JPG", "trips/2020/IMG_1238.jpeg", "trips/2020/IMG_1239.JPG.txt"]  # fmt: skip
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(IMAGES / "rocket.jpg", tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    every_jpg = ["trips/2020/IMG_1234.JPG", "trips/2020/IMG_1236.Jpg", "trips/2020/img_1235.jpg",
+                 "trips/2020/day/IMG_1237.JPG"]  # fmt: skip
+    assert paths("trips/**/*.jpg") == every_jpg
+    assert paths("trips/**/*.JPG") == every_jpg
+    assert paths("trips/*/*.jpg") == every_jpg[:3]
+    assert sorted(paths("trips/**/*.jpg") + ["trips/2020/IMG_1238.jpeg"]) == sorted(paths("trips"))
+    assert paths("trips/**/IMG_*.jpg") == ["trips/2020/IMG_1234.JPG", "trips/2020/IMG_1236.Jpg",
+                                           "trips/2020/day/IMG_1237.JPG"]  # fmt: skip
+    assert paths("trips/**/*.jp?g") == ["trips/2020/IMG_1238.jpeg"]  # an extension with a wildcard: as written
+    if not os.path.exists("TRIPS"):  # a case-sensitive file system (Linux; macOS's default is not)
+        assert found("Trips/**/*.jpg") == [("Trips/**/*.jpg", "Trips/**/*.jpg: no file matches this pattern")]
+
+
 def test_a_name_with_glob_characters_that_exists_is_taken_literally(tmp_path):
     odd = tmp_path / "[1] cat*.png"
     shutil.copy(IMAGES / "chelsea.png", odd)
