@@ -200,11 +200,17 @@ FORMATS: dict[str, type[Format]] = {kind.name: kind for kind in (TableFormat, Js
 
 
 def format_for(path: str | os.PathLike | None, given: str | None) -> str:
-    """The format asked for, else the output file's extension (.json, .jsonl, .csv), else a table."""
-    if given is not None:
-        return given
+    """The format asked for, else the output file's extension (.json, .jsonl, .csv), else a table.
+
+    An extension that names another format than the one asked for is refused (OutputError): csv in `x.jsonl`
+    would mislead every reader that trusts the name, and --resume of it later. One that names none (.txt) takes any.
+    """
     suffix = Path(path).suffix.lower() if path is not None else ""
-    return next((name for name, kind in FORMATS.items() if kind.suffix == suffix), "table")
+    named = next((name for name, kind in FORMATS.items() if kind.suffix == suffix), None)
+    if given is not None and named is not None and given != named:
+        raise OutputError(f"-o {shown(path)} --format {given}: the extension {shown(suffix)} names {named} output, "
+                          f"not {given}; name the file for {given}, or leave --format out")  # fmt: skip
+    return given or named or "table"
 
 
 class Output:

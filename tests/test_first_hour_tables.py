@@ -46,3 +46,10 @@ def test_a_regression_model_takes_a_threshold_above_1(tmp_path, isolated):
     done = run_cli("classify", PHOTOS[0], "-m", model, "--threshold", "1.5", "--format", "jsonl", env=isolated)
     assert done.returncode == 0, done.stderr
     assert "predictions" in json.loads(done.stdout)
+
+
+def test_an_output_named_for_another_format_is_a_usage_error(vit_folder, tmp_path, isolated):
+    out = tmp_path / "x.jsonl"
+    done = run_cli("classify", PHOTOS[0], "-m", vit_folder, "-o", out, "--format", "csv", env=isolated)
+    assert done.returncode == 2 and not out.exists()
+    assert "names jsonl output, not csv" in " ".join(done.stderr.split())

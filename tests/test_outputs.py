@@ -275,7 +275,17 @@ def test_results_travel_between_ranks_exactly():
 def test_the_format_follows_the_extension_unless_given():
     assert [format_for(p, None) for p in ("a.csv", "a.JSONL", "a.json", "a.txt", None)] == [
         "csv", "jsonl", "json", "table", "table"]  # fmt: skip
-    assert format_for("a.csv", "jsonl") == "jsonl"
+    assert format_for("a.txt", "jsonl") == "jsonl" and format_for(None, "csv") == "csv"
+    assert format_for("a.CSV", "csv") == "csv"
+
+
+def test_an_extension_that_names_another_format_is_refused():
+    with pytest.raises(OutputError) as info:
+        format_for("x.jsonl", "csv")
+    assert str(info.value) == ("-o x.jsonl --format csv: the extension .jsonl names jsonl output, not csv; name the "
+                               "file for csv, or leave --format out")  # fmt: skip
+    with pytest.raises(OutputError, match="names csv output, not table"):
+        format_for("x.csv", "table")
 
 
 def test_finished_paths_match_however_they_are_spelled(tmp_path, monkeypatch):

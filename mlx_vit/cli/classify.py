@@ -58,9 +58,13 @@ def classify(
 ) -> None:
     """Classify images, folders and globs, or camera/video frames with --camera. Results are written as each
     batch finishes. Exit code 0 when all were classified, 1 when any failed (the rest still are)."""
+    from mlx_vit.errors import OutputError
     from mlx_vit.outputs import format_for
 
-    chosen = format_for(output, format.value if format else None)
+    try:
+        chosen = format_for(output, format.value if format else None)
+    except OutputError as error:  # the two options disagree: a usage error
+        raise typer.BadParameter(str(error), param_hint="--format") from None
     choice = ModelChoice(model=model, revision=revision, max_pixels=max_pixels, image_size=image_size, arch=arch)
     if camera:
         from mlx_vit.cli.camera import classify_camera
