@@ -6,7 +6,7 @@ batch size, warm-up runs first (not counted), then one run of each runtime in tu
 forward pass from a host (numpy) batch to host logits. Batch sizes go in ascending order, so a worker's peak
 resident memory after a batch size is that batch size's peak.
 
-`random:NAME` models (see PRESETS) need no download. With PyTorch installed their weights come from a seeded
+`random:NAME` models (see mlx_vit.presets) need no download. With PyTorch installed their weights come from a seeded
 transformers model that every runtime loads, so the report also gives each runtime's largest logit difference
 from mlx-vit; without it mlx-vit uses MLX's own random initialization.
 
@@ -32,23 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.errors import MlxVitError, ModelNotFoundError, line, shown
+from mlx_vit.errors import MlxVitError, line, shown
 from mlx_vit.numbers import NumberError, parse_int
+from mlx_vit.presets import is_random, preset
 
 RUNTIMES = ("mlx-vit", "torch", "onnxruntime")
 DTYPES = ("float32", "float16", "bfloat16")
-# Architectures of the google/vit-*-patch16-224 family; weights don't change the speed.
-PRESETS = {
-    "vit-tiny-patch16-224": dict(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768),
-    "vit-small-patch16-224": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, intermediate_size=1536),
-    "vit-base-patch16-224": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
-    "vit-large-patch16-224": dict(
-        hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096
-    ),
-}
 DEFAULT_BENCH_MODEL = "random:vit-base-patch16-224"
 PAUSE_S = 0.3  # between two runtimes' runs; OpenBLAS's idle threads spin for ~0.1 s
-SEED = 0
 MAX_BATCH_SIZES = 64  # --batch-sizes: more than any table shows
 
 
@@ -180,15 +171,13 @@ def _machine() -> dict[str, Any]:
 
 def _resolve(model: str, scratch: str, torch_available: bool) -> dict[str, Any]:
     """What the workers load: {"kind": "random" | "name", ...}."""
-    if model.startswith("random:"):
-        preset = model.removeprefix("random:")
-        if preset not in PRESETS:
-            raise ModelNotFoundError(f"{model}: unknown preset (choose from random:{', random:'.join(PRESETS)})")
+    if is_random(model):
+        name = preset(model)
         if torch_available:  # one seeded transformers checkpoint that every runtime loads
             folder = Path(scratch) / "checkpoint"
-            _run_worker_step({"op": "make_checkpoint", "preset": preset, "folder": str(folder)})
+            _run_worker_step({"op": "make_checkpoint", "preset": name, "folder": str(folder)})
             return {"kind": "name", "name": str(folder), "same_weights": True}
-        return {"kind": "random", "preset": preset, "same_weights": True}
+        return {"kind": "random", "preset": name, "same_weights": True}
     return {"kind": "name", "name": model, "same_weights": False}
 
 

@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.bench import PRESETS, SEED
 from mlx_vit.bench_reference import reference_model
 from mlx_vit.errors import MlxVitError
 from mlx_vit.files import write_new
+from mlx_vit.presets import PREFIX, PRESETS, SEED
 
 
 class _Runner:
@@ -60,21 +60,15 @@ class _MlxRunner(_Runner):
         import mlx_vit
         from mlx_vit import runtime
         from mlx_vit.blas import blas_info
-        from mlx_vit.config import ViTConfig
         from mlx_vit.loading import load_model
-        from mlx_vit.model import ViT
 
         self.mx = mx
-        if self.spec["kind"] == "random":
-            mx.random.seed(SEED)
-            self.model = ViT(ViTConfig(**PRESETS[self.spec["preset"]]))
-            mx.eval(self.model.parameters())
-        else:
-            self.model = load_model(self.spec["name"]).model
+        random = self.spec["kind"] == "random"
+        self.model = load_model(PREFIX + self.spec["preset"] if random else self.spec["name"]).model
         self.dtype = getattr(mx, self.spec["dtype"])
         if self.dtype != mx.float32:
             self.model.set_dtype(self.dtype)
-        plan = runtime.adopt(runtime.decide())  # as a load does (a random model is built here, not loaded)
+        plan = runtime.adopt(runtime.decide())  # the plan its load adopted, for the report
         self.image_size, self.channels = self.model.config.image_size, self.model.config.num_channels
         blas = blas_info()
         where = (f" ({blas.path})" if blas.path else "") + (f", core {blas.core}" if blas.core else "")

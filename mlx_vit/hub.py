@@ -25,6 +25,10 @@ TORCH_FILES = ["config.json", "preprocessor_config.json", "pytorch_model.bin",
                "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]  # fmt: skip
 
 
+# What a user without the Hub can do instead, in every error that says the Hub cannot give the model.
+INSTEAD = ("`mlx-vit convert` makes a model folder from a downloaded checkpoint folder; -m random:vit-tiny-patch16-224 "
+           "tries mlx-vit offline")  # fmt: skip
+
 # Branches, tags, commits and `refs/pr/N`; no `..` and no leading `/`, since a revision also names a file under
 # the cache's refs/ folder.
 REVISION = re.compile(r"[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*")
@@ -58,7 +62,8 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     """
     if not is_repo_id(repo_id):
         shown = repr(repo_id[:100])[1:-1]  # one line, whatever it holds
-        raise ModelNotFoundError(f"{shown}: not a folder and not a valid Hugging Face repo id (like org/name)")
+        raise ModelNotFoundError(f"{shown}: not a folder and not a valid Hugging Face repo id (like org/name); "
+                                 f"{INSTEAD}")  # fmt: skip
     if revision is not None and not is_revision(revision):
         raise ModelNotFoundError(f"{repo_id}: {revision[:100]!r} is not a valid revision (a branch, tag or commit)")
     from huggingface_hub import snapshot_download
@@ -83,7 +88,7 @@ def download(repo_id: str, revision: str | None = None) -> Path:
     except LocalEntryNotFoundError:
         raise HubUnreachableError(
             f"{repo_id}: not in the Hugging Face cache and the Hub cannot be reached (offline?); "
-            "connect once, or pass a local folder with -m"
+            f"connect once, or pass a local folder with -m ({INSTEAD})"
         ) from None
     except HfHubHTTPError as error:
         reason = _redact((str(error).splitlines() or [type(error).__name__])[0])[:300]

@@ -1,7 +1,8 @@
 """Turn a model name into a loaded MLX model.
 
 A name is an MLX model folder (from `mlx-vit convert`), a checkpoint folder or a bare weight file with its timm
-architecture (converted in memory), or a Hub repo id: downloaded once into the standard HF cache, converted once
+architecture (converted in memory), `random:NAME` (a preset architecture with seeded random weights, offline; see
+mlx_vit.presets), or a Hub repo id: downloaded once into the standard HF cache, converted once
 into mlx-vit's cache, reused afterwards, also offline: the cache remembers which commit each revision named.
 """
 
@@ -13,7 +14,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlx_vit import runtime
+from mlx_vit import presets, runtime
 from mlx_vit.choice import DEFAULT_MODEL
 from mlx_vit.convert import FORMAT, FolderConfig, convert_folder, is_mlx_folder, write_mlx_folder
 from mlx_vit.convert.mlx_folder import build_model, read_mlx_folder
@@ -21,6 +22,7 @@ from mlx_vit.errors import CheckpointError, MlxVitError, ModelNotFoundError, sho
 from mlx_vit.files import exists, is_dir, read_json, read_limited, replace_together
 from mlx_vit.hub import HubUnreachableError, download
 from mlx_vit.model import ViT
+from mlx_vit.preprocess import PreprocessConfig
 from mlx_vit.quantize import to_float32
 
 log = logging.getLogger("mlx_vit")
@@ -69,6 +71,26 @@ def load_checkpoint(path: Path, image_size: int | None = None, arch: str | None 
     return LoadedModel(model, config, str(path))
 
 
+def load_random(name: str, image_size: int | None = None) -> LoadedModel:
+    """`random:NAME`: the preset's ViT with MLX's initialization seeded (presets.SEED), google/vit's preprocessing
+    and ImageNet-1k's labels, so that every command runs offline; its predictions mean nothing."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_vit.config import ViTConfig
+    from mlx_vit.convert.timm_vit import imagenet_labels
+
+    architecture = ViTConfig(**presets.PRESETS[presets.preset(name)])
+    mx.random.seed(presets.SEED)
+    weights = dict(tree_flatten(ViT(architecture).parameters()))
+    config = FolderConfig(architecture, PreprocessConfig(), imagenet_labels()).at_image_size(image_size, name)
+    model = build_model(config, weights, name)
+    runtime.adopt(runtime.decide())  # float32, as built: nothing to expand
+    log.info("%s: random weights (seed %d), for trying mlx-vit offline; its predictions mean nothing", name,
+             presets.SEED)  # fmt: skip
+    return LoadedModel(model, config, name)
+
+
 def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_size: int | None = None,
                arch: str | None = None) -> LoadedModel:  # fmt: skip
     """Load a model by folder, weight file (with `arch`, a timm name) or Hub id (see the module docstring).
@@ -76,6 +98,10 @@ def load_model(name: str = DEFAULT_MODEL, revision: str | None = None, image_siz
     `image_size` runs it at another square input size (position embeddings resampled once, here). How the
     model runs on this device (mlx_vit.runtime) is decided as it is loaded.
     """
+    if presets.is_random(name):
+        if arch is not None:
+            raise ModelNotFoundError(f"{shown(name, 100)}: --arch is for bare weight files")
+        return load_random(name, image_size)
     folder = Path(name).expanduser()
     if is_dir(folder):
         if not exists(folder / "config.json"):
