@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import glob
+import logging
 import os
 import stat
 import sys
@@ -31,6 +32,7 @@ class BlasInfo:
     path: str | None
     note: str = ""
     core: str | None = None  # OpenBLAS's kernels: "SkylakeX", "Haswell", ...
+    fix: str = ""  # when this BLAS is known to be slow here (and not by the user's choice): how to make it fast
 
 
 # The instruction set each x86 OpenBLAS core's kernels use: 0 SSE, 1 AVX, 2 AVX2 + FMA, 3 AVX-512.
@@ -99,25 +101,33 @@ def switch_core(lib: ctypes.CDLL, core: str) -> str | None:
     return _corename(lib)
 
 
-def _fit_core(lib: ctypes.CDLL, late: bool) -> tuple[str | None, str]:
-    """(the OpenBLAS core in use, a note): chosen again when OpenBLAS fell back below what the CPU runs, unless
-    the user chose it or it may be in use already (`late`: mlx.core was imported first)."""
+def _fit_core(lib: ctypes.CDLL, late: bool) -> tuple[str | None, str, str]:
+    """(the OpenBLAS core in use, a note, how to fix it if it is slow): chosen again when OpenBLAS fell back below
+    what the CPU runs, unless the user chose it or it may be in use already (`late`: mlx.core was imported first)."""
     core = _corename(lib)
     if core is None:
-        return None, ""
+        return None, "", ""
     flags = cpu_flags()
     better = better_core(core, flags)
     if better is None:
-        return core, ""
+        return core, "", ""
     cpu = LEVEL_NAMES[cpu_level(flags)]
-    if os.environ.get("OPENBLAS_CORETYPE") or late:
-        why = "OPENBLAS_CORETYPE is set" if os.environ.get("OPENBLAS_CORETYPE") else "import mlx_vit first"
-        return core, f"core {core} looks wrong for this {cpu} CPU ({why}; {better} would be faster)"
+    if os.environ.get("OPENBLAS_CORETYPE"):
+        note = f"core {core} looks wrong for this {cpu} CPU (OPENBLAS_CORETYPE is set; {better} would be faster)"
+        return core, note, f"set OPENBLAS_CORETYPE={better}, or unset it to let mlx-vit choose"
+    if late:
+        note = f"core {core} looks wrong for this {cpu} CPU (import mlx_vit first; {better} would be faster)"
+        return core, note, "import mlx_vit before mlx.core, so that mlx-vit chooses the kernels first"
     switched = switch_core(lib, better)
     if switched and switched.lower() != core.lower():
-        return switched, f"OpenBLAS chose {core} for this CPU; mlx-vit chose {switched} for its {cpu}"
-    return core, f"core {core} looks wrong for this {cpu} CPU ({better} would be faster; it could not be chosen)"
+        return switched, f"OpenBLAS chose {core} for this CPU; mlx-vit chose {switched} for its {cpu}", ""
+    note = f"core {core} looks wrong for this {cpu} CPU ({better} would be faster; it could not be chosen)"
+    return core, note, f"run with OPENBLAS_CORETYPE={better}, or install a newer OpenBLAS"
 
+
+INSTALL_HINT = (
+    "install OpenBLAS (Debian/Ubuntu: sudo apt install libopenblas0-pthread) or `pip install mkl`, then run again"
+)
 
 _info: BlasInfo | None = None
 _lib: ctypes.CDLL | None = None  # the BLAS loaded, for set_threads
@@ -168,22 +178,44 @@ def load_blas() -> BlasInfo:
             lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
         except (OSError, ValueError):
             continue
-        core, note = _fit_core(lib, late)
+        core, note, fix = _fit_core(lib, late)
         if late:
             note = "; ".join(filter(None, [note, "loaded after mlx.core was imported, so MLX may not use it"]))
-        _info, _lib = BlasInfo(_describe(lib, path), path, note, core), lib
+        _info, _lib = BlasInfo(_describe(lib, path), path, note, core, fix), lib
         return _info
-    hint = (
-        "slow: install OpenBLAS (Debian/Ubuntu: apt install libopenblas0-pthread) or `pip install mkl`, then run again"
-    )
+    hint = f"slow: {INSTALL_HINT}"
+    fix = INSTALL_HINT
     if choice:
         hint = f"could not load MLX_VIT_BLAS={choice}"
-    _info = BlasInfo("reference (bundled with mlx)", None, hint)
+        fix = "point MLX_VIT_BLAS at an OpenBLAS or MKL library (libopenblas.so.0, libmkl_rt.so), or unset it"
+    _info = BlasInfo("reference (bundled with mlx)", None, hint, fix=fix)
     return _info
 
 
 def blas_info() -> BlasInfo:
     return _info if _info is not None else load_blas()
+
+
+_warned = False
+
+
+def warn_if_slow() -> bool:
+    """Warn once a process, through the "mlx_vit" logger, when the BLAS in use is known to be slow (MLX's reference
+    BLAS: ~20-35x slower than OpenBLAS; OpenBLAS kernels below what the CPU runs: ~4x), saying how to fix it.
+    Library runs call it before a run of more than a few images; `MLX_VIT_QUIET=1` silences it. True if it warned.
+    """
+    global _warned
+    info = blas_info()
+    if _warned or not info.fix or os.environ.get("MLX_VIT_QUIET", "").strip() not in ("", "0"):
+        return False
+    _warned = True
+    if info.path is None:  # MLX's own
+        why = "MLX's bundled reference BLAS, ~20-35x slower than OpenBLAS"
+        why += f"; {info.note}" if info.note and not info.note.startswith("slow:") else ""
+    else:
+        why = f"{info.name}: {info.note}"
+    logging.getLogger("mlx_vit").warning("slow BLAS (%s): %s (MLX_VIT_QUIET=1 hides this)", why, info.fix)
+    return True
 
 
 def shares_threads(threads: int) -> bool:

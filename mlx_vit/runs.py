@@ -10,6 +10,7 @@ sends every rank the list of finished paths.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO
 import numpy as np
 
 from mlx_vit import distributed
+from mlx_vit.blas import warn_if_slow
 from mlx_vit.embed import Embedded, embedded_batches
 from mlx_vit.errors import MlxVitError, line
 from mlx_vit.inputs import Input, count_inputs, find_inputs
@@ -74,6 +76,18 @@ def pending(arguments: Iterable[str | os.PathLike], stdin: TextIO | None, finish
         return True
 
     return distributed.mine(filter(todo, find_inputs(arguments, stdin)), rank, size)
+
+
+FEW_IMAGES = 8  # a run of more images than this first warns if the BLAS is slow: at 0.7 images/s it takes minutes
+
+
+def warned_if_long(items: Iterator[Input]) -> Iterator[Input]:
+    """`items` unchanged; when they are more than FEW_IMAGES, a slow BLAS has been warned about (once a process,
+    with how to fix it; see mlx_vit.blas.warn_if_slow) before the first of them is handed on."""
+    first = list(itertools.islice(items, FEW_IMAGES + 1))
+    if len(first) > FEW_IMAGES:
+        warn_if_slow()
+    return itertools.chain(first, items)
 
 
 class Progress:
@@ -158,8 +172,11 @@ def run_library(arguments: list[str | os.PathLike], batches: Callable[[Iterator[
         finished = Done(distributed.broadcast_hashes(finished.hashes))
     bar = Progress(stats, arguments, progress if rank == 0 else False)
     try:
+        mine = pending(arguments, stdin, finished, stats, rank, size)
+        if rank == 0:
+            mine = warned_if_long(mine)  # before the bar starts, which a log line would cut through
         with bar:
-            local = batches(pending(arguments, stdin, finished, stats, rank, size))
+            local = batches(mine)
             for batch in local if size == 1 else distributed.gathered(local, codec):
                 for record in batch:
                     if record.error:
