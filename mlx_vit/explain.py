@@ -13,8 +13,12 @@ pool reads its pool's query instead of a class token; a model with neither avera
 
 from __future__ import annotations
 
+import difflib
+import functools
+import logging
 import textwrap
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +29,7 @@ from mlx_vit.errors import MlxVitError, shown
 if TYPE_CHECKING:
     from mlx_vit.classify import Classifier
 
+log = logging.getLogger("mlx_vit")
 METHODS = ("rollout", "last", "cls")
 # Dark to bright (black, purple, red, orange, pale yellow): brightness rises with attention, so the map reads in
 # grey too, and every step is told apart by people with the common colour-vision deficiencies.
@@ -33,16 +38,61 @@ COLORS = np.stack([np.interp(np.linspace(0, 1, 256), np.linspace(0, 1, len(_ANCH
                    for c in range(3)], axis=1).round().astype(np.uint8)  # fmt: skip
 
 
+@dataclass(frozen=True)
+class LabelRank:
+    """Where one label ranks among all the model's labels for an image (1 is the top prediction)."""
+
+    label: str
+    rank: int
+    of: int
+    score: float
+
+    def __str__(self) -> str:
+        return f"label {shown(self.label, quote=True)} ranks {ordinal(self.rank)} of {self.of} (score {self.score:.4g})"
+
+
 @dataclass
 class Explanation:
     """One image's attention map: `maps` (maps, grid_h, grid_w) float32 (one map, or one per head with `grid`),
-    the model's view of the image (H, W, 3) uint8, its predictions and what the map shows."""
+    the model's view of the image (H, W, 3) uint8, its predictions and what the map shows; `image`, the file's
+    name ("" for an image given as pixels); `label`, where the label asked about ranks."""
 
     maps: np.ndarray
     view: np.ndarray
     predictions: list
     what: str
     titles: list[str]
+    image: str = ""
+    label: LabelRank | None = None
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ..., 11th, 12th, 13th, ..., 21st."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def label_indexes(classifier: Classifier, label: str) -> list[int]:
+    """The indexes of `label` among the model's labels (a name may be there twice: ImageNet has two "crane"s): the
+    label itself, or the one label that lists it among its comma-separated names (ImageNet's "tabby, tabby cat" for
+    "tabby"). An unknown label is refused in one line that suggests the nearest names."""
+    if not classifier.labels:
+        raise MlxVitError(f"--label: {shown(classifier.name)} has no classification head, so no labels to rank")
+    wholes, parts = {}, {}  # a name -> the indexes of the labels it names
+    for index, whole in classifier.labels.items():
+        wholes.setdefault(whole, []).append(index)
+        for part in whole.split(","):
+            parts.setdefault(part.strip(), []).append(index)
+    if label in wholes:
+        return wholes[label]
+    if len(parts.get(label, ())) == 1:
+        return parts[label]
+    first = {name: found[0] for name, found in (parts | wholes).items()}
+    close = difflib.get_close_matches(label, list(first), n=12)
+    nearest = list(dict.fromkeys(first[name] for name in close))[:3]
+    quoted = ", ".join(shown(classifier.labels[i], 60, quote=True) for i in nearest)
+    raise MlxVitError(f"--label {shown(label, 60, quote=True)}: not one of the model's {len(classifier.labels)} "
+                      f"labels; " + (f"the nearest: {quoted}" if quoted else "none is close"))  # fmt: skip
 
 
 def check_options(method: str, layer: int | None, head: int | None, grid: bool, depth: int) -> None:
@@ -104,12 +154,15 @@ def attention_maps(config, layers: list[np.ndarray], pool: np.ndarray | None, me
 
 
 def explain(classifier: Classifier, image, method: str = "rollout", layer: int | None = None, head: int | None = None,
-            grid: bool = False, top_k: int = 5) -> Explanation:  # fmt: skip
-    """The attention map of one image (a path or a PIL image) under `classifier`, with its top-k predictions."""
+            grid: bool = False, top_k: int = 5, label: str | None = None) -> Explanation:  # fmt: skip
+    """The attention map of one image (a path or a PIL image) under `classifier`, with its top-k predictions, and
+    where `label` ranks among all the labels (the map itself is the same whatever the label: attention does not
+    depend on the class)."""
     import mlx.core as mx
 
     config = classifier.model_config
     check_options(method, layer, head, grid, config.num_hidden_layers)
+    asked = None if label is None else label_indexes(classifier, label)
     if head is not None and not 0 <= head < config.num_attention_heads:
         raise MlxVitError(f"--head {head}: the model has heads 0..{config.num_attention_heads - 1}, or mean")
     pixels = classifier.pixels([image])
@@ -129,8 +182,17 @@ def explain(classifier: Classifier, image, method: str = "rollout", layer: int |
     predictions = classifier.predictions_of(logits, top_k)[0] if classifier.labels else []
     if predictions is None:
         raise MlxVitError(f"{shown(image)}: the model computed NaN or infinite scores")
+    ranked = None
+    if asked is not None:
+        with np.errstate(over="ignore", invalid="ignore"):
+            scores = classifier.scores(np.asarray(logits)[0])
+        order = np.argsort(-scores, kind="stable")  # the order top_k gives
+        rank, best = min((int(np.flatnonzero(order == i)[0]), i) for i in asked)  # the best of a repeated name
+        ranked = LabelRank(classifier.labels[best], rank + 1, len(scores), float(scores[best]))
     titles = [f"head {h}" for h in range(len(maps))] if grid else [""]
-    return Explanation(maps, model_view(pixels[0], classifier.preprocessing), predictions, what, titles)
+    name = "" if isinstance(image, Image.Image) else Path(image).name
+    view = model_view(pixels[0], classifier.preprocessing)
+    return Explanation(maps, view, predictions, what, titles, name, ranked)
 
 
 def model_view(pixels: np.ndarray, preprocessing) -> np.ndarray:
@@ -153,10 +215,82 @@ def overlay(view: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> Image.Im
     return Image.fromarray(np.clip(blended.round(), 0, 255).astype(np.uint8))
 
 
-def render(
-    explanation: Explanation, model_name: str, label: str | None = None, scale: int | None = None
-) -> Image.Image:
-    """The picture: each map overlaid on the model's view (side by side with --grid), the legend beneath."""
+FONT_SIZE = 14
+# Pillow's default font (a subset of Aileron) draws ASCII only: 'Über-katze' came out as '▯ber-katze'. A legend
+# with more is drawn in the first of these system fonts (Pillow looks them up in the platform's font folders) that
+# has every character, and a character no font has becomes a '?', said once in a log line. No font is shipped: one
+# that covers every label (Chinese, Japanese) is tens of MB, and a '?' that says so beats a box that does not.
+FONT_FILES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "Arial.ttf")
+_NOT_A_CHARACTER = "\U0010ffff"  # mapped by no font: it draws the font's missing-glyph box
+
+
+def _drawn(font, text: str) -> bytes | None:
+    """The pixels `font` draws for `text` (None where it cannot draw it at all)."""
+    try:
+        left, top, right, bottom = font.getbbox(text)
+        picture = Image.new("L", (max(1, right - left), max(1, bottom - top)))
+        ImageDraw.Draw(picture).text((-left, -top), text, fill=255, font=font)
+    except (UnicodeError, ValueError, OSError):  # the bitmap font Pillow falls back to without FreeType: latin-1
+        return None
+    return bytes([picture.width % 256]) + picture.tobytes()
+
+
+def missing_glyphs(font, text: str) -> set[str]:
+    """The characters of `text` that `font` has no glyph for (it would draw its missing-glyph box, or nothing)."""
+    box = _drawn(font, _NOT_A_CHARACTER)
+    return {c for c in set(text) if not c.isspace() and _drawn(font, c) in (box, None)}
+
+
+@functools.cache
+def _system_font(name: str):
+    try:
+        return ImageFont.truetype(name, FONT_SIZE)
+    except (OSError, ImportError):  # not on this system, or Pillow without FreeType
+        return None
+
+
+def legend_font(text: str) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, set[str]]:
+    """The font to draw `text` in: Pillow's default where it has every character, else the first system font of
+    FONT_FILES that does, else the one that misses fewest; with the characters it misses."""
+    best = None
+    for font in (ImageFont.load_default(size=FONT_SIZE), *(_system_font(n) for n in FONT_FILES)):
+        if font is None:
+            continue
+        missing = missing_glyphs(font, text)
+        if not missing:
+            return font, missing
+        if best is None or len(missing) < len(best[1]):
+            best = (font, missing)
+    return best
+
+
+def _wrapped(line: str, font, width: int) -> list[str]:
+    """`line` in parts that fit `width` pixels in `font`, broken at spaces where it can be."""
+    columns = max(10, int(width // max(1.0, font.getlength("i"))))
+    while True:
+        parts = textwrap.wrap(line, columns) or [""]
+        if columns <= 10 or all(font.getlength(part) <= width for part in parts):
+            return parts
+        columns -= max(1, columns // 10)
+
+
+def legend(explanation: Explanation, model_name: str) -> list[str]:
+    """The legend's lines, before wrapping: the model, the image's file name, what the map shows, the predictions
+    and where the label asked about ranks."""
+    lines = [f"mlx-vit explain: {model_name}"]
+    if explanation.image:
+        lines.append(f"image: {explanation.image}")
+    lines.append(explanation.what)
+    for rank, p in enumerate(explanation.predictions, 1):
+        lines.append(f"{rank}. {p.label}  {p.score:.4f}")
+    if explanation.label is not None:
+        lines.append(str(explanation.label))
+    return [shown(line, 300) for line in lines]
+
+
+def render(explanation: Explanation, model_name: str, scale: int | None = None) -> Image.Image:
+    """The picture: each map overlaid on the model's view (side by side with --grid); beneath it a colour bar
+    (each map is scaled from its lowest attention to its highest) and the legend."""
     view = explanation.view
     if scale is None:
         scale = max(1, 448 // max(view.shape[:2]))
@@ -164,27 +298,33 @@ def render(
         size = (view.shape[1] * scale, view.shape[0] * scale)
         view = np.asarray(Image.fromarray(view).resize(size, Image.BICUBIC))
     tiles = [overlay(view, m) for m in explanation.maps]
-    font = ImageFont.load_default(size=14)
-    lines = [f"mlx-vit explain · {model_name}", explanation.what]
-    for rank, p in enumerate(explanation.predictions, 1):
-        lines.append(f"{rank}. {p.label}  {p.score:.4f}")
-    if label is not None:
-        found = [(r, p) for r, p in enumerate(explanation.predictions, 1) if p.label == label]
-        lines.append(f"--label {label}: " + (f"rank {found[0][0]}, {found[0][1].score:.4f}" if found else
-                                            "not in the top-k"))  # fmt: skip
+    lines, ends = legend(explanation, model_name), ("low", "high attention")
+    font, missing = legend_font("".join([*lines, *explanation.titles, *ends]))
+    if missing:
+        shown_missing = ", ".join(shown(c, quote=True) for c in sorted(missing)[:5])
+        log.info(f"no font found here draws {shown_missing}{' ...' if len(missing) > 5 else ''}: the picture "
+                 f"shows '?' for it (looked for Pillow's default and {', '.join(FONT_FILES)})")  # fmt: skip
+    plain = lambda text: text.translate({ord(c): "?" for c in missing})  # noqa: E731
     width = max(sum(t.width for t in tiles) + 4 * (len(tiles) - 1), 360)
-    columns = max(20, (width - 12) // 8)  # the default font at 14 px is under 8 px a character
-    lines = [part for line in lines for part in textwrap.wrap(shown(line, 300), columns) or [""]]
+    lines = [part for line in lines for part in _wrapped(plain(line), font, width - 12)]
     title = 18 if len(tiles) > 1 else 0
-    picture = Image.new("RGB", (width, title + tiles[0].height + 8 + 18 * len(lines) + 8), "white")
+    top = title + tiles[0].height + 8
+    picture = Image.new("RGB", (width, top + 18 + 18 * len(lines) + 8), "white")
     draw = ImageDraw.Draw(picture)
     x = 0
     for tile, name in zip(tiles, explanation.titles, strict=True):
         picture.paste(tile, (x, title))
         if title:
-            draw.text((x + 4, 2), name, fill="black", font=font)
+            draw.text((x + 4, 2), plain(name), fill="black", font=font)
         x += tile.width + 4
-    y = title + tiles[0].height + 8
+    low, high = (font.getlength(end) for end in ends)
+    bar = int(min(256, width - 12 - low - high - 12))
+    start = 6 + int(low) + 6
+    draw.text((6, top), ends[0], fill="black", font=font)
+    colors = COLORS[np.linspace(0, 255, bar).round().astype(np.intp)]
+    picture.paste(Image.fromarray(np.repeat(colors[None], 12, axis=0)), (start, top + 2))
+    draw.text((start + bar + 6, top), ends[1], fill="black", font=font)
+    y = top + 18
     for line in lines:
         draw.text((6, y), line, fill="black", font=font)
         y += 18
@@ -210,9 +350,9 @@ def write_explanation(classifier: Classifier, image, output, method: str = "roll
     for target in targets:
         if exists(target) and not force:
             raise MlxVitError(f"{shown(target)}: already exists (--force replaces it)")
-    explanation = explain(classifier, image, method, layer, head, grid, top_k)
+    explanation = explain(classifier, image, method, layer, head, grid, top_k, label)
     png = io.BytesIO()
-    render(explanation, classifier.name, label).save(png, format="PNG")
+    render(explanation, classifier.name).save(png, format="PNG")
     contents = [png.getvalue()]
     if save_npy is not None:
         npy = io.BytesIO()

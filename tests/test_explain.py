@@ -180,3 +180,120 @@ def test_bad_output_choices_are_one_line_and_leave_nothing(vit_folder, tmp_path)
         with pytest.raises(MlxVitError, match=message):
             write_explanation(classifier, PHOTOS[0], **options)
         assert list(tmp_path.iterdir()) == []  # not the PNG either, nor a temporary file
+
+
+def test_label_ranks_among_all_the_labels_outside_the_top_k(vit_folder):
+    from mlx_vit.classify import softmax
+
+    classifier = load(str(vit_folder))
+    scores = softmax(np.asarray(classifier.logits(classifier.pixels([PHOTOS[0]])), np.float64))[0]
+    order = np.argsort(-scores)
+    last, third = classifier.labels[int(order[-1])], classifier.labels[int(order[2])]
+    found = explain(classifier, PHOTOS[0], "last", top_k=2, label=last).label
+    assert (found.label, found.rank, found.of) == (last, len(scores), len(scores))
+    assert np.isclose(found.score, scores[order[-1]], rtol=1e-4)
+    assert str(found) == f"label '{last}' ranks 10th of 10 (score {found.score:.4g})"
+    assert explain(classifier, PHOTOS[0], "last", top_k=2, label=third).label.rank == 3
+
+
+def test_a_label_is_found_by_one_of_its_names_and_a_repeated_one_by_its_best_rank():
+    from types import SimpleNamespace
+
+    from mlx_vit.errors import MlxVitError
+    from mlx_vit.explain import label_indexes, ordinal
+
+    model = SimpleNamespace(name="m", labels=dict(enumerate(["tabby, tabby cat", "tiger cat", "crane", "crane"])))
+    assert label_indexes(model, "tabby") == [0] and label_indexes(model, "tabby, tabby cat") == [0]
+    assert label_indexes(model, "crane") == [2, 3]
+    with pytest.raises(MlxVitError, match="^--label 'tabbby': not one of the model's 4 labels; the nearest: "
+                                          "'tabby, tabby cat'$"):  # fmt: skip
+        label_indexes(model, "tabbby")
+    assert [ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "101st", "111th"]  # fmt: skip
+
+
+def test_cli_says_where_the_label_ranks_and_refuses_an_unknown_one_in_a_line(vit_folder, tmp_path, isolated):
+    out = tmp_path / "heat.png"
+    done = run_cli("explain", PHOTOS[0], "-m", vit_folder, "-o", out, "-k", "1", "--label", "class 9 (j)",
+                   env=isolated)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "label 'class 9 (j)' ranks " in done.stderr and " of 10 (score " in done.stderr
+    wrong = run_cli("explain", PHOTOS[0], "-m", vit_folder, "-o", tmp_path / "x.png", "--label", "class 9",
+                    env=isolated)  # fmt: skip
+    assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert ("--label 'class 9': not one of the model's 10 labels; the nearest: 'class 9 (j)', 'class 8 (i)', "
+            "'class 7 (h)'") in wrong.stderr  # fmt: skip
+    assert not (tmp_path / "x.png").exists()
+
+
+def strip_of(picture: Image.Image, text: str, font) -> int | None:
+    """The y of the legend line where `text` is drawn in `font` (at x = 6, as render draws it), or None."""
+    line = Image.new("RGB", (picture.width, 18), "white")
+    from PIL import ImageDraw
+
+    ImageDraw.Draw(line).text((6, 0), text, fill="black", font=font)
+    wanted, pixels = np.asarray(line), np.asarray(picture)
+    found = [y for y in range(picture.height - 17) if np.array_equal(pixels[y : y + 18], wanted)]
+    return found[0] if found else None
+
+
+def test_a_label_with_non_ascii_characters_is_drawn_or_visibly_replaced(vit_folder, caplog):
+    import dataclasses
+    import logging
+
+    from mlx_vit.engine import Prediction
+    from mlx_vit.explain import legend_font, missing_glyphs
+
+    classifier = load(str(vit_folder))
+    explanation = explain(classifier, PHOTOS[0], "last", top_k=1)
+    explanation = dataclasses.replace(explanation, predictions=[Prediction("Über-katze", 0.5, 0)])
+    font, missing = legend_font("Über-katze")
+    with caplog.at_level(logging.INFO, logger="mlx_vit"):
+        picture = render(explanation, classifier.name)
+    if missing:  # no font here has Ü: it is a '?', and a log line says so
+        assert missing == {"Ü"} and strip_of(picture, "1. ?ber-katze  0.5000", font) is not None
+        assert "draws 'Ü'" in caplog.text
+    else:  # the font draws every character: none is its missing-glyph box
+        assert missing_glyphs(font, "Über-katze") == set() and caplog.text == ""
+        assert strip_of(picture, "1. Über-katze  0.5000", font) is not None
+
+
+def test_a_character_no_font_has_becomes_a_question_mark_said_once(vit_folder, caplog, monkeypatch):
+    import dataclasses
+    import logging
+
+    from PIL import ImageFont
+
+    from mlx_vit import explain as module
+    from mlx_vit.engine import Prediction
+
+    monkeypatch.setattr(module, "FONT_FILES", ())  # Pillow's default font alone: ASCII (Latin-1 without FreeType)
+    classifier = load(str(vit_folder))
+    explanation = explain(classifier, PHOTOS[0], "last", top_k=1)
+    explanation = dataclasses.replace(explanation, predictions=[Prediction("猫 cat", 0.5, 0)], titles=["猫"])
+    default = ImageFont.load_default(size=module.FONT_SIZE)
+    assert module.missing_glyphs(default, "猫 cat") == {"猫"}
+    with caplog.at_level(logging.INFO, logger="mlx_vit"):
+        picture = render(explanation, classifier.name)
+    assert strip_of(picture, "1. ? cat  0.5000", default) is not None
+    assert caplog.text.count("draws '猫'") == 1
+
+
+def test_the_legend_names_the_image_and_has_a_colour_bar(vit_folder):
+    import dataclasses
+
+    from mlx_vit.explain import COLORS, legend, legend_font
+
+    classifier = load(str(vit_folder))
+    explanation = explain(classifier, PHOTOS[0], "last", top_k=1)
+    assert f"image: {PHOTOS[0].name}" in legend(explanation, classifier.name)
+    picture = render(explanation, classifier.name)
+    unnamed = render(dataclasses.replace(explanation, image=""), classifier.name)
+    assert picture.height == unnamed.height + 18  # the file name's line
+    font, _ = legend_font("".join(legend(explanation, classifier.name)))
+    assert strip_of(picture, f"image: {PHOTOS[0].name}", font) is not None
+    tile = explanation.view.shape[0] * max(1, 448 // max(explanation.view.shape[:2]))
+    bar = [tuple(p) for p in np.asarray(picture)[tile + 8 + 8]]  # the bar's middle row, under the image
+    low, high = tuple(COLORS[0]), tuple(COLORS[255])
+    assert low in bar and high in bar and bar.index(low) < bar.index(high)
+    assert bar.index(high) - bar.index(low) >= 200  # a bar of at least 200 steps

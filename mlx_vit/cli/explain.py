@@ -51,7 +51,13 @@ def explain(
         str, typer.Option("--head", help="With last or cls: one head's map (from 0), or mean of them all.")
     ] = "mean",
     label: Annotated[
-        str | None, typer.Option("--label", help="Say where LABEL ranks in the legend.", show_default=False)
+        str | None,
+        typer.Option(
+            "--label",
+            help="Say where LABEL ranks among all the labels, in the legend and here (the map is the same for "
+            "every label). One of a label's comma-separated names will do.",
+            show_default=False,
+        ),
     ] = None,
     save_npy: Annotated[
         Path | None,
@@ -80,6 +86,9 @@ def explain(
     from mlx_vit.explain import write_explanation
 
     choice = ModelChoice(model=model, revision=revision, max_pixels=max_pixels, image_size=image_size, arch=arch)
-    write_explanation(choice.load(), image, output=output, method=method.value, layer=layer, head=head_number,
-                      grid=grid, top_k=top_k, label=label, save_npy=save_npy, force=force)  # fmt: skip
+    found = write_explanation(choice.load(), image, output=output, method=method.value, layer=layer,
+                              head=head_number, grid=grid, top_k=top_k, label=label, save_npy=save_npy,
+                              force=force)  # fmt: skip
+    if found.label is not None:
+        typer.echo(str(found.label), err=True)
     typer.echo(f"wrote {shown(output)}" + (f" and {shown(save_npy)}" if save_npy else ""), err=True)
