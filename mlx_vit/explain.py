@@ -224,7 +224,7 @@ FONT_FILES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "Ar
 _NOT_A_CHARACTER = "\U0010ffff"  # mapped by no font: it draws the font's missing-glyph box
 
 
-def _drawn(font, text: str) -> bytes | None:
+def _drawn(font, text: str) -> tuple[tuple[int, int], bytes] | None:
     """The pixels `font` draws for `text` (None where it cannot draw it at all)."""
     try:
         left, top, right, bottom = font.getbbox(text)
@@ -232,7 +232,7 @@ def _drawn(font, text: str) -> bytes | None:
         ImageDraw.Draw(picture).text((-left, -top), text, fill=255, font=font)
     except (UnicodeError, ValueError, OSError):  # the bitmap font Pillow falls back to without FreeType: latin-1
         return None
-    return bytes([picture.width % 256]) + picture.tobytes()
+    return picture.size, picture.tobytes()
 
 
 def missing_glyphs(font, text: str) -> set[str]:
