@@ -81,6 +81,7 @@ def classify(
         raise typer.BadParameter("give images, folders or globs to classify (or --camera)", param_hint="IMAGES")
     if frames is not None or fps is not None:
         raise typer.BadParameter("--frames and --fps go with --camera", param_hint="--frames/--fps")
+    options.check_resume(output, resume, chosen)
     classifier = choice.load()
     # Probabilities never pass 1, so such a threshold drops every prediction; a regression model's scores are its
     # raw outputs (an age, a price), which a threshold above 1 can rightly cut.

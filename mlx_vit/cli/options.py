@@ -23,6 +23,18 @@ def default_is(text: str) -> str:
     return ("\\" if typer.core.HAS_RICH else "") + f"[default: {text}]"
 
 
+def check_resume(output: Path | None, resume: bool, format: str) -> None:
+    """--resume with options it does not go with: a usage error (exit 2), as the command line is wrong whatever
+    the disk holds, said before any model loads. What the disk holds (an -o that exists without --resume, a file
+    that cannot be resumed) is the library's to refuse, exit 1, as for convert's and explain's outputs."""
+    if resume and output is None:
+        raise typer.BadParameter("--resume needs -o FILE: the results to continue are read from it",
+                                 param_hint="--resume")  # fmt: skip
+    if resume and not FORMATS[format].resumable:
+        resumable = " or ".join(name for name, kind in FORMATS.items() if kind.resumable)
+        raise typer.BadParameter(f"--resume continues {resumable} output, not {format}", param_hint="--resume")
+
+
 def integer(low: int | None = 1, high: int | None = None):
     """A `parser` for an integer option: mlx_vit.numbers' rules (ASCII digits, bounded, range-checked)."""
     return partial(_parse, numbers.parse_int, low, high)

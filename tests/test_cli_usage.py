@@ -1,0 +1,68 @@
+"""Exit codes by one rule: 2 when the command line is wrong whatever the disk holds (options that do not go
+together), said before any model loads; 1 when an input, an output file or the library refused."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from typer.testing import CliRunner
+
+from mlx_vit.choice import ModelChoice
+from mlx_vit.cli import app
+from mlx_vit.cli.errors import state
+
+runner = CliRunner()
+WIDE = {"COLUMNS": "300"}
+
+
+@pytest.fixture(autouse=True)
+def restored_logging():
+    logger = logging.getLogger("mlx_vit")
+    handlers, level, debug = logger.handlers[:], logger.level, state["debug"]
+    yield
+    logger.handlers[:], state["debug"] = handlers, debug
+    logger.setLevel(level)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """A usage error is said before any model loads."""
+
+    def load(choice):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(ModelChoice, "load", load)
+
+
+@pytest.mark.parametrize(
+    "args, says",
+    [
+        (["--resume"], "--resume needs -o FILE"),
+        (["--resume", "--format", "json", "-o", "{tmp}/out.json"], "--resume continues jsonl or csv output, not json"),
+        (["--resume", "-o", "{tmp}/out.json"], "--resume continues jsonl or csv output, not json"),
+        (["--resume", "--format", "table"], "--resume needs -o FILE"),
+    ],
+    ids=["no -o", "--format json", "-o .json", "table"],
+)
+def test_resume_with_options_it_does_not_go_with_is_a_usage_error(args, says, tmp_path, no_model):
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = runner.invoke(app, ["classify", "x.png", *args], env=WIDE)
+    assert result.exit_code == 2, result.output
+    assert says in result.stderr and "Usage: " in result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_existing_output_without_resume_is_refused_by_the_library(tmp_path, monkeypatch):
+    """What the disk holds is the library's to refuse: exit 1 and its one line, the file untouched."""
+    from types import SimpleNamespace
+
+    model = SimpleNamespace(name="tiny", regression=False, check_classifies=lambda: None,
+                            model_config=SimpleNamespace(num_labels=2))  # fmt: skip
+    monkeypatch.setattr(ModelChoice, "load", lambda choice: model)
+    out = tmp_path / "out.jsonl"
+    out.write_text("precious\n")
+    result = runner.invoke(app, ["classify", "x.png", "-o", str(out)], env=WIDE)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == f"error: {out}: already exists; --resume continues it, or remove it first"
+    assert out.read_text() == "precious\n"
