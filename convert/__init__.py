@@ -15,7 +15,8 @@ from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.files import exists, is_dir
 from mlx_vit.hub import download
 
-from .checkpoint import read_checkpoint
+from . import jax_npz, timm_vit
+from .checkpoint import FORMATS, open_source, read_checkpoint
 from .folder_config import FORMAT, FORMAT_VERSION, FolderConfig
 from .mlx_folder import build_model, check_target, is_mlx_folder, write_mlx_folder
 
@@ -111,6 +112,10 @@ def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, r
         source = {"repo": src, "revision": folder.name}
     named = Path(src).expanduser().resolve()
     target = Path(mlx_path) if mlx_path else Path(f"{(named.name if is_dir(named) else named.stem) or 'model'}-mlx")
+    if "path" in source and not is_dir(folder):  # a bare weight file is nothing without --arch: say that first
+        bare = open_source(folder, arch)
+        if any(f.detect(bare) for f in FORMATS):
+            timm_vit.bare_architecture(bare, "a JAX .npz" if jax_npz.detect(bare) else "a bare weight file")
     check_target(target, force)  # fail before the slow part
     if target.resolve() == folder.resolve():
         raise MlxVitError(f"{shown(target)}: is the checkpoint being converted; choose another output folder")

@@ -66,3 +66,25 @@ def test_an_existing_output_without_resume_is_refused_by_the_library(tmp_path, m
     assert result.exit_code == 1, result.output
     assert result.stderr.strip() == f"error: {out}: already exists; --resume continues it, or remove it first"
     assert out.read_text() == "precious\n"
+
+
+@pytest.mark.parametrize("name, kind", [("model.pth", "a bare weight file"), ("ViT-B_16.npz", "a JAX .npz")])
+def test_a_bare_weight_file_without_arch_says_so_before_its_output_folder(name, kind, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / name).write_bytes(b"not read: --arch is missing")
+    target = tmp_path / (name.rsplit(".", 1)[0] + "-mlx")
+    target.mkdir()  # it exists: that is not what to say first
+    result = runner.invoke(app, ["convert", name], env=WIDE)
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (f"error: {name}: {kind} names no architecture; pass --arch TIMM_NAME[.TAG] "
+                                     "(for example --arch vit_base_patch16_224.augreg2_in21k_ft_in1k)")  # fmt: skip
+    assert not list(target.iterdir())
+
+
+def test_a_bare_weight_file_with_an_unknown_arch_says_so_before_its_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model.pth").write_bytes(b"not read")
+    (tmp_path / "model-mlx").mkdir()
+    result = runner.invoke(app, ["convert", "model.pth", "--arch", "vit_nonexistent_patch16_224"], env=WIDE)
+    assert result.exit_code == 1 and "vit_nonexistent_patch16_224" in result.stderr, result.output
+    assert "already exists" not in result.stderr
