@@ -3,12 +3,37 @@ threshold and -o options refuse what can never be right."""
 
 from __future__ import annotations
 
+import io
 import json
+import shutil
 import time
 
 from checkpoints import PHOTOS, make_checkpoint, run_cli
+from rich.cells import cell_len
+from rich.console import Console
 
+from mlx_vit.classify import Prediction, Result
+from mlx_vit.outputs import results_table, short_path
 from mlx_vit.runs import Stats
+
+DEEP = "/home/someone/Pictures/originals/2020/summer-trip-to-the-lake/day-3"
+NAMES = ["IMG_1230.JPG", "IMG_1231.JPG", "IMG_1232.JPG"]
+
+
+def printed(renderable, width: int = 80) -> list[str]:
+    """The lines rich prints for `renderable` in a terminal `width` columns wide."""
+    out = io.StringIO()
+    Console(file=out, width=width).print(renderable)
+    return out.getvalue().splitlines()
+
+
+def deep_library(root):
+    """Three photos whose paths differ only in their file names, each path over 100 characters."""
+    folder = root / "originals-from-the-old-laptop" / "2020" / "summer-trip-to-the-lake-with-everyone" / "day-3"
+    folder.mkdir(parents=True)
+    for name, photo in zip(NAMES, PHOTOS, strict=False):
+        shutil.copy(photo, folder / name)
+    return folder
 
 
 def test_a_run_whose_images_all_failed_gives_no_rate():
@@ -53,3 +78,56 @@ def test_an_output_named_for_another_format_is_a_usage_error(vit_folder, tmp_pat
     done = run_cli("classify", PHOTOS[0], "-m", vit_folder, "-o", out, "--format", "csv", env=isolated)
     assert done.returncode == 2 and not out.exists()
     assert "names jsonl output, not csv" in " ".join(done.stderr.split())
+
+
+def test_a_path_keeps_its_file_name_and_loses_its_middle():
+    path = f"{DEEP}/IMG_1234.JPG"
+    assert short_path(path, 200) == path
+    assert short_path(path, 26) == "/home/someon…/IMG_1234.JPG"  # 26 cells exactly
+    assert short_path(path, 14) == "…/IMG_1234.JPG" and short_path(path, 5) == "…/IMG_1234.JPG"  # folded then
+    assert short_path("IMG_1234.JPG", 5) == "IMG_1234.JPG"
+    assert cell_len(short_path("/照片/夏休み/湖畔/三日目/IMG_1.JPG", 20)) <= 20
+
+
+def test_the_classify_table_keeps_every_file_name_in_80_columns():
+    rows = [Result(f"{DEEP}/{name}", [Prediction("golden retriever", 0.9, 207), Prediction("tench", 0.1, 0)], None)
+            for name in NAMES]  # fmt: skip
+    rows.append(Result(f"{DEEP}/IMG_9999.JPG", None, "broken"))
+    lines = printed(results_table(rows, "google/vit-base-patch16-224"))
+    assert all(cell_len(line) <= 80 for line in lines)
+    for name in [*NAMES, "IMG_9999.JPG"]:
+        assert sum(f"…/{name} " in line for line in lines) == 1, "\n".join(lines)
+    assert "│ /home/someone/Pict" in "\n".join(lines)  # the start of the folder stays too
+
+
+def test_a_file_name_wider_than_its_column_is_folded_whole():
+    name = "a-file-name-much-wider-than-any-column-an-80-column-table-can-give-it-0001.jpg"
+    lines = printed(results_table([Result(f"{DEEP}/{name}", None, "broken")], "model"))
+    column = [line.split("│")[1].strip() for line in lines if line.startswith("│")]
+    assert "".join(column) == "…/" + name
+
+
+def test_classify_and_its_table_file_keep_file_names_in_80_columns(vit_folder, tmp_path, isolated):
+    folder = deep_library(tmp_path)
+    assert all(len(str(folder / name)) > 100 for name in NAMES)
+    env = {**isolated, "COLUMNS": "80"}
+    done = run_cli("classify", folder, "-m", vit_folder, "-k", "1", env=env)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "table.txt"
+    assert run_cli("classify", folder, "-m", vit_folder, "-k", "1", "-o", out, env=env).returncode == 0
+    for text in (done.stdout, out.read_text()):
+        assert all(len(line) <= 80 for line in text.splitlines())
+        assert all(f"…/{name} " in text for name in NAMES), text
+
+
+def test_search_keeps_file_names_in_80_columns(vit_folder, tmp_path, isolated):
+    folder = deep_library(tmp_path)
+    index = tmp_path / "index.safetensors"
+    assert run_cli("embed", folder, "-m", vit_folder, "-o", index, env=isolated).returncode == 0
+    query = folder / NAMES[0]
+    done = run_cli("search", query, "--index", index, "-k", "3", env={**isolated, "COLUMNS": "80"})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert all(len(line) <= 80 for line in lines)
+    for name in NAMES:  # each photo is a match; the query is the first
+        assert done.stdout.count(f"…/{name} ") == (2 if name == NAMES[0] else 1), done.stdout

@@ -42,7 +42,7 @@ def search(
     query could not be read (the others are still answered)."""
     if not queries:
         raise typer.BadParameter("give query images", param_hint="QUERIES")
-    from mlx_vit.outputs import cell
+    from mlx_vit.outputs import cell, path_cell
     from mlx_vit.search import search_index
 
     answers = search_index(queries, index=index, top_k=top_k, model=model, revision=revision, max_pixels=max_pixels)
@@ -59,9 +59,10 @@ def search(
             table.add_column(name, justify=justify)
         for answer in answers:
             if answer.error:
-                table.add_row(cell(answer.query), "", "[red]failed (see above)[/red]", "", end_section=True)
+                table.add_row(path_cell(answer.query), "", "[red]failed (see above)[/red]", "", end_section=True)
             for rank, (path, similarity) in enumerate(answer.matches, 1):
-                table.add_row(cell(answer.query) if rank == 1 else "", str(rank), cell(path), f"{similarity:.4f}",
+                query = path_cell(answer.query) if rank == 1 else ""
+                table.add_row(query, str(rank), path_cell(path), f"{similarity:.4f}",
                               end_section=rank == len(answer.matches))  # fmt: skip
         print_rich(table)
     raise typer.Exit(1 if any(a.error for a in answers) else 0)
