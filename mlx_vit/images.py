@@ -66,6 +66,8 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     try:
         with open_regular(path, ImageError) as f:
             head = f.read(64)
+            if not head:
+                raise ImageError(f"{name}: is empty (0 bytes)")
             if _is_heif(head):
                 _enable_heif(name)
             if head.startswith(ICO_MAGIC):
@@ -76,13 +78,19 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
                 # it warns of corrupt EXIF, which we ignore (the pixels are shown as stored).
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-                image = Image.open(f, formats=_available_formats())
+                try:
+                    image = Image.open(f, formats=_available_formats())
+                except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:  # a reader's, or none
+                    raise _unidentified(f, path, head, name, error) from None
                 _check_pixels(image.size, limit, name)
                 if isinstance(image, JpegImagePlugin.JpegImageFile) and image.info.get("progressive"):  # MPO too
                     _check_scans(f, image.size, name)
                 # Not seek(0): Image.open leaves every reader at its first image (multi-frame TIFF, animated GIF,
                 # WebP and PNG at frame 0), and a PSD's, its composite, is frame 1 (its layers are 1..n).
-                image.load()
+                try:
+                    image.load()
+                except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+                    raise ImageError(f"{name}: cannot decode its {image.format} data ({_reason(error)})") from None
                 _check_pixels(image.size, limit, name)  # a reader may pick its image, and so its size, in load()
                 rgb = to_rgb(_apply_orientation(image))
             # A plain in-memory image, never the file-backed one (its file closes here).
@@ -91,14 +99,39 @@ def open_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) ->
         raise
     except IsADirectoryError:
         raise ImageError(f"{name}: is a folder, not an image") from None
-    except UnidentifiedImageError:
-        raise ImageError(f"{name}: not an image in a format mlx-vit reads (JPEG, PNG, GIF, TIFF, WebP, ...)") from None
     except Image.DecompressionBombError as error:
         raise ImageError(f"{name}: refused as a decompression bomb ({shown(str(error), 200)})") from None
     except MemoryError:
         raise ImageError(f"{name}: too large to decode in the memory available") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
-        raise ImageError(f"{name}: cannot decode image ({shown(str(error) or type(error).__name__, 200)})") from None
+        raise ImageError(f"{name}: cannot decode image ({_reason(error)})") from None
+
+
+def _reason(error: BaseException) -> str:
+    """A reader's error in words: struct's and EOF's (which Pillow wraps in a SyntaxError) mean the bytes ran out
+    before the reader was done."""
+    wrapped = error.args[0] if error.args and isinstance(error.args[0], BaseException) else error
+    if isinstance(wrapped, (struct.error, EOFError)):
+        return "the file ends too soon"
+    return shown(str(error) or type(error).__name__, 200)
+
+
+def _unidentified(f, path: Path, head: bytes, name: str, error: BaseException) -> ImageError:
+    """Why Pillow opened no image: a file that starts with a format's signature (a PNG's, say) whose reader then
+    failed is damaged, and its reader's own words say how; anything else is not in a format read here."""
+    for format in _available_formats():
+        factory, accept = Image.OPEN[format]
+        claimed = accept is not None and accept(head[:16])  # TGA has no signature: it would claim any file
+        if not claimed or isinstance(claimed, str):
+            continue
+        try:
+            f.seek(0)
+            factory(f, os.fspath(path))  # what Image.open tried: its headers only, never the pixels
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error) as failure:
+            return ImageError(f"{name}: cannot decode its {format} data ({_reason(failure)})")
+    if not isinstance(error, UnidentifiedImageError):  # no signature, yet a reader failed: say its words
+        return ImageError(f"{name}: cannot decode image ({_reason(error)})")
+    return ImageError(f"{name}: not an image in a format mlx-vit reads (JPEG, PNG, GIF, TIFF, WebP, ...)")
 
 
 def _available_formats() -> list[str]:

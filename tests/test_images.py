@@ -98,7 +98,7 @@ def test_pixel_limit_is_configurable_never_disabled(tmp_path, monkeypatch):
     assert "refused as a decompression bomb (Image size (200000000 pixels) exceeds limit of 178956970" in message
     # A higher limit lets it through the size check (and Pillow's) to the decoder, which finds it truncated.
     message = one_line_error(ImageError, open_image, big, max_pixels=250_000_000, names=big)
-    assert "cannot decode image" in message and "over the limit" not in message
+    assert "cannot decode its PNG data" in message and "over the limit" not in message
     # Lower limits refuse smaller images; the limit is inclusive.
     photo = IMAGES / "chelsea.png"  # 451 x 300
     assert "451x300 pixels is over the limit of 135,299" in one_line_error(ImageError, open_image, photo,
@@ -226,6 +226,26 @@ def test_broken_files_are_one_line_errors_naming_the_file(tmp_path):
         assert message.startswith(f"{shown(path)}: "), (name, message)
     eps = tmp_path / "ghostscript.eps"
     assert "not an image in a format mlx-vit reads" in one_line_error(ImageError, open_image, eps)
+
+
+def test_empty_and_damaged_files_say_which_they_are(tmp_path):
+    """A 0-byte file is empty; a file with a format's signature whose data is damaged says which format and how;
+    only a file with no signature mlx-vit reads is 'not an image'."""
+    png = (IMAGES / "chelsea.png").read_bytes()
+    files = {
+        "empty.png": (b"", "is empty (0 bytes)"),
+        "bad-crc.png": (png[:29] + b"\0\0\0\0" + png[33:], "cannot decode its PNG data (broken PNG file (bad header "
+                        "checksum in b'IHDR'))"),
+        "cut-in-header.png": (png[:8], "cannot decode its PNG data (the file ends too soon)"),
+        "cut-in-chunk.png": (png[:200], "cannot decode its PNG data (Truncated File Read)"),
+        "cut-in-pixels.png": (png[: len(png) // 2], "cannot decode its PNG data (image file is truncated"),
+        "gif.gif": (b"GIF89a\0\0\0", "cannot decode its GIF data (the file ends too soon)"),
+        "notes.png": (b"hello, not an image\n", "not an image in a format mlx-vit reads"),
+    }  # fmt: skip
+    for name, (data, says) in files.items():
+        (tmp_path / name).write_bytes(data)
+        message = one_line_error(ImageError, open_image, tmp_path / name, names=tmp_path / name)
+        assert message.startswith(f"{shown(tmp_path / name)}: {says}"), (name, message)
 
 
 def test_file_names_with_control_characters_stay_on_one_line(tmp_path):
