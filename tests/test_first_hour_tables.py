@@ -73,11 +73,12 @@ def test_a_regression_model_takes_a_threshold_above_1(tmp_path, isolated):
     assert "predictions" in json.loads(done.stdout)
 
 
-def test_an_output_named_for_another_format_is_a_usage_error(vit_folder, tmp_path, isolated):
+def test_an_output_named_for_another_format_is_a_usage_error_before_the_model_loads(tmp_path, isolated):
     out = tmp_path / "x.jsonl"
-    done = run_cli("classify", PHOTOS[0], "-m", vit_folder, "-o", out, "--format", "csv", env=isolated)
+    model = tmp_path / "no-such-model"  # loading it would fail with exit code 1
+    done = run_cli("classify", PHOTOS[0], "-m", model, "-o", out, "--format", "csv", env={**isolated, "COLUMNS": "300"})
     assert done.returncode == 2 and not out.exists()
-    assert "names jsonl output, not csv" in " ".join(done.stderr.split())
+    assert "the extension .jsonl names jsonl output, not csv" in done.stderr
 
 
 def test_a_path_keeps_its_file_name_and_loses_its_middle():
