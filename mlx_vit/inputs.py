@@ -179,6 +179,17 @@ def _inside(key: str, folder: str, is_folder: bool) -> bool:
     return not any(os.path.islink(os.path.join(folder, *parts[: i + 1])) for i in range(len(folders)))
 
 
+def folder_listing(folder: str | os.PathLike) -> list[tuple[str, str, bool]]:
+    """What a walk takes from one folder, in its order: (name, path, whether it is a folder to walk), sorted by
+    name (code point order, `B` before `a`); hidden names left out, files only with an image's extension, and a
+    symlinked folder is no folder (a walk does not follow it: a link back up would loop). Raises OSError."""
+    with os.scandir(folder) as listing:
+        entries = sorted(
+            (e.name, e.path, e.is_dir(follow_symlinks=False)) for e in listing if not e.name.startswith(".")
+        )
+    return [(name, path, is_dir) for name, path, is_dir in entries if is_dir or is_image_name(name)]
+
+
 def _walk(folder: str) -> Iterator[Input]:
     """A folder's images, depth first in name order; hidden entries skipped, symlinked folders not followed (a
     link back up would loop). Holds one sorted listing per level. A folder that cannot be listed is an error."""
@@ -191,13 +202,11 @@ def _walk(folder: str) -> Iterator[Input]:
         path, is_dir = entry
         if is_dir:
             try:
-                with os.scandir(path) as listing:
-                    entries = sorted((e.name, e.path, e.is_dir(follow_symlinks=False)) for e in listing
-                                     if not e.name.startswith("."))  # fmt: skip
+                entries = folder_listing(path)
             except OSError as error:
                 yield Input(path, f"{shown(path)}: cannot list folder ({os_reason(error)})")
                 continue
-            stack.append((p, d) for name, p, d in entries if d or is_image_name(name))
+            stack.append((p, d) for _, p, d in entries)
             continue
         try:
             mode = os.stat(path).st_mode  # follows a symlinked file to what it names

@@ -23,6 +23,7 @@ from tui_support import (
 from mlx_vit.classify import load
 from mlx_vit.convert import convert
 from mlx_vit.images import open_image
+from mlx_vit.inputs import find_inputs
 from mlx_vit.tui.backend import Backend
 from mlx_vit.tui.screens import HelpScreen, ModelScreen, PromptScreen
 from mlx_vit.tui.widgets import list_folder
@@ -54,6 +55,22 @@ def showing(app, model: Path, image: Path):
 def test_browser_lists_folders_then_images_by_name():
     folders, images = list_folder(IMAGES)
     assert folders == [] and [p.name for p in images] == ORDER  # README.md is no image
+
+
+def test_browser_lists_what_classify_walks_in_its_order(tmp_path):
+    """The same rule as `mlx-vit classify FOLDER` (one function): names in code point order, hidden names, other
+    files and symlinked folders (which a walk does not follow) left out, a symlinked image kept."""
+    for name in ["a.png", "B.png", "IMG_1.JPG", "notes.txt", ".hidden.png", "c/x.png", "Z/y.png", ".h/z.png"]:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        shutil.copy(IMAGES / "chelsea.png", tmp_path / name)
+    (tmp_path / "link").symlink_to(tmp_path / "c")
+    (tmp_path / "linked.png").symlink_to(tmp_path / "a.png")
+    folders, images = list_folder(tmp_path)
+    assert [p.name for p in folders] == ["Z", "c"]
+    assert [p.name for p in images] == ["B.png", "IMG_1.JPG", "a.png", "linked.png"]
+    walked = [Path(i.path) for i in find_inputs([str(tmp_path)])]
+    assert [p for p in walked if p.parent == tmp_path] == images
+    assert [p.parent for p in walked if p.parent != tmp_path] == folders
 
 
 def test_photo_shows_what_the_model_computes(mlx_model):

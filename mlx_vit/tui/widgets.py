@@ -22,24 +22,15 @@ from textual.widgets.option_list import Option
 
 from mlx_vit.classify import Prediction
 from mlx_vit.errors import shown
-from mlx_vit.inputs import is_image_name
+from mlx_vit.inputs import folder_listing
 
 
 def list_folder(folder: Path) -> tuple[list[Path], list[Path]]:
-    """(visible sub-folders, image files), each sorted by name ignoring case. Raises OSError."""
-    folders, images = [], []
-    for entry in folder.iterdir():
-        if entry.name.startswith("."):
-            continue
-        try:
-            if entry.is_dir():
-                folders.append(entry)
-            elif is_image_name(entry.name):  # the files `mlx-vit classify FOLDER` takes
-                images.append(entry)
-        except OSError:  # a broken link or an entry we may not stat
-            continue
-    by_name = lambda p: (p.name.lower(), p.name)  # noqa: E731
-    return sorted(folders, key=by_name), sorted(images, key=by_name)
+    """(sub-folders, image files) as `mlx-vit classify FOLDER` walks them (mlx_vit.inputs.folder_listing): the
+    same names in the same order, hidden ones and symlinked folders left out. Raises OSError."""
+    entries = folder_listing(folder)
+    folders = [Path(path) for _, path, is_dir in entries if is_dir]
+    return folders, [Path(path) for _, path, is_dir in entries if not is_dir]
 
 
 class FolderBrowser(OptionList):
