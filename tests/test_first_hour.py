@@ -3,6 +3,8 @@ and the README's set-up and test commands are the ones CI runs."""
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -85,3 +87,79 @@ def test_this_machines_blas_gets_a_fix_only_when_it_is_slow():
     info = blas.load_blas()
     slow = info.path is None and info.note != "MLX_VIT_BLAS=none" or "looks wrong" in info.note
     assert bool(info.fix) == slow, info
+
+
+README = (ROOT / "README.md").read_text()
+
+
+def blocks(text: str, kind: str) -> list[list[str]]:
+    """The lines of each ```kind fenced block in `text`."""
+    return [body.strip("\n").splitlines() for body in re.findall(rf"^```{kind}\n(.*?)^```$", text, re.M | re.S)]
+
+
+def test_the_readme_is_short_and_its_first_command_shows_its_output():
+    assert len(README.splitlines()) < 260
+    first = blocks(README, "console")[0]
+    assert first[0].startswith("$ mlx-vit classify") and not first[1].startswith("$") and len(first) > 5
+
+
+def test_the_readme_installs_the_app_first_with_the_linux_blas_and_ci_runs_its_test_command():
+    setup = blocks(README, "bash")[0]
+    assert setup[0].endswith("pip install -e .") and "apt install libopenblas0-pthread" in setup[1]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    command = ci[ci.index("# The README's test command, verbatim:") + 1]
+    tests = next(block for block in blocks(README, "bash") if command in block)
+    assert "pip install -e '.[test]'" in tests and "python -m pip install -q -e '.[test]'" in ci
+    cpu_torch = tests[0].split("#")[0].split()  # the pins of the CPU-only torch are the test extra's
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    for pin in ("torch==", "torchvision=="):
+        assert f'"{next(word for word in cpu_torch if word.startswith(pin))}"' in pyproject
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors for a page's headings."""
+    titles = [line.lstrip("#").strip().lower() for line in page.read_text().splitlines() if line.startswith("#")]
+    return {re.sub(r"[^\w\- ]", "", title).replace(" ", "-") for title in titles}
+
+
+def test_every_link_between_the_readme_and_the_docs_leads_somewhere():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) > 10
+    for page in pages:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if target.startswith(("http://", "https://")):
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            assert linked.exists(), f"{page.name}: {target}"
+            assert not anchor or anchor in anchors(linked), f"{page.name}: {target}"
+
+
+def rows(lines: list[str]) -> list[tuple[int, float, int]]:
+    """(rank, score, class id) of each prediction row in a printed table."""
+    cells = [[cell.strip() for cell in line.split("│")[1:-1]] for line in lines if line.startswith("│")]
+    return [(int(c[1]), float(c[3]), int(c[4])) for c in cells if c[1]]
+
+
+def test_the_quick_starts_print_what_the_readme_shows(monkeypatch, tmp_path):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("MLX_VIT_CACHE", str(tmp_path / "cache"))
+    first, library = blocks(README, "console")[:2]
+    shown = runner.invoke(app, first[0].removeprefix("$ mlx-vit ").split() + ["--format", "json"])
+    assert shown.exit_code == 0, shown.output
+    (result,) = json.loads(shown.stdout)
+    table = rows(first)
+    assert [c for _, _, c in table] == [p["class_id"] for p in result["predictions"]]
+    assert [s for _, s, _ in table] == pytest.approx([p["score"] for p in result["predictions"]], abs=1e-4)
+    assert first[1] in shown.stderr  # the line saying the weights are random
+    command = library[0].removeprefix("$ mlx-vit ").replace("labels.jsonl", str(tmp_path / "labels.jsonl"))
+    assert runner.invoke(app, command.split()).exit_code == 0
+    readme_line = json.loads(library[library.index("$ head -n 1 labels.jsonl") + 1])
+    ours = json.loads((tmp_path / "labels.jsonl").read_text().splitlines()[0])
+    assert ours["path"] == readme_line["path"]
+    assert [(p["label"], p["class_id"]) for p in ours["predictions"]] == [
+        (p["label"], p["class_id"]) for p in readme_line["predictions"]
+    ]
+    assert [p["score"] for p in ours["predictions"]] == pytest.approx(
+        [p["score"] for p in readme_line["predictions"]], abs=1e-5
+    )
