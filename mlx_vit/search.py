@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlx_vit.embed import IndexFileError, embedded_batches, read_embeddings
+from mlx_vit.embed import FINGERPRINT, IndexFileError, embedded_batches, read_index, weights_fingerprint
 from mlx_vit.errors import shown
 from mlx_vit.inputs import find_inputs
 
@@ -78,17 +78,26 @@ def nearest(queries: np.ndarray, index: np.ndarray, k: int) -> tuple[np.ndarray,
 def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike, top_k: int = 10,
                  model: str | None = None, revision: str | None = None,
                  max_pixels: int | None = None) -> list[Answer]:  # fmt: skip
-    """Embed each query image with `model` (by default the one that made the index) and find its nearest rows."""
+    """Embed each query image with `model` (by default the one that made the index) and find its nearest rows.
+
+    An index that records its weights' fingerprint (embed.weights_fingerprint) refuses a model with other weights;
+    an older or .npy index, only one whose vectors have another width."""
     from mlx_vit.classify import load
     from mlx_vit.images import DEFAULT_MAX_PIXELS
 
-    vectors, paths, made_by = read_embeddings(index)
+    vectors, paths, settings = read_index(index)
+    made_by = settings.get("model")
     name = shown(index)
     if vectors.ndim != 2:
         raise IndexFileError(f"{name}: holds every token (--all-tokens); search needs one vector an image")
     if model is None and made_by is None:
         raise IndexFileError(f"{name}: a .npy index does not record its model; name it with -m")
     engine = load(model=model or made_by, revision=revision, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    made_with = settings.get(FINGERPRINT)
+    if made_with and (ours := weights_fingerprint(engine.model)) != made_with:
+        raise IndexFileError(f"{name}: was made by {shown(made_by)} (weights {shown(made_with[:12])}), and "
+                             f"{shown(engine.name)} has other weights ({ours[:12]}); search with the index's "
+                             "model")  # fmt: skip
     width = engine.model_config.num_features
     if width != vectors.shape[1]:
         raise IndexFileError(f"{name}: holds {vectors.shape[1]}-wide vectors, {engine.name} makes {width}-wide "

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from mlx_vit.embed import paths_file, read_index, write_embeddings
+from mlx_vit.embed import FINGERPRINT, paths_file, read_index, write_embeddings
 from mlx_vit.errors import OutputError, shown
 from mlx_vit.files import (
     MAX_NAME_BYTES,
@@ -103,6 +103,8 @@ class EmbeddingSpool:
         if exists(self.path):
             vectors, paths, made = read_index(self.path)
             self._check(tuple(vectors.shape[1:]), "the index")
+            if made and FINGERPRINT not in made:  # an older index: its rows' weights are unknown, so it stays so
+                self._weights_unknown(meta)
             if made and {k: made.get(k) for k in ("model", *self.settings)} != {"model": model_name, **self.settings}:
                 raise OutputError(f"{self.name}: {_difference(made, meta)}: embed into a new file")
             self.previous = vectors, paths
@@ -114,7 +116,10 @@ class EmbeddingSpool:
             self._remove_spool()
             found = []
         if spooled:
-            if read_json(self.meta_path, OutputError, MAX_SPOOL_LINE, follow=False) != meta:
+            spool_meta = read_json(self.meta_path, OutputError, MAX_SPOOL_LINE, follow=False)
+            if isinstance(spool_meta, dict) and FINGERPRINT not in spool_meta:  # left by an older mlx-vit
+                self._weights_unknown(meta)
+            if spool_meta != meta:
                 raise OutputError(f"{self.name}: its spool was made by another model or setting (--all-tokens, "
                                   "--normalize, --image-size); not resuming (remove the dot files beside "
                                   "it)")  # fmt: skip
@@ -123,6 +128,11 @@ class EmbeddingSpool:
         self.done = Done(np.concatenate(hashes))
         self._meta = meta
         self._found = found  # spool files there already (a resume): reopened, not created
+
+    def _weights_unknown(self, meta: dict[str, Any]) -> None:
+        """Rows made before indexes recorded their weights: this run, which adds to them, records none either."""
+        self.settings.pop(FINGERPRINT, None)
+        meta.pop(FINGERPRINT, None)
 
     def _check(self, shape: tuple[int, ...], what: str) -> None:
         if shape != self.shape:
@@ -260,7 +270,15 @@ def _utf8(text: str) -> bool:
 
 def _difference(made: dict[str, str], wanted: dict[str, Any]) -> str:
     """What differs between the index's settings and this run's, by name: the model, normalize, ..."""
-    keys = [k for k in ("model", "normalize", "image_size", "all_tokens") if k in wanted and made.get(k) != wanted[k]]
-    was = ", ".join(f"{k} {shown(made.get(k), 60)}" for k in keys)
-    now = ", ".join(f"{k} {shown(wanted[k], 60)}" for k in keys)
+    keys = [k for k in ("model", FINGERPRINT, "normalize", "image_size", "all_tokens")
+            if k in wanted and made.get(k) != wanted[k]]  # fmt: skip
+    was = ", ".join(_setting(k, made.get(k)) for k in keys)
+    now = ", ".join(_setting(k, wanted[k]) for k in keys)
     return f"was made with {was}; this run has {now}"
+
+
+def _setting(key: str, value: Any) -> str:
+    """'normalize true'; a fingerprint by its first 12 digits, as `search` names it."""
+    if key == FINGERPRINT:
+        return f"weights {shown(str(value)[:12])}"
+    return f"{key} {shown(value, 60)}"
