@@ -114,7 +114,7 @@ def _fit_core(lib: ctypes.CDLL, late: bool) -> tuple[str | None, str, str]:
     cpu = LEVEL_NAMES[cpu_level(flags)]
     if os.environ.get("OPENBLAS_CORETYPE"):
         note = f"core {core} looks wrong for this {cpu} CPU (OPENBLAS_CORETYPE is set; {better} would be faster)"
-        return core, note, f"set OPENBLAS_CORETYPE={better}, or unset it to let mlx-vit choose"
+        return core, note, ""  # the user's choice, as MLX_VIT_BLAS=none is: said by --version, not warned about
     if late:
         note = f"core {core} looks wrong for this {cpu} CPU (import mlx_vit first; {better} would be faster)"
         return core, note, "import mlx_vit before mlx.core, so that mlx-vit chooses the kernels first"
