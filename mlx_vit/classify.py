@@ -80,15 +80,16 @@ class Classifier(Engine):
         return [self.top_k(s, top_k) if ok else None for s, ok in zip(scores, finite, strict=True)]
 
     def classify_files(self, paths: Iterable[str | os.PathLike | Input], top_k: int = 5, batch_size: int = 8,
-                       threshold: float = 0.0, workers: int | None = None) -> Iterator[Result]:  # fmt: skip
+                       threshold: float | None = None, workers: int | None = None) -> Iterator[Result]:  # fmt: skip
         """Yield a Result per path, in input order; a bad file becomes an error Result (see classify_batches)."""
         for batch in self.classify_batches(paths, top_k, batch_size, threshold, workers):
             yield from batch
 
     def classify_batches(self, paths: Iterable[str | os.PathLike | Input], top_k: int = 5, batch_size: int = 8,
-                         threshold: float = 0.0, workers: int | None = None) -> Iterator[list[Result]]:  # fmt: skip
-        """Results a batch at a time, in input order: predictions scoring under `threshold` are dropped; files
-        are decoded ahead of the model (Engine.prepared_batches)."""
+                         threshold: float | None = None,
+                         workers: int | None = None) -> Iterator[list[Result]]:  # fmt: skip
+        """Results a batch at a time, in input order: predictions scoring under `threshold` (if given: a regression
+        model's scores may be negative) are dropped; files are decoded ahead of the model (prepared_batches)."""
         self.check_classifies()
         for pending in self.prepared_batches(paths, batch_size, workers):
             good = [(result, pixels) for result, pixels in pending if pixels is not None]
@@ -98,7 +99,7 @@ class Classifier(Engine):
                     if found is None:
                         result.error = _not_finite(result.path)
                     else:
-                        result.predictions = [p for p in found if p.score >= threshold]
+                        result.predictions = [p for p in found if threshold is None or p.score >= threshold]
             yield [result for result, _ in pending]
 
 

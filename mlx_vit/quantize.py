@@ -33,7 +33,7 @@ DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 # The transformer blocks' linears hold ~98% of a ViT-B/16's weights; only they are quantized. The patch
 # embedding and the classifier head stay in float: scripts/quantization_table.py measured that quantizing them
-# too loses agreement with the float32 reference (README table, "+ patch embedding and head" rows) to save
+# too loses agreement with the float32 reference (docs/quantization.md, "+ patch embedding and head" rows) to save
 # ~4.6 MB of a ViT-B/16, and each alone added ~0.1 to the max logit error of an 8-bit model.
 QUANTIZED = re.compile(r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.fc[12])")
 

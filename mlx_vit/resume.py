@@ -37,16 +37,17 @@ class Done:
     skipped when the run resumes as `/home/me/photos/a.jpg`, and the other way round.
     """
 
-    def __init__(self, hashes: Sequence[int] | None = None):  # an array("Q") or a numpy array
+    def __init__(self, hashes: Sequence[int] | None = None, failed: int = 0):  # an array("Q") or a numpy array
         import numpy as np  # here, not at import: `mlx-vit --help` reads the formats' names next door
 
         self.hashes = np.unique(np.asarray(hashes if hashes is not None else [], dtype=np.uint64))
+        self.failed = failed  # of them, the paths whose result is an error (a resume does not retry them)
 
     def adding(self, key: int) -> Done:
         """These paths and the one whose key this is."""
         import numpy as np
 
-        return Done(np.append(self.hashes, np.uint64(key)))
+        return Done(np.append(self.hashes, np.uint64(key)), self.failed)
 
     @staticmethod
     def key(path: str) -> int:
@@ -90,7 +91,7 @@ def read_done(path: Path, format: str) -> tuple[Done, int, Tail | None]:
 
 def _read_jsonl(f, name: str) -> tuple[Done, int, None]:
     hashes = array("Q")
-    end = 0
+    end = failures = 0
     for number, line in enumerate(lines(f, MAX_RECORD_BYTES, name, OutputError), 1):
         record = None
         if not line.endswith(b"\n"):  # the last line, cut short if it is the start of a result (redone)
@@ -105,8 +106,9 @@ def _read_jsonl(f, name: str) -> tuple[Done, int, None]:
         if path is None:
             raise OutputError(f"{name}: line {number} is not an mlx-vit result; not resuming (remove the file?)")
         hashes.append(Done.key(path))
+        failures += failed
         end += len(line)
-    return Done(hashes), end, None
+    return Done(hashes, failures), end, None
 
 
 def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
@@ -129,8 +131,8 @@ def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
     hashes = array("Q")
     csv.field_size_limit(max(csv.field_size_limit(), MAX_RECORD_BYTES))  # mlx-vit writes labels that long
     reader = csv.reader(text(), strict=True)
-    end = last_start = ranks = 0  # where the finished records end; where the last image's start; its ranks
-    last_path = None
+    end = last_start = ranks = failures = 0  # where the finished records end; the last image's start; its ranks
+    last_path, last_failed = None, False
     for number in itertools.count(1):
         try:
             row = next(reader, None)
@@ -157,11 +159,12 @@ def _read_csv(f, name: str) -> tuple[Done, int, Tail | None]:
         elif row[0] != last_path:
             if last_path is not None:
                 hashes.append(Done.key(last_path))
-            last_path, last_start, ranks = row[0], end, 0
+                failures += last_failed
+            last_path, last_start, ranks, last_failed = row[0], end, 0, bool(row[5])
         if number > 1 and row[1]:
             ranks += 1
         end = taken
-    done = Done(hashes)
+    done = Done(hashes, failures + last_failed)  # a failed last image is kept, never redone (see CsvFormat)
     return (done, end, None) if last_path is None else (done, last_start, Tail(last_path, end, ranks))
 
 

@@ -44,6 +44,7 @@ class Stats:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    failed_before: int = 0  # failures a resumed output already holds (not retried: their inputs are skipped)
     started: float = field(default_factory=time.monotonic)
     total: int | None = None
 
@@ -58,6 +59,7 @@ class Stats:
     def summary(self, what: str = "classified") -> str:
         """The run's last line; it gives a rate only when some image was classified (or embedded)."""
         skipped = f", {self.skipped} skipped (already in the output)" if self.skipped else ""
+        skipped += f", {self.failed_before} failed before (in the output, not retried)" if self.failed_before else ""
         seconds = self.seconds
         rate = (
             f" ({(self.done - self.failed) / seconds:.1f} images/s)" if self.done > self.failed and seconds > 0 else ""
@@ -168,6 +170,7 @@ def run_library(arguments: list[str | os.PathLike], batches: Callable[[Iterator[
         raise MlxVitError("- (paths on stdin) reaches rank 0 only under mlx.launch; list the inputs as arguments")
     stats = Stats()
     finished = sink.done if sink is not None else Done()
+    stats.failed_before = finished.failed
     if size > 1:
         finished = Done(distributed.broadcast_hashes(finished.hashes))
     bar = Progress(stats, arguments, progress if rank == 0 else False)
@@ -201,7 +204,7 @@ def run_library(arguments: list[str | os.PathLike], batches: Callable[[Iterator[
 
 
 def classify_library(classifier: Classifier, inputs: list[str | os.PathLike], output: str | os.PathLike | None = None,
-                     format: str = "table", top_k: int = 5, threshold: float = 0.0, resume: bool = False,
+                     format: str = "table", top_k: int = 5, threshold: float | None = None, resume: bool = False,
                      batch_size: int = 8, workers: int | None = None, progress: bool | None = None,
                      stdin: TextIO | None = None) -> Stats:  # fmt: skip
     """Classify every input into `output` (stdout when None) in `format`; see the module docstring."""

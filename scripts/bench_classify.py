@@ -115,7 +115,7 @@ def main() -> None:
     top1_ours = [r["predictions"][0]["label"] for r in json.loads(runs["mlx-vit"][-1]["out"])]
     top1_theirs = [labels[0] for labels in json.loads(runs["pipeline"][-1]["out"])]
     agree = sum(a == b for a, b in zip(top1_ours, top1_theirs, strict=True))
-    print(f"top-1 labels agree on {agree} of {len(photos)} photos (the pipeline drops alpha channels; see README)")
+    print(f"top-1 labels agree on {agree} of {len(photos)} photos (the pipeline drops alpha channels; see docs/cli.md)")
 
     start = time.perf_counter()
     debug = subprocess.run([*MLX_VIT, "--debug", *ours[3:]], capture_output=True, text=True)

@@ -1,4 +1,4 @@
-"""The README's attention picture: `mlx-vit explain` on assets/chelsea.png with a seeded random ViT.
+"""docs/explain.md's attention picture: `mlx-vit explain` on assets/chelsea.png with a seeded random ViT.
 
     python scripts/explain_example.py        # writes assets/explain-chelsea-random-weights.png
 

@@ -88,3 +88,24 @@ def test_a_bare_weight_file_with_an_unknown_arch_says_so_before_its_output_folde
     result = runner.invoke(app, ["convert", "model.pth", "--arch", "vit_nonexistent_patch16_224"], env=WIDE)
     assert result.exit_code == 1 and "vit_nonexistent_patch16_224" in result.stderr, result.output
     assert "already exists" not in result.stderr
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_a_resume_of_an_output_holding_failures_exits_1_as_its_first_run(vit_folder, tmp_path, suffix):
+    """A failure is that image's result: a resume skips it, does not retry it, and the output still holds it, so
+    the resume exits 1 as the run that wrote it did, and says so in its summary."""
+    from checkpoints import PHOTOS
+
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    out = tmp_path / f"labels.{suffix}"
+    args = ["classify", str(PHOTOS[0]), str(broken), "-m", str(vit_folder), "-o", str(out)]
+    first = runner.invoke(app, args, env=WIDE)
+    assert first.exit_code == 1 and out.exists()
+    written = out.read_bytes()
+    again = runner.invoke(app, [*args, "--resume"], env=WIDE)
+    assert again.exit_code == 1, again.output
+    assert "2 skipped (already in the output), 1 failed before (in the output, not retried)" in again.output
+    assert out.read_bytes() == written
+    out.write_bytes(b"".join(line for line in written.splitlines(keepends=True) if b"broken" not in line))
+    assert runner.invoke(app, [*args[:2], *args[3:], "--resume"], env=WIDE).exit_code == 0  # no failure left

@@ -132,3 +132,17 @@ def test_search_keeps_file_names_in_80_columns(vit_folder, tmp_path, isolated):
     assert all(len(line) <= 80 for line in lines)
     for name in NAMES:  # each photo is a match; the query is the first
         assert done.stdout.count(f"…/{name} ") == (2 if name == NAMES[0] else 1), done.stdout
+
+
+def test_a_regression_models_negative_scores_are_kept_unless_a_threshold_is_given(tmp_path):
+    """Without --threshold nothing is dropped: the default was 0.0, which silently dropped a regression model's
+    negative scores (its raw outputs), so classify_files and the CLI printed none where classify() gave one."""
+    from mlx_vit.classify import load
+
+    classifier = load(str(make_checkpoint(tmp_path / "regression", problem_type="regression", num_labels=1)))
+    photos = [str(p) for p in PHOTOS]
+    expected = classifier.classify(photos, top_k=1)
+    assert any(found[0].score < 0 for found in expected)  # the case that was lost
+    assert [r.predictions for r in classifier.classify_files(photos, top_k=1)] == expected
+    kept = [r.predictions for r in classifier.classify_files(photos, top_k=1, threshold=0.0)]
+    assert kept == [[p for p in found if p.score >= 0] for found in expected]

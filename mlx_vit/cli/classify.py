@@ -26,14 +26,15 @@ def classify(
         ),
     ] = None,  # fmt: skip
     threshold: Annotated[
-        float,
+        float | None,
         typer.Option(
             "--threshold",
             parser=decimal(0.0),
             help="Drop predictions scoring below P: a probability, 0 to 1 (any P for a regression model's raw scores).",
             metavar="P",
+            show_default=False,
         ),
-    ] = 0.0,
+    ] = None,
     resume: options.Resume = False,
     batch_size: options.BatchSize = 8,
     workers: options.Workers = None,
@@ -85,11 +86,11 @@ def classify(
     classifier = choice.load()
     # Probabilities never pass 1, so such a threshold drops every prediction; a regression model's scores are its
     # raw outputs (an age, a price), which a threshold above 1 can rightly cut.
-    if threshold > 1 and not classifier.regression:
+    if threshold is not None and threshold > 1 and not classifier.regression:
         raise typer.BadParameter(f"{threshold:g} can never match: this model's scores are probabilities, from 0 to 1",
                                  param_hint="--threshold")  # fmt: skip
     from mlx_vit.runs import classify_library
 
     stats = classify_library(classifier, images, output=output, format=chosen, top_k=top_k, threshold=threshold,
                              resume=resume, batch_size=batch_size, workers=workers, progress=progress)  # fmt: skip
-    raise typer.Exit(1 if stats.failed else 0)
+    raise typer.Exit(1 if stats.failed or stats.failed_before else 0)  # a resumed file's failures, as its first run
