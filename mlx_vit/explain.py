@@ -16,6 +16,8 @@ from __future__ import annotations
 import difflib
 import functools
 import logging
+import os
+import sys
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -217,9 +219,10 @@ def overlay(view: np.ndarray, heat: np.ndarray, alpha: float = 0.55) -> Image.Im
 
 FONT_SIZE = 14
 # Pillow's default font (a subset of Aileron) draws ASCII only: 'Über-katze' came out as '▯ber-katze'. A legend
-# with more is drawn in the first of these system fonts (Pillow looks them up in the platform's font folders) that
-# has every character, and a character no font has becomes a '?', said once in a log line. No font is shipped: one
-# that covers every label (Chinese, Japanese) is tens of MB, and a '?' that says so beats a box that does not.
+# with more is drawn in the first of these system fonts (looked up in the platform's font folders, never the current
+# one) that has every character, and a character no font has becomes a '?', said once in a log line. No font is
+# shipped: one that covers every label (Chinese, Japanese) is tens of MB, and a '?' that says so beats a box that
+# does not.
 FONT_FILES = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "Arial Unicode.ttf", "Arial.ttf")
 _NOT_A_CHARACTER = "\U0010ffff"  # mapped by no font: it draws the font's missing-glyph box
 
@@ -241,12 +244,31 @@ def missing_glyphs(font, text: str) -> set[str]:
     return {c for c in set(text) if not c.isspace() and _drawn(font, c) in (box, None)}
 
 
+def font_folders() -> list[Path]:
+    """The platform's font folders, as Pillow's truetype(NAME) searches them, absolute ones only. Pillow first opens
+    NAME itself, relative to the current folder: a 'DejaVuSans.ttf' planted in a folder of downloaded photos was
+    parsed by FreeType and drawn. A relative XDG_DATA_DIRS entry (an empty one is the current folder) is left out."""
+    if sys.platform == "win32":
+        folders = [os.path.join(os.environ["WINDIR"], "fonts")] if os.environ.get("WINDIR") else []
+    elif sys.platform == "darwin":
+        folders = ["/Library/Fonts", "/System/Library/Fonts", os.path.expanduser("~/Library/Fonts")]
+    else:
+        data = [os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share")]
+        data += (os.environ.get("XDG_DATA_DIRS") or "/usr/local/share:/usr/share").split(":")
+        folders = [os.path.join(folder, "fonts") for folder in data if folder]
+    return [Path(folder) for folder in folders if os.path.isabs(folder)]
+
+
 @functools.cache
 def _system_font(name: str):
-    try:
-        return ImageFont.truetype(name, FONT_SIZE)
-    except (OSError, ImportError):  # not on this system, or Pillow without FreeType
-        return None
+    for folder in font_folders():
+        for root, _, files in os.walk(folder):  # symlinked folders not followed, as in Pillow
+            if name in files:
+                try:
+                    return ImageFont.truetype(os.path.join(root, name), FONT_SIZE)
+                except (OSError, ImportError):  # damaged, or Pillow without FreeType
+                    return None
+    return None  # not on this system
 
 
 def legend_font(text: str) -> tuple[ImageFont.ImageFont | ImageFont.FreeTypeFont, set[str]]:

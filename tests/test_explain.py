@@ -297,3 +297,31 @@ def test_the_legend_names_the_image_and_has_a_colour_bar(vit_folder):
     low, high = tuple(COLORS[0]), tuple(COLORS[255])
     assert low in bar and high in bar and bar.index(low) < bar.index(high)
     assert bar.index(high) - bar.index(low) >= 200  # a bar of at least 200 steps
+
+
+def test_the_legend_font_is_never_read_from_the_current_folder(tmp_path, monkeypatch):
+    # Pillow's truetype('DejaVuSans.ttf') opens that name in the current folder first: a font planted in a folder of
+    # downloaded photos was parsed by FreeType and drawn. Only the platform's font folders, absolute, are searched.
+    from pathlib import Path
+
+    from PIL import ImageFont
+
+    from mlx_vit import explain as module
+
+    planted = tmp_path / "DejaVuSans.ttf"
+    planted.write_bytes(b"\x00\x01\x00\x00" + b"\xff" * 64)  # a TrueType signature, then junk
+    (tmp_path / "fonts").mkdir()
+    (tmp_path / "fonts" / "DejaVuSans.ttf").write_bytes(planted.read_bytes())
+    opened = []
+    real = ImageFont.truetype
+    monkeypatch.setattr(ImageFont, "truetype", lambda font, *a, **k: opened.append(font) or real(font, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("XDG_DATA_DIRS", ":.:/usr/share")  # relative entries (an empty one is the current folder)
+    module._system_font.cache_clear()
+    try:
+        assert all(folder.is_absolute() for folder in module.font_folders())
+        module.legend_font("Über-katze 猫")
+    finally:
+        module._system_font.cache_clear()
+    names = [Path(font) for font in opened if isinstance(font, (str, Path))]  # Pillow's default font is bytes
+    assert names and all(name.is_absolute() and tmp_path not in name.parents for name in names), names
