@@ -184,3 +184,33 @@ def test_inputs_stream_a_large_tree_without_listing_it_first(tmp_path, monkeypat
 def test_count_matches_what_is_found_and_is_unknown_for_stdin(library):
     assert count_inputs([str(library), str(library / "a.png"), "nope*"]) == len(paths(library, "nope*"))
     assert count_inputs(["-"]) is None
+
+
+def test_a_glob_takes_no_folder_by_its_extension_in_another_case(tmp_path, monkeypatch):
+    """Only a file's extension matches in any case (as the walk takes IMG_1.JPG): 'photos/*.jpg' walked a folder
+    named album.JPG and took every image in it, its .png files too. A folder matches as written, as in the shell."""
+    for name in ["photos/a.JPG", "photos/album.JPG/inner.png", "photos/trip.jpg/inner.png"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(IMAGES / "rocket.jpg", tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    assert paths("photos/*.jpg") == ["photos/a.JPG", "photos/trip.jpg/inner.png"]
+    assert paths("photos/*.JPG") == ["photos/a.JPG", "photos/album.JPG/inner.png"]
+
+
+def test_a_double_star_twice_is_one(tmp_path, monkeypatch):
+    """'**/**' is '**' (as in the shell): each more one multiplied the folders listed by the tree's depth (minutes
+    for a 1,500-deep tree)."""
+    folder = tmp_path / "deep"
+    for _ in range(40):
+        folder = folder / "d"
+    folder.mkdir(parents=True)
+    shutil.copy(IMAGES / "rocket.jpg", folder / "leaf.JPG")
+    monkeypatch.chdir(tmp_path)
+    listed = []
+    real = os.scandir
+    monkeypatch.setattr(os, "scandir", lambda path=".": listed.append(path) or real(path))
+    assert len(paths("deep/**/*.jpg")) == 1
+    once = len(listed)
+    listed.clear()
+    assert len(paths("deep/**/**/**/*.jpg")) == 1
+    assert len(listed) == once
