@@ -66,6 +66,12 @@ def test_a_threshold_above_1_is_a_usage_error_for_probabilities(vit_folder, isol
     assert run_cli("classify", PHOTOS[0], "-m", vit_folder, "--threshold", "1", env=isolated).returncode == 0
 
 
+def test_a_threshold_just_above_1_is_named_as_given(vit_folder, isolated):
+    # '{:g}' rounded it: '1 can never match', of a threshold 1 that can
+    done = run_cli("classify", PHOTOS[0], "-m", vit_folder, "--threshold", "1.0000000000000002", env=isolated)
+    assert done.returncode == 2 and "1.0000000000000002 can never match" in done.stderr, done.stderr
+
+
 def test_a_regression_model_takes_a_threshold_above_1(tmp_path, isolated):
     model = make_checkpoint(tmp_path / "regression", problem_type="regression", num_labels=1)
     done = run_cli("classify", PHOTOS[0], "-m", model, "--threshold", "1.5", "--format", "jsonl", env=isolated)

@@ -87,7 +87,7 @@ def classify(
     # Probabilities never pass 1, so such a threshold drops every prediction; a regression model's scores are its
     # raw outputs (an age, a price), which a threshold above 1 can rightly cut.
     if threshold is not None and threshold > 1 and not classifier.regression:
-        raise typer.BadParameter(f"{threshold:g} can never match: this model's scores are probabilities, from 0 to 1",
+        raise typer.BadParameter(f"{threshold!r} can never match: this model's scores are probabilities, from 0 to 1",
                                  param_hint="--threshold")  # fmt: skip
     from mlx_vit.runs import classify_library
 
