@@ -89,6 +89,11 @@ def label_indexes(classifier: Classifier, label: str) -> list[int]:
         return wholes[label]
     if len(parts.get(label, ())) == 1:
         return parts[label]
+    if label in parts:  # a name of several labels (ImageNet's "grass snake"): it is one of them, but which?
+        found = parts[label]
+        named = ", ".join(shown(classifier.labels[i], 60, quote=True) for i in found[:3]) + (", ..." * (len(found) > 3))
+        raise MlxVitError(f"--label {shown(label, 60, quote=True)}: a name of {len(found)} of the model's labels "
+                          f"({named}); give the whole label")  # fmt: skip
     first = {name: found[0] for name, found in (parts | wholes).items()}
     close = difflib.get_close_matches(label, list(first), n=12)
     nearest = list(dict.fromkeys(first[name] for name in close))[:3]

@@ -325,3 +325,20 @@ def test_the_legend_font_is_never_read_from_the_current_folder(tmp_path, monkeyp
         module._system_font.cache_clear()
     names = [Path(font) for font in opened if isinstance(font, (str, Path))]  # Pillow's default font is bytes
     assert names and all(name.is_absolute() and tmp_path not in name.parents for name in names), names
+
+
+def test_a_name_of_several_labels_is_refused_as_such():
+    # ImageNet's 'grass snake' is a name of 'green snake, grass snake' and of 'garter snake, grass snake': it read
+    # "not one of the model's labels", which it is (twice)
+    from types import SimpleNamespace
+
+    from mlx_vit.errors import MlxVitError
+    from mlx_vit.explain import label_indexes
+
+    model = SimpleNamespace(name="m", labels=dict(enumerate(["green snake, grass snake", "garter snake, grass snake",
+                                                             "sea snake"])))  # fmt: skip
+    refusal = ("^--label 'grass snake': a name of 2 of the model's labels \\('green snake, grass snake', "
+               "'garter snake, grass snake'\\); give the whole label$")  # fmt: skip
+    with pytest.raises(MlxVitError, match=refusal):
+        label_indexes(model, "grass snake")
+    assert label_indexes(model, "garter snake") == [1]
