@@ -635,7 +635,8 @@ def test_nothing_cached_and_no_hub_is_one_line(tmp_path, offline):
     assert done.returncode == 1
     assert done.stderr == (
         "error: org/absent: not in the Hugging Face cache and the Hub cannot be reached (offline?); "
-        "connect once, or pass a local folder with -m\n"
+        "connect once, or pass a local folder with -m (`mlx-vit convert` makes a model folder from a downloaded "
+        "checkpoint folder; -m random:vit-tiny-patch16-224 tries mlx-vit offline)\n"
     )
     assert TOKEN not in done.stdout
 
