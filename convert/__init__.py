@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_vit import presets
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.files import exists, is_dir
 from mlx_vit.hub import download
@@ -107,6 +108,9 @@ def convert(src: str, mlx_path: str | Path | None = None, force: bool = False, r
     folder = Path(src).expanduser()
     if is_dir(folder) or exists(folder):
         source: dict[str, Any] = {"path": str(folder.resolve())}
+    elif presets.is_random(src):  # the Hub's refusal named `-m random:...` as what to try, for this very name
+        raise MlxVitError(f"{shown(src, 100)}: a random: model has no checkpoint to convert; give it to classify, "
+                          "embed, search or explain with -m")  # fmt: skip
     else:
         folder = download(src, revision)
         source = {"repo": src, "revision": folder.name}

@@ -68,6 +68,14 @@ def test_an_unknown_preset_is_one_line_listing_the_presets():
     assert all(f"random:{name}" in message for name in PRESETS)
 
 
+def test_convert_of_a_random_model_says_it_has_no_checkpoint(tmp_path):
+    # it read the Hub's 'not a valid repo id ... -m random:vit-tiny-patch16-224 tries mlx-vit offline', for that name
+    done = runner.invoke(app, ["convert", TINY, "-o", str(tmp_path / "out")])
+    assert done.exit_code == 1 and not (tmp_path / "out").exists()
+    assert done.stderr == f"error: {TINY}: a random: model has no checkpoint to convert; give it to classify, embed, " \
+                          "search or explain with -m\n"  # fmt: skip
+
+
 @pytest.mark.parametrize("name", ["bad name!", "google/vit-base-patch16-224"])
 def test_hub_errors_say_how_to_get_a_model_folder(name):
     with pytest.raises(ModelNotFoundError) as error:
