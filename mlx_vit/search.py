@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mlx_vit.embed import FINGERPRINT, IndexFileError, embedded_batches, read_index, weights_fingerprint
-from mlx_vit.errors import shown
+from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.inputs import find_inputs
 
 CHUNK_ROWS = 65536
@@ -92,7 +92,13 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
         raise IndexFileError(f"{name}: holds every token (--all-tokens); search needs one vector an image")
     if model is None and made_by is None:
         raise IndexFileError(f"{name}: a .npy index does not record its model; name it with -m")
-    engine = load(model=model or made_by, revision=revision, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    try:
+        engine = load(model=model or made_by, revision=revision, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    except MlxVitError as error:
+        if model is not None:
+            raise
+        # the model the index names: the line says where its name came from, which the user never typed
+        raise type(error)(f"{name}: its model cannot be loaded ({error}); name one with -m") from None
     made_with = settings.get(FINGERPRINT)
     if made_with and (ours := weights_fingerprint(engine.model)) != made_with:
         raise IndexFileError(f"{name}: was made by {shown(made_by)} (weights {shown(made_with[:12])}), and "

@@ -80,3 +80,21 @@ def test_resume_refuses_other_weights_and_extends_an_older_index_as_it_was(vit_f
     mlx_vit.embed_library(mlx_vit.load(str(vit_folder)), PHOTOS[:4], old, resume=True)
     vectors, paths, settings = read_index(old)
     assert len(paths) == 4 and FINGERPRINT not in settings  # its older rows' weights are still unknown
+
+
+def test_an_index_whose_model_cannot_be_loaded_is_named(vit_folder, tmp_path):
+    # the model's name comes from the index, which the user never read: the line read "error: /gone/model: no such
+    # folder ...", naming neither the index nor -m
+    import shutil
+
+    from mlx_vit.errors import MlxVitError
+
+    model = tmp_path / "model"
+    shutil.copytree(vit_folder, model)
+    index = tmp_path / "i.safetensors"
+    embedded(str(model), index)
+    shutil.rmtree(model)
+    line = one_line_error(MlxVitError, search_index, [QUERIES[0]], index, names=index.name)
+    assert line.startswith(f"{shown(index)}: its model cannot be loaded ({shown(model)}") and line.endswith("with -m")
+    answers = search_index([QUERIES[0]], index, top_k=1, model=str(vit_folder))
+    assert answers[0].matches[0][0] == str(QUERIES[0])
