@@ -758,6 +758,14 @@ def test_an_output_named_as_a_folder_is_refused_not_written_as_a_file(model, env
     assert "names a folder" in ran.stderr and not (tmp_path / "results").exists()
 
 
+@pytest.mark.parametrize("command", ["classify", "embed", "explain"])
+def test_an_output_named_dash_is_refused_not_written_as_a_file(model, env, tmp_path, command):
+    """`-o -` (stdout, as `-` is stdin among the inputs) wrote a file named `-` in the current folder."""
+    ran = mlx(command, PHOTO, "-m", model, "-o", "-", env=env, cwd=tmp_path)
+    clean(ran, (2,))
+    assert "'-' is not a file name" in ran.stderr and list(tmp_path.iterdir()) == []
+
+
 def test_a_resume_starts_over_from_a_spool_killed_before_its_first_batch(model, env, tmp_path):
     """rows and meta without a paths file (another model's, even): removed, never kept under this run's rows."""
     work = tmp_path / "work"

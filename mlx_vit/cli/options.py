@@ -50,6 +50,8 @@ def output_file(value):
     the slash and write a file of the folder's name)."""
     if isinstance(value, str) and value.endswith(("/", os.sep)):
         raise typer.BadParameter(f"{shown(value, 60, quote=True)} names a folder; give a file name")
+    if value == "-":  # '-' is stdin among the inputs: '-o -' wrote a file named '-' where stdout was meant
+        raise typer.BadParameter("'-' is not a file name here (./- names a file '-')")
     return Path(value) if isinstance(value, str) else value
 
 
