@@ -3,7 +3,7 @@
 An index is float32 rows, one per image in input order, with the images' paths:
 - `.safetensors`: one tensor, `embeddings`, and the paths as a JSON list in the metadata (`paths`), with `model`,
   `count`, the settings that made the rows (`normalize`, `image_size`) and the fingerprint of the weights that
-  made them (`weights_sha256`, see weights_fingerprint), by which `search` refuses another model. A library whose
+  made them (`weights_sha256`, see Engine.fingerprint), by which `search` refuses another model. A library whose
   paths would not fit in a header that readers accept (16 MiB here, 100 MB in the reference) keeps them in the
   sibling `FILE.paths.jsonl` instead, one JSON string a line, and names it in `paths_file`;
 - `.npy`: the rows, and the paths one per line in the sibling `FILE.paths.txt`.
@@ -14,7 +14,6 @@ in memory; reading maps the rows rather than loading them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -43,7 +42,6 @@ from mlx_vit.files import (
 
 if TYPE_CHECKING:
     from mlx_vit.engine import Engine
-    from mlx_vit.model import ViT
 
 TENSOR = "embeddings"
 FORMAT = "mlx-vit embeddings"
@@ -97,27 +95,6 @@ def features(engine: Engine, pixels: np.ndarray, all_tokens: bool = False,
         with np.errstate(all="ignore"):
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=-1, keepdims=True), 1e-12)
     return vectors.astype(np.float32, copy=False), finite
-
-
-def weights_fingerprint(model: ViT) -> str:
-    """sha256 of a model's parameters, each with its name, dtype and shape, in name order (~0.3 s for ViT-B's
-    350 MB): the same weights give the same one however they were loaded (folder, checkpoint, Hub id, random:).
-
-    Half-precision weights are hashed as float32 (the CPU runs them so, a GPU as they are); quantized ones as they
-    run, so a GPU and the CPU disagree on those. The position table is left out: --image-size resamples it, and
-    the same weights at another size are still the same model."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    digest = hashlib.sha256()
-    for key, value in sorted(tree_flatten(model.parameters()), key=lambda item: item[0]):
-        if key == "pos_embed":
-            continue
-        if mx.issubdtype(value.dtype, mx.floating) and value.dtype != mx.float32:
-            value = value.astype(mx.float32)
-        digest.update(f"{key} {value.dtype} {tuple(value.shape)}\n".encode())
-        digest.update(memoryview(value))
-    return digest.hexdigest()
 
 
 def paths_file(path: str | os.PathLike) -> Path:

@@ -25,7 +25,7 @@ import numpy as np
 
 from mlx_vit import distributed
 from mlx_vit.blas import warn_if_slow
-from mlx_vit.embed import FINGERPRINT, Embedded, embedded_batches, weights_fingerprint
+from mlx_vit.embed import FINGERPRINT, Embedded, embedded_batches
 from mlx_vit.errors import MlxVitError, line
 from mlx_vit.inputs import Input, count_inputs, find_inputs
 from mlx_vit.outputs import RESULTS, Output, ResultWriter
@@ -258,7 +258,7 @@ def embed_library(engine: Engine, inputs: list[str | os.PathLike], output: str |
     # A local model by its absolute path, so that `search` finds it from any folder.
     model = os.path.abspath(engine.name) if os.path.exists(engine.name) else engine.name
     settings = {"normalize": str(normalize).lower(), "all_tokens": str(all_tokens).lower(),
-                "image_size": str(config.image_size), FINGERPRINT: weights_fingerprint(engine.model)}  # fmt: skip
+                "image_size": str(config.image_size), FINGERPRINT: engine.fingerprint}  # fmt: skip
     sink = EmbeddingSpool(output, model, shape, resume, settings) if rank == 0 else None
     listed = Path(output).suffix.lower() == ".npy"  # its paths go one per line in FILE.paths.txt
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mlx_vit.embed import FINGERPRINT, IndexFileError, embedded_batches, read_index, weights_fingerprint
+from mlx_vit.embed import FINGERPRINT, IndexFileError, embedded_batches, read_index
 from mlx_vit.errors import MlxVitError, shown
 from mlx_vit.inputs import find_inputs
 
@@ -80,7 +80,7 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
                  max_pixels: int | None = None) -> list[Answer]:  # fmt: skip
     """Embed each query image with `model` (by default the one that made the index) and find its nearest rows.
 
-    An index that records its weights' fingerprint (embed.weights_fingerprint) refuses a model with other weights;
+    An index that records its weights' fingerprint (Engine.fingerprint) refuses a model with other weights;
     an older or .npy index, only one whose vectors have another width."""
     from mlx_vit.classify import load
     from mlx_vit.images import DEFAULT_MAX_PIXELS
@@ -100,7 +100,7 @@ def search_index(queries: Iterable[str | os.PathLike], index: str | os.PathLike,
         # the model the index names: the line says where its name came from, which the user never typed
         raise type(error)(f"{name}: its model cannot be loaded ({error}); name one with -m") from None
     made_with = settings.get(FINGERPRINT)
-    if made_with and (ours := weights_fingerprint(engine.model)) != made_with:
+    if made_with and (ours := engine.fingerprint) != made_with:
         raise IndexFileError(f"{name}: was made by {shown(made_by)} (weights {shown(made_with[:12])}), and "
                              f"{shown(engine.name)} has other weights ({ours[:12]}); search with the index's "
                              "model")  # fmt: skip

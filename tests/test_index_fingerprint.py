@@ -9,7 +9,7 @@ from checkpoints import PHOTOS, make_checkpoint, one_line_error
 
 import mlx_vit
 from mlx_vit.convert import convert
-from mlx_vit.embed import FINGERPRINT, IndexFileError, read_index, weights_fingerprint, write_embeddings
+from mlx_vit.embed import FINGERPRINT, IndexFileError, read_index, write_embeddings
 from mlx_vit.errors import OutputError, shown
 from mlx_vit.search import search_index
 
@@ -30,7 +30,7 @@ def embedded(model: str, index, **options) -> dict[str, str]:
 def test_the_same_model_searches_its_index(vit_folder, tmp_path):
     index = tmp_path / "i.safetensors"
     made = embedded(str(vit_folder), index)
-    assert made[FINGERPRINT] == weights_fingerprint(mlx_vit.load(str(vit_folder)).model)
+    assert made[FINGERPRINT] == mlx_vit.load(str(vit_folder)).fingerprint
     for model in (None, str(vit_folder)):
         answers = search_index([QUERIES[1]], index, top_k=1, model=model)
         assert answers[0].matches[0][0] == str(QUERIES[1]) and answers[0].matches[0][1] == pytest.approx(1.0)
