@@ -35,3 +35,18 @@ def hf_copy(vit_folder, tmp_path) -> Path:
 def isolated(tmp_path) -> dict:
     """Environment for a CLI subprocess: an empty HF cache and mlx-vit cache, offline."""
     return {"HF_HOME": str(tmp_path / "hf"), "MLX_VIT_CACHE": str(tmp_path / "mlx-vit"), "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture
+def restored_logging():
+    """For tests that invoke the app in-process: its callback points mlx_vit's logger at the runner's stderr,
+    closed after each invoke, and sets --debug; both are put back."""
+    import logging
+
+    from mlx_vit.cli.errors import state
+
+    logger = logging.getLogger("mlx_vit")
+    handlers, level, debug = logger.handlers[:], logger.level, state["debug"]
+    yield
+    logger.handlers[:], state["debug"] = handlers, debug
+    logger.setLevel(level)

@@ -3,7 +3,6 @@ it was given, as one ModelChoice, and a library error becomes its one line in on
 
 from __future__ import annotations
 
-import logging
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -13,7 +12,6 @@ from typer.testing import CliRunner
 
 from mlx_vit.choice import DEFAULT_MAX_PIXELS, DEFAULT_MODEL, ModelChoice
 from mlx_vit.cli import app
-from mlx_vit.cli.errors import state
 from mlx_vit.errors import CameraError, ModelNotFoundError
 
 runner = CliRunner()
@@ -30,14 +28,7 @@ def commands(tmp_path) -> list[list[str]]:
             ["explain", "x.png", "-o", str(tmp_path / "x.png")]]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def restored_logging():
-    """The app's callback points mlx_vit's logger at the runner's stderr, closed after each invoke."""
-    logger = logging.getLogger("mlx_vit")
-    handlers, level, debug = logger.handlers[:], logger.level, state["debug"]
-    yield
-    logger.handlers[:], state["debug"] = handlers, debug
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restored_logging")
 
 
 @pytest.fixture

@@ -3,26 +3,17 @@ together), said before any model loads; 1 when an input, an output file or the l
 
 from __future__ import annotations
 
-import logging
-
 import pytest
 from typer.testing import CliRunner
 
 from mlx_vit.choice import ModelChoice
 from mlx_vit.cli import app
-from mlx_vit.cli.errors import state
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "300"}
 
 
-@pytest.fixture(autouse=True)
-def restored_logging():
-    logger = logging.getLogger("mlx_vit")
-    handlers, level, debug = logger.handlers[:], logger.level, state["debug"]
-    yield
-    logger.handlers[:], state["debug"] = handlers, debug
-    logger.setLevel(level)
+pytestmark = pytest.mark.usefixtures("restored_logging")
 
 
 @pytest.fixture
