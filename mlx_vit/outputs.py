@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import errno
 import io
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import Any, ClassVar, TextIO
 from mlx_vit.errors import OutputError, shown
 from mlx_vit.files import failing, os_reason, temporary_beside
 from mlx_vit.resume import CSV_HEADER, Done, Tail, read_done
+from mlx_vit.tables import console, results_table
 
 # How often appended results are also forced to the disk itself (flushing after every batch already keeps them
 # when the process dies; this bounds what a power cut loses).
@@ -348,95 +348,6 @@ class ResultWriter:
 
     def abort(self) -> None:
         self.output.abort()
-
-
-def results_table(results: list[Any], model_name: str):
-    """A rich Table of Results. Paths and labels are data, never markup or terminal commands."""
-    from rich.table import Table
-
-    table = Table(title=cell(f"mlx-vit · {model_name}"), title_justify="left")
-    table.add_column("image")
-    table.add_column("#", justify="right")
-    table.add_column("label")
-    table.add_column("score", justify="right")
-    table.add_column("class", justify="right")
-    for result in results:
-        if result.error:
-            table.add_row(path_cell(result.path), "", "[red]failed (see above)[/red]", "", "", end_section=True)
-            continue
-        if not result.predictions:
-            table.add_row(path_cell(result.path), "", "[dim]none over the threshold[/dim]", "", "", end_section=True)
-            continue
-        for rank, p in enumerate(result.predictions, 1):
-            last = rank == len(result.predictions)
-            table.add_row(path_cell(result.path) if rank == 1 else "", str(rank), cell(p.label), f"{p.score:.4f}",
-                          str(p.class_id), end_section=last)  # fmt: skip
-    return table
-
-
-def console(file: TextIO | None = None):
-    """A rich Console for `file` (stdout when None) that reports a reader gone away as the OSError it is: rich's own
-    handling ends the process with exit code 1 and no word, before the summary line."""
-    from rich.console import Console
-
-    def broken_pipe() -> None:
-        raise BrokenPipeError(errno.EPIPE, "Broken pipe")
-
-    made = Console(file=file)
-    made.on_broken_pipe = broken_pipe
-    return made
-
-
-def cell(value: object):
-    """Text from a file, a path or a label, for a rich table: no markup, emoji code or control character acts."""
-    from rich.text import Text
-
-    return Text(shown(value))
-
-
-def path_cell(path: str | os.PathLike) -> PathCell:
-    """A path for a rich table's cell (every table that shows paths uses this): see PathCell."""
-    return PathCell(path)
-
-
-class PathCell:
-    """A path in a rich table's cell, shown as `cell` shows text, that keeps its file name in any width.
-
-    A column narrower than the path loses the path's middle (`short_path`), never its end: the rows of a folder's
-    images differ only there, and rich would otherwise cut every one to the same `~/Pictures/originals/…`. A file
-    name wider than the column itself is folded onto more lines.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.text = shown(path)
-
-    def __rich_measure__(self, console, options):
-        from rich.cells import cell_len
-        from rich.measure import Measurement
-
-        whole = cell_len(self.text)
-        return Measurement(min(whole, cell_len(short_path(self.text, 0))), whole)
-
-    def __rich_console__(self, console, options):
-        from rich.text import Text
-
-        yield Text(short_path(self.text, options.max_width), overflow="fold")
-
-
-def short_path(text: str, width: int) -> str:
-    """`text` (a path, as `shown` makes it) in `width` terminal cells where it can be: the start of its folder,
-    `…/` and its file name, whole. A file name wider than that comes as `…/NAME` (to be folded), a text without a
-    folder as it is."""
-    from rich.cells import cell_len, set_cell_size
-
-    if cell_len(text) <= width or "/" not in text.rstrip("/"):
-        return text
-    folder, _, name = text.rstrip("/").rpartition("/")
-    name = "…/" + name + "/" * (len(text) - len(text.rstrip("/")))  # a folder's trailing slash stays
-    room = width - cell_len(name)
-    if room <= 0:
-        return name
-    return set_cell_size(folder, room).rstrip() + name  # rstrip: a wide character cut in half pads a space
 
 
 class ResultCodec:

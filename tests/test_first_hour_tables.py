@@ -13,8 +13,8 @@ from rich.cells import cell_len
 from rich.console import Console
 
 from mlx_vit.classify import Prediction, Result
-from mlx_vit.outputs import results_table, short_path
 from mlx_vit.runs import Stats
+from mlx_vit.tables import results_table, short_path
 
 DEEP = "/home/someone/Pictures/originals/2020/summer-trip-to-the-lake/day-3"
 NAMES = ["IMG_1230.JPG", "IMG_1231.JPG", "IMG_1232.JPG"]

@@ -9,7 +9,7 @@ import typer
 from mlx_vit.cli.errors import echo
 from mlx_vit.cli.options import Format
 from mlx_vit.errors import MlxVitError, line
-from mlx_vit.outputs import cell
+from mlx_vit.tables import cell
 
 
 def classify_camera(camera: str, classifier, *, top_k: int, format: Format, frames: int | None,

@@ -89,7 +89,7 @@ def echo(text: str) -> None:
 
 def print_rich(renderable) -> None:
     """A rich table (or text) on stdout, failing as `echo` does."""
-    from mlx_vit.outputs import console
+    from mlx_vit.tables import console
 
     try:
         console().print(renderable)

@@ -42,8 +42,8 @@ def search(
     query could not be read (the others are still answered)."""
     if not queries:
         raise typer.BadParameter("give query images", param_hint="QUERIES")
-    from mlx_vit.outputs import cell, path_cell
     from mlx_vit.search import search_index
+    from mlx_vit.tables import cell, path_cell
 
     answers = search_index(queries, index=index, top_k=top_k, model=model, revision=revision, max_pixels=max_pixels)
     for answer in answers:
