@@ -68,7 +68,7 @@ class _MlxRunner(_Runner):
         self.dtype = getattr(mx, self.spec["dtype"])
         if self.dtype != mx.float32:
             self.model.set_dtype(self.dtype)
-        plan = runtime.adopt(runtime.decide())  # the plan its load adopted, for the report
+        plan = runtime.current()  # the plan its load adopted, for the report
         self.image_size, self.channels = self.model.config.image_size, self.model.config.num_channels
         blas = blas_info()
         where = (f" ({blas.path})" if blas.path else "") + (f", core {blas.core}" if blas.core else "")

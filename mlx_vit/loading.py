@@ -50,7 +50,7 @@ def load_mlx_folder(folder: Path, image_size: int | None = None) -> LoadedModel:
     config, weights = read_mlx_folder(folder)
     config = config.at_image_size(image_size, shown(folder / "config.json"))
     dtype = config.dtype
-    if runtime.adopt(runtime.decide()).cpu and (config.quantization or dtype != "float32"):
+    if runtime.adopt().cpu and (config.quantization or dtype != "float32"):
         # MLX's CPU quantized/half matmuls are scalar loops, ~15-30x slower than float32 with a real BLAS.
         log.info("%s: %s weights expanded to float32 for the CPU (the file stays small)", shown(folder),
                  config.describe())  # fmt: skip
@@ -67,7 +67,7 @@ def load_checkpoint(path: Path, image_size: int | None = None, arch: str | None 
     """A checkpoint folder or bare weight file of any supported format, converted in memory."""
     weights, config = convert_folder(path, {"path": str(path.resolve())}, arch=arch, image_size=image_size)
     model = build_model(config, weights, shown(path))
-    runtime.adopt(runtime.decide())  # float32, as converted: nothing to expand
+    runtime.adopt()  # float32, as converted: nothing to expand
     return LoadedModel(model, config, str(path))
 
 
@@ -85,7 +85,7 @@ def load_random(name: str, image_size: int | None = None) -> LoadedModel:
     weights = dict(tree_flatten(ViT(architecture).parameters()))
     config = FolderConfig(architecture, PreprocessConfig(), imagenet_labels()).at_image_size(image_size, name)
     model = build_model(config, weights, name)
-    runtime.adopt(runtime.decide())  # float32, as built: nothing to expand
+    runtime.adopt()  # float32, as built: nothing to expand
     log.info("%s: random weights (seed %d), for trying mlx-vit offline; its predictions mean nothing", name,
              presets.SEED)  # fmt: skip
     return LoadedModel(model, config, name)

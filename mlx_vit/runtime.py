@@ -60,10 +60,10 @@ def decide() -> Plan:
 _current: Plan | None = None
 
 
-def adopt(plan: Plan) -> Plan:
-    """Run from now on as `plan` says (loading a model does this)."""
+def adopt(plan: Plan | None = None) -> Plan:
+    """Run from now on as `plan` says (by default one decided now, as loading a model does)."""
     global _current
-    _current = plan
+    plan = _current = plan or decide()
     if plan.cache_limit is not None:
         previous = mx.set_cache_limit(plan.cache_limit)
         if previous > plan.cache_limit:  # never lower a limit someone raised

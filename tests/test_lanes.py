@@ -52,7 +52,7 @@ def in_lanes(monkeypatch):
 
 def replan() -> runtime.Plan:
     """The plan for the environment as it is now, as loading a model decides it."""
-    return runtime.adopt(runtime.decide())
+    return runtime.adopt()
 
 
 def model(seed: int = 0, **options) -> ViT:
